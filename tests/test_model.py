@@ -1,0 +1,125 @@
+"""model.py: extractor shapes and names, one full online + target step per mode, view-to-view box mapping, export."""
+import pytest
+import torch
+import torchvision
+
+import model
+
+
+def boxes_for(B, K, size, seed=0):
+    """Square boxes whose sides span all four SoCo levels (sqrt(wh) ~ 0.15, 0.3, 0.6, 0.95 x 224)."""
+    g = torch.Generator().manual_seed(seed)
+    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4] * size  # (K,)
+    xy = torch.rand(B, K, 2, generator=g) * (size - side)[None, :, None]
+    return torch.cat([xy, xy + side[None, :, None]], -1)  # (B, K, 4) xyxy
+
+
+def test_feature_extractor_levels_and_torchvision_names():
+    f = model.FeatureExtractor(depth=18, p6=True)
+    feats = f(torch.randn(1, 3, 128, 96))
+    assert [tuple(x.shape) for x in feats] == [(1, 256, 32, 24), (1, 256, 16, 12), (1, 256, 8, 6),
+                                               (1, 256, 4, 3), (1, 256, 2, 2)]
+    assert f.strides == (4, 8, 16, 32, 64)
+    tv = {k for k in torchvision.models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}
+    assert set(f.backbone.state_dict()) == tv  # a local torchvision checkpoint loads by name
+
+
+def test_backbone_loads_local_torchvision_checkpoint(tmp_path):
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    b = model.Backbone(18, weights_path=str(tmp_path / "r18.pth"))
+    assert torch.equal(b.conv1.weight, ref.conv1.weight)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="r50.pth"):
+        model.Backbone(18, weights_path=str(tmp_path / "r50.pth"))
+
+
+def test_fpn_norms():
+    for norm in ("bn", "gn", "none"):
+        feats = model.FeatureExtractor(depth=18, fpn_norm=norm)(torch.randn(2, 3, 64, 64))
+        assert len(feats) == 4 and all(x.shape[1] == 256 for x in feats)
+
+
+def views_and_boxes(B=2, K=4, size=224):
+    torch.manual_seed(0)
+    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
+    boxes = [boxes_for(B, K, size, 1), boxes_for(B, K, size, 2), boxes_for(B, K, size // 2, 3)]
+    return views, boxes
+
+
+def test_joint_step_gradients_reach_online_and_rpn_only():
+    net = model.ADePT("joint", depth=18)
+    views, boxes = views_and_boxes()
+    losses = net(views, boxes)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_rpn"] > 0 and -8 <= losses["loss_det"] <= 8  # Eq. 7 lies in [-8, 8]
+    losses["loss"].backward()
+    for name, p in net.named_parameters():
+        if name.startswith("target."):
+            assert p.grad is None and not p.requires_grad, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"no gradient for {name}"
+
+
+def test_rpn_detached_by_default_and_switch():
+    """Table 4: by default L_RPN does not reach the backbone; --rpn-grad-to-backbone lets it."""
+    views, boxes = views_and_boxes(B=1, size=128)
+    for flag, expect in ((False, False), (True, True)):
+        net = model.ADePT("joint", depth=18, rpn_grad_to_backbone=flag)
+        net(views, boxes)["loss_rpn"].backward()
+        g = net.online.extractor.backbone.conv1.weight.grad
+        assert (g is not None and g.abs().sum() > 0) == expect
+
+
+def test_separate_mode_trains_only_the_rpn():
+    net = model.ADePT("separate", depth=18)
+    views, boxes = views_and_boxes(B=1, size=128)
+    bn = net.online.extractor.backbone.bn1
+    before = bn.running_mean.clone()
+    net.train()
+    losses = net(views, boxes)
+    assert losses["loss_det"] == 0 and losses["loss_rpn"] > 0
+    losses["loss"].backward()
+    assert torch.equal(bn.running_mean, before)  # frozen extractor: BN statistics untouched
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("rpn.") for n in trainable)
+
+
+@pytest.mark.parametrize("mode", ["soco", "byol"])
+def test_baseline_modes(mode):
+    net = model.ADePT(mode, depth=18)
+    views, boxes = views_and_boxes(B=2, size=128)
+    losses = net(views, boxes)
+    assert losses["loss_rpn"] == 0 and torch.isfinite(losses["loss_det"])
+    losses["loss"].backward()
+    assert net.rpn is None
+
+
+def test_rpn_proposals_switch_doubles_the_boxes():
+    net = model.ADePT("joint", depth=18, rpn_proposals=True)
+    views, boxes = views_and_boxes(B=2, size=128)
+    t = [torch.tensor([[1.0, 0, 1, 0]] * 2), torch.tensor([[1.0, 0, 1, 0]] * 2), torch.tensor([[0.5, 0, 0.5, 0]] * 2)]
+    out = net.add_rpn_proposals(net.online.extractor(views[0]), views, boxes, t)
+    assert [tuple(b.shape) for b in out] == [(2, 8, 4)] * 3
+    assert torch.equal(out[1][:, :4], boxes[1])
+
+
+def test_map_boxes_through_scale_shift_and_flip():
+    # original -> V1: scale 2; original -> V2: scale 4, shift -10, flipped horizontally in a 100 px view
+    t1 = torch.tensor([[2.0, 0.0, 2.0, 0.0]])
+    t2 = torch.tensor([[-4.0, 100.0, 4.0, -10.0]])
+    b1 = torch.tensor([[[4.0, 10.0, 12.0, 20.0]]])  # original box (2, 5, 6, 10)
+    b2 = model.map_boxes(b1, t1, t2, size=100)
+    assert torch.allclose(b2, torch.tensor([[[76.0, 10.0, 92.0, 30.0]]]))
+
+
+def test_export_keys_and_target_branch():
+    net = model.ADePT("joint", depth=18)
+    with torch.no_grad():
+        net.online.extractor.backbone.conv1.weight.add_(1.0)  # online differs from target now
+    state = model.export_pretrained(net)
+    prefixes = {k.split(".")[0] for k in state}
+    assert prefixes == {"backbone", "fpn", "box_head", "rpn"}
+    assert torch.equal(state["backbone.conv1.weight"], net.target.extractor.backbone.conv1.weight)
+    online = model.export_pretrained(net, use_online=True)
+    assert torch.equal(online["backbone.conv1.weight"], net.online.extractor.backbone.conv1.weight)
