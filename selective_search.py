@@ -1,0 +1,386 @@
+"""Selective-search pseudo ground truth for RPN pre-training (paper sections 3.2 and 4.1.1).
+
+Section 3.2: boxes from selective search [20], pre-computed before training and filtered to the large enough, not too
+elongated ones, are the RPN's regression targets and the head's K boxes. Section 4.1.1: graph segmentation with
+min_size = 10, scale k = 500, sigma = 0.9; keep 1/3 <= w/h <= 3 and 0.3 <= sqrt(wh) / sqrt(WH) <= 0.8.
+OpenCV's ximgproc implements it: createGraphSegmentation(sigma=0.9, k=500, min_size=10) on the HSV image with the
+strategy Multiple(Color, Texture, Size, Fill) (reference.md).
+
+Symbols (paper -> code)
+    W, H        image width / height in pixels         width, height
+    w, h        box width / height                     x2 - x1, y2 - y1 (boxes are float32 xyxy, original pixels)
+    k, sigma    graph-segmentation scale and smoothing  PRESETS[preset]["k"], ["sigma"]
+
+Proposals file (one per shard; loadable with np.load(..., allow_pickle=False)): an .npz holding
+    paths (N,) unicode relative paths (posix, sorted), offsets (N+1,) int64, boxes (total, 4) float32 xyxy,
+    levels (N,) uint8 index into LEVELS, sizes (N, 2) int32 (W, H), unreadable (U,) and unreadable_reason (U,)
+    unicode, config () unicode JSON. Image i owns boxes[offsets[i]:offsets[i + 1]]. An unreadable image gets no
+    entry (it is listed in `unreadable`); the dataset then reports it as missing.
+
+Public
+    selective_search(image_rgb, preset, max_side)          -> (N, 4) float32 xyxy, sorted
+    filter_boxes(boxes, width, height, min_side)           -> (M, 4) the 4.1.1 filter
+    filter_with_fallback(boxes, width, height, min_side)   -> (boxes, level), level in LEVELS
+    decode_image(data) -> RGB uint8 (H, W, 3) or None;   find_images(root) -> sorted relative paths
+    shard_path(out_path, shard) -> Path;   precompute(image_root, out_path, ...) -> summary dict;   main(argv) CLI
+    read_proposal_arrays(path) -> (paths, offsets, boxes);   load_proposals(path) -> {relative path: (N, 4)}
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SEG = cv2.ximgproc.segmentation
+LEVELS = ("filter", "ratio", "size", "image")  # SoCo's fallback order; "filter" = the full 4.1.1 filter
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PRESETS = {
+    "paper": {"sigma": 0.9, "k": 500, "min_size": 10},  # section 4.1.1
+    # DEVIATION: SoCo's selective-search values (reference.md), selectable with preset="soco".
+    "soco": {"sigma": 0.9, "k": 300, "min_size": 100},
+    "fast": {},  # OpenCV switchToSelectiveSearchFast() defaults
+    "quality": {},  # OpenCV switchToSelectiveSearchQuality() defaults
+}
+MAX_RATIO = 3.0  # 4.1.1: 1/3 <= w/h <= 3
+SCALE_RANGE = (0.3, 0.8)  # 4.1.1: 0.3 <= sqrt(wh)/sqrt(WH) <= 0.8
+SOCO_MIN_SIDE = 32  # SoCo's extra w >= 32 and h >= 32 (off by default: min_side=0)
+DEFAULT_CHUNK = 256  # images per part file: a kill loses at most one chunk per worker
+
+
+def _strategy():
+    return SEG.createSelectiveSearchSegmentationStrategyMultiple(
+        SEG.createSelectiveSearchSegmentationStrategyColor(), SEG.createSelectiveSearchSegmentationStrategyTexture(),
+        SEG.createSelectiveSearchSegmentationStrategySize(), SEG.createSelectiveSearchSegmentationStrategyFill())
+
+
+def _raw_search(image_rgb: np.ndarray, preset: str) -> np.ndarray:
+    """OpenCV selective search -> (N, 4) int (x, y, w, h), in OpenCV's (varying) order."""
+    ss = SEG.createSelectiveSearchSegmentation()
+    if preset in ("fast", "quality"):
+        ss.setBaseImage(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))  # OpenCV converts from BGR itself
+        if preset == "fast":
+            ss.switchToSelectiveSearchFast()
+        else:
+            ss.switchToSelectiveSearchQuality()
+    else:
+        p = PRESETS[preset]
+        ss.addImage(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV))
+        ss.addGraphSegmentation(SEG.createGraphSegmentation(sigma=p["sigma"], k=p["k"], min_size=p["min_size"]))
+        ss.addStrategy(_strategy())
+    return np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)
+
+
+def selective_search(image_rgb: np.ndarray, preset: str = "paper", max_side: int | None = None) -> np.ndarray:
+    """Section 4.1.1. image_rgb uint8 (H, W, 3) -> (N, 4) float32 xyxy in original pixels, lexicographically sorted.
+
+    max_side: if set, the image is first resized (INTER_AREA) so that its long side <= max_side; boxes are scaled
+    back to the original pixels and clipped to [0, W] x [0, H].
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    H, W = image_rgb.shape[:2]
+    small = image_rgb
+    if max_side is not None and max(H, W) > max_side:
+        s = max_side / max(H, W)
+        small = cv2.resize(image_rgb, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
+    h_s, w_s = small.shape[:2]
+    xywh = _raw_search(np.ascontiguousarray(small), preset)  # (N, 4) x, y, w, h in resized pixels
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (N, 4) xyxy
+    if (h_s, w_s) != (H, W):
+        boxes *= np.array([W / w_s, H / h_s, W / w_s, H / h_s], dtype=np.float32)
+        np.clip(boxes, 0, np.array([W, H, W, H], dtype=np.float32), out=boxes)
+    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0]))  # x1 first, then y1, x2, y2
+    return np.ascontiguousarray(boxes[order], dtype=np.float32)
+
+
+def _ratio_ok(boxes: np.ndarray) -> np.ndarray:
+    """4.1.1: 1/3 <= w/h <= 3, as 3w >= h and w <= 3h (exact, no division). boxes (N, 4) -> (N,) bool."""
+    w = boxes[:, 2].astype(np.float64) - boxes[:, 0]
+    h = boxes[:, 3].astype(np.float64) - boxes[:, 1]
+    return (MAX_RATIO * w >= h) & (w <= MAX_RATIO * h) & (w > 0) & (h > 0)
+
+
+def _scale_ok(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """4.1.1: 0.3 <= sqrt(wh) / sqrt(WH) <= 0.8. boxes (N, 4) -> (N,) bool."""
+    w = boxes[:, 2].astype(np.float64) - boxes[:, 0]
+    h = boxes[:, 3].astype(np.float64) - boxes[:, 1]
+    rel = np.sqrt(np.clip(w * h, 0, None)) / np.sqrt(float(width) * float(height))
+    return (rel >= SCALE_RANGE[0]) & (rel <= SCALE_RANGE[1])
+
+
+def _side_ok(boxes: np.ndarray, min_side: float) -> np.ndarray:
+    """SoCo's w >= min_side and h >= min_side (min_side=0: every non-empty box). boxes (N, 4) -> (N,) bool."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return (w >= min_side) & (h >= min_side) & (w > 0) & (h > 0)
+
+
+def filter_boxes(boxes: np.ndarray, width: float, height: float, min_side: float = 0) -> np.ndarray:
+    """Section 4.1.1 filter on (N, 4) xyxy boxes of a W x H image -> the kept (M, 4) boxes, order preserved.
+
+    min_side > 0 adds SoCo's w >= min_side and h >= min_side (SoCo: 32).
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    keep = _ratio_ok(boxes) & _scale_ok(boxes, width, height) & _side_ok(boxes, min_side)
+    return boxes[keep]
+
+
+def filter_with_fallback(boxes: np.ndarray, width: float, height: float, min_side: float = 0):
+    """filter_boxes, then SoCo's fallbacks for an image left with no box -> (boxes (M, 4) float32, level).
+
+    Levels (SoCo selective_search/filter_ss_proposals_json_post_no_prop.py): "filter" = the full filter; "ratio" =
+    aspect ratio + min side (SoCo's filter_ratio); "size" = the absolute size check alone, w, h >= min_side (SoCo's
+    filter_none; with min_side=0 every non-empty box); "image" = the whole image [0, 0, W, H].
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    for level, keep in (("filter", None), ("ratio", _ratio_ok(boxes) & _side_ok(boxes, min_side)),
+                        ("size", _side_ok(boxes, min_side))):
+        kept = filter_boxes(boxes, width, height, min_side) if keep is None else boxes[keep]
+        if len(kept):
+            return kept, level
+    return np.array([[0, 0, width, height]], dtype=np.float32), "image"
+
+
+def decode_image(data: bytes | np.ndarray) -> np.ndarray | None:
+    """File bytes -> RGB uint8 (H, W, 3), or None when unreadable.
+
+    cv2.IMREAD_COLOR turns grayscale, alpha, 16-bit and CMYK JPEG into 8-bit BGR; we convert to RGB.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    if buf.size == 0:
+        return None
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """All .jpg/.jpeg/.png files (case-insensitive) under root, recursively -> sorted posix relative paths."""
+    root = Path(root)
+    found = []
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def shard_path(out_path: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Output file of shard (i, n): out_path itself when n == 1, else 'name.shard{i}of{n}.npz'."""
+    out, (i, n) = Path(out_path), shard
+    return out if n == 1 else out.with_name(f"{out.stem}.shard{i}of{n}{out.suffix or '.npz'}")
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    """Write an .npz through a temp file + os.replace, so a kill never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _process_image(root: str, rel: str, cfg: dict):
+    """One image -> (boxes (M, 4), level, (W, H)) or an error string."""
+    try:
+        image = decode_image(np.fromfile(os.path.join(root, rel), dtype=np.uint8))
+        if image is None:
+            return "cannot decode"
+        boxes = selective_search(image, cfg["preset"], cfg["max_side"])
+        H, W = image.shape[:2]
+        return (*filter_with_fallback(boxes, W, H, cfg["min_side"]), (W, H))
+    except (OSError, cv2.error, ValueError, MemoryError) as e:  # never fatal: listed in the summary
+        return f"{type(e).__name__}: {e}"
+
+
+def _run_chunk(task: tuple) -> tuple[int, int]:
+    """Worker: selective search on one chunk of images, written as one part file. -> (chunk index, #images)."""
+    index, root, rels, part, cfg = task
+    paths, counts, boxes, levels, sizes, bad, reasons = [], [], [], [], [], [], []
+    for rel in rels:
+        out = _process_image(root, rel, cfg)
+        if isinstance(out, str):
+            bad.append(rel)
+            reasons.append(out)
+            continue
+        paths.append(rel)
+        counts.append(len(out[0]))
+        boxes.append(out[0])
+        levels.append(LEVELS.index(out[1]))
+        sizes.append(out[2])
+    _save_npz_atomic(Path(part), **_arrays(paths, np.asarray(counts, dtype=np.int64), boxes, levels, sizes, bad,
+                                           reasons, cfg))
+    return index, len(rels)
+
+
+def _arrays(paths, counts, boxes, levels, sizes, bad, reasons, cfg) -> dict:
+    """The proposals-file arrays (see the module docstring); counts (N,) boxes per image."""
+    return {"paths": np.asarray(paths, dtype=str), "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "boxes": np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
+            "levels": np.asarray(levels, dtype=np.uint8), "sizes": np.asarray(sizes, np.int32).reshape(-1, 2),
+            "unreadable": np.asarray(bad, dtype=str), "unreadable_reason": np.asarray(reasons, dtype=str),
+            "config": np.asarray(json.dumps(cfg, sort_keys=True))}
+
+
+def _is_complete(path: Path, rels: list[str], cfg: dict) -> bool:
+    """True when the file at path exists, was made with cfg and covers exactly the images rels."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            same_cfg = json.loads(str(z["config"])) == json.loads(json.dumps(cfg))
+            return same_cfg and sorted(z["paths"].tolist() + z["unreadable"].tolist()) == rels
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _merge(parts: list[Path], out: Path, cfg: dict) -> None:
+    """Concatenate the part files (in chunk order) into the shard's proposals file, atomically."""
+    loaded = []
+    for part in parts:
+        with np.load(part, allow_pickle=False) as z:
+            loaded.append({k: z[k] for k in z.files})
+    counts = np.concatenate([np.diff(z["offsets"]) for z in loaded]) if loaded else np.zeros(0, np.int64)
+    cat = lambda key: [x for z in loaded for x in z[key].tolist()]  # noqa: E731
+    arrays = _arrays(cat("paths"), counts, [z["boxes"] for z in loaded], cat("levels"),
+                     [s for z in loaded for s in z["sizes"]], cat("unreadable"), cat("unreadable_reason"), cfg)
+    _save_npz_atomic(out, **arrays)
+
+
+def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
+    """Run _run_chunk over tasks on a spawn Pool (or in-process for workers <= 1), with a progress bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="img", disable=not progress, dynamic_ncols=True)
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            bar.update(_run_chunk(task)[1])
+    else:  # spawn: safe with threads (OpenCV, torch) in the parent; workers import this module by name
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=cv2.setNumThreads,
+                                                       initargs=(1,)) as pool:
+            for _, n in pool.imap_unordered(_run_chunk, tasks):
+                bar.update(n)
+    bar.close()
+
+
+def precompute(image_root, out_path, preset: str = "paper", workers: int | None = os.cpu_count(),
+               shard: tuple[int, int] = (0, 1), max_side: int | None = None, min_side: float = 0,
+               chunk_size: int = DEFAULT_CHUNK, keep_parts: bool = False, progress: bool = True) -> dict:
+    """Selective search + 4.1.1 filter for every image of shard (i, n) of image_root -> shard_path(out_path, shard).
+
+    Resumable: each chunk of chunk_size images is written atomically to '<out>.parts/partNNNNNN.npz'; a rerun only
+    computes the chunks whose part is missing or stale; when all are there they are merged atomically into the
+    output (and the parts are deleted unless keep_parts). Returns the summary dict that is also printed.
+    workers > 1 uses a 'spawn' Pool: a calling script needs the `if __name__ == "__main__":` guard. Run one
+    precompute per output file at a time (under torchrun: rank 0 only, then a barrier).
+    """
+    i, n = shard
+    if not (0 <= i < n) or preset not in PRESETS or chunk_size < 1:
+        raise ValueError(f"bad shard {shard}, preset {preset!r} or chunk_size {chunk_size}")
+    all_rels = find_images(image_root)
+    if not all_rels:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {image_root}")
+    rels = all_rels[len(all_rels) * i // n: len(all_rels) * (i + 1) // n]  # contiguous shard
+    cfg = {"preset": preset, "max_side": max_side, "min_side": min_side}
+    out = shard_path(out_path, shard)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(out.name + ".parts")
+    start, tasks = time.time(), []
+    if not _is_complete(out, rels, cfg):
+        work.mkdir(exist_ok=True)
+        chunks = [rels[s: s + chunk_size] for s in range(0, len(rels), chunk_size)]
+        parts = [work / f"part{c:06d}.npz" for c in range(len(chunks))]
+        tasks = [(c, str(image_root), chunk, str(parts[c]), cfg) for c, chunk in enumerate(chunks)
+                 if not _is_complete(parts[c], chunk, cfg)]
+        _run_tasks(tasks, workers or 1, progress)
+        _merge(parts, out, cfg)
+    if not keep_parts and work.exists():
+        shutil.rmtree(work)
+    return _summarise(out, tasks, time.time() - start)
+
+
+def _summarise(out: Path, tasks: list, seconds: float) -> dict:
+    """Print and return: images computed this run, images/s, per-level counts, unreadable images (whole shard)."""
+    with np.load(out, allow_pickle=False) as z:
+        levels, bad, why = z["levels"], z["unreadable"].tolist(), z["unreadable_reason"].tolist()
+    computed = sum(len(t[2]) for t in tasks)
+    summary = {"out_path": str(out), "images": len(levels) + len(bad), "computed": computed,
+               "computed_chunks": sorted(t[0] for t in tasks), "seconds": seconds,
+               "images_per_s": computed / seconds if seconds > 0 else 0.0,
+               "levels": {name: int((levels == k).sum()) for k, name in enumerate(LEVELS)}, "unreadable": bad}
+    print(f"[selective_search] {out}: {summary['images']} images, {computed} computed in {seconds:.1f} s "
+          f"({summary['images_per_s']:.2f} images/s); fallback levels {summary['levels']}; "
+          f"{len(bad)} unreadable" + "".join(f"\n  unreadable: {p} ({r})" for p, r in zip(bad, why)), flush=True)
+    return summary
+
+
+def _expand(path) -> list[Path]:
+    """A file, a glob pattern or a list of either -> the list of files."""
+    if isinstance(path, (list, tuple)):
+        return [p for item in path for p in _expand(item)]
+    if any(ch in str(path) for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+        if not files:
+            raise FileNotFoundError(f"no proposals file matches {path}")
+        return files
+    return [Path(path)]
+
+
+def read_proposal_arrays(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A proposals file, a glob or a list of shard files -> merged (paths (N,) str, offsets (N+1,) int64,
+    boxes (total, 4) float32), without building per-image objects (for 1.28 M images)."""
+    paths, counts, boxes = [], [], []
+    for f in _expand(path):
+        with np.load(f, allow_pickle=False) as z:
+            paths.append(z["paths"])
+            counts.append(np.diff(z["offsets"]))
+            boxes.append(z["boxes"])
+    paths_all = np.concatenate(paths) if paths else np.zeros(0, dtype=str)
+    if len(np.unique(paths_all)) != len(paths_all):
+        raise ValueError(f"the proposals files {path} hold the same image more than once")
+    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64)
+    return paths_all, offsets, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
+
+
+def load_proposals(path) -> dict[str, np.ndarray]:
+    """A proposals file, a glob or a list of shard files -> {relative path: float32 (N, 4) xyxy original pixels}."""
+    paths, offsets, boxes = read_proposal_arrays(path)
+    return dict(zip(paths.tolist(), np.split(boxes, offsets[1:-1])))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Pre-compute selective-search proposals (ADePT sections 3.2, 4.1.1) for "
+                                "every .jpg/.jpeg/.png under IMAGE_ROOT, filtered with 1/3 <= w/h <= 3 and "
+                                "0.3 <= sqrt(wh)/sqrt(WH) <= 0.8. Resumable: rerun the same command after a kill.")
+    p.add_argument("image_root", help="folder tree of images (e.g. ImageNet train/)")
+    p.add_argument("out", help="proposals .npz (with --shard i/n: out.shard{i}of{n}.npz)")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="paper: sec. 4.1.1, k=500 sigma=0.9 min_size=10 on HSV; soco: SoCo's k=300 sigma=0.9 "
+                   "min_size=100; fast/quality: OpenCV's selective-search modes")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--shard", default="0/1", help="i/n: do the i-th (0-based) of n contiguous slices, one per machine")
+    p.add_argument("--max-side", type=int, default=None, help="resize the long side to at most this before the search")
+    p.add_argument("--min-side", type=float, default=0,
+                   help=f"SoCo's extra filter w, h >= MIN_SIDE (SoCo: {SOCO_MIN_SIDE}; the paper, sec. 4.1.1: 0)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="images per resumable part file")
+    p.add_argument("--keep-parts", action="store_true", help="keep the part files after merging")
+    a = p.parse_args(argv)
+    i, n = (int(v) for v in a.shard.split("/"))
+    return precompute(a.image_root, a.out, a.preset, a.workers, (i, n), a.max_side, a.min_side, a.chunk_size,
+                      a.keep_parts)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

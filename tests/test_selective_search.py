@@ -1,0 +1,254 @@
+"""Tests for selective_search.py (paper sections 3.2, 4.1.1): filter bounds, SoCo fallback levels, determinism,
+decoding, and the resumable, shardable, multi-process precompute on tiny generated images."""
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # spawn workers inherit sys.path and import selective_search by name
+    sys.path.insert(0, ROOT)
+
+import selective_search as ss  # noqa: E402
+
+
+def make_image(seed: int, width: int = 96, height: int = 72) -> np.ndarray:
+    """RGB uint8 (H, W, 3): a noisy grey background with 4 coloured rectangles."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 120, np.uint8)
+    for _ in range(4):
+        x, y = int(rng.integers(0, width - 16)), int(rng.integers(0, height - 16))
+        w, h = int(rng.integers(10, width // 2)), int(rng.integers(10, height // 2))
+        img[y:y + h, x:x + w] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    """7 readable images in nested folders (mixed-case extensions), one corrupt .jpg and a non-image file."""
+    root = tmp_path / "images"
+    names = ["a/x1.png", "a/X2.JPG", "a/x3.jpeg", "b/c/y1.png", "b/c/y2.jpg", "b/z.PNG", "top.png"]
+    for k, name in enumerate(names):
+        write_rgb(root / name, make_image(k, 96 + 8 * k, 72))
+    (root / "b" / "bad.jpg").write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (root / "b" / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_all(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_file(a, b) -> None:
+    da, db = read_all(a), read_all(b)
+    assert da.keys() == db.keys()
+    for key in da:
+        np.testing.assert_array_equal(da[key], db[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------- filter (4.1.1)
+
+def test_filter_bounds_each_side():
+    W = H = 300  # sqrt(WH) = 300
+    cases = [  # (x1, y1, x2, y2), kept?
+        ((10, 10, 190, 70), True),    # w/h = 180/60 = 3 exactly, scale 0.346
+        ((10, 10, 191, 70), False),   # w/h = 181/60 > 3
+        ((10, 10, 70, 190), True),    # w/h = 1/3 exactly
+        ((10, 10, 70, 191), False),   # w/h = 60/181 < 1/3
+        ((5, 5, 95, 95), True),       # sqrt(wh)/sqrt(WH) = 90/300 = 0.3 exactly
+        ((5, 5, 94, 95), False),      # 0.2983 < 0.3
+        ((0, 0, 240, 240), True),     # 240/300 = 0.8 exactly
+        ((0, 0, 241, 240), False),    # 0.8017 > 0.8
+        ((0, 0, 300, 300), False),    # the whole image: scale 1
+    ]
+    boxes = np.array([c[0] for c in cases], np.float32)
+    expected = boxes[[c[1] for c in cases]]
+    kept = ss.filter_boxes(boxes, W, H)
+    assert kept.dtype == np.float32
+    np.testing.assert_array_equal(kept, expected)
+
+
+def test_filter_min_side_soco_flag():
+    W = H = 100
+    boxes = np.array([[0, 0, 31, 40], [0, 0, 32, 40], [0, 0, 40, 31]], np.float32)  # ratio and scale fine
+    np.testing.assert_array_equal(ss.filter_boxes(boxes, W, H), boxes)  # paper: no side limit
+    np.testing.assert_array_equal(ss.filter_boxes(boxes, W, H, min_side=32), boxes[[1]])
+
+
+def test_fallback_levels():
+    W, H = 100, 100
+    good, small, thin = [10, 10, 60, 60], [0, 0, 10, 10], [0, 0, 60, 5]
+    b, level = ss.filter_with_fallback(np.array([good, small, thin], np.float32), W, H)
+    assert level == "filter" and b.tolist() == [good]
+    b, level = ss.filter_with_fallback(np.array([small, thin], np.float32), W, H)  # ratio ok, scale 0.1
+    assert level == "ratio" and b.tolist() == [small]
+    b, level = ss.filter_with_fallback(np.array([thin], np.float32), W, H)  # w/h = 12: only the size check passes
+    assert level == "size" and b.tolist() == [thin]
+    wide_big, tiny = [0, 0, 100, 33], [0, 0, 20, 20]  # wide_big: w/h 3.03, both sides >= 32
+    b, level = ss.filter_with_fallback(np.array([tiny, wide_big], np.float32), W, H, min_side=32)
+    assert level == "size" and b.tolist() == [wide_big]
+    b, level = ss.filter_with_fallback(np.array([tiny], np.float32), W, H, min_side=32)
+    assert level == "image" and b.tolist() == [[0, 0, W, H]]
+    b, level = ss.filter_with_fallback(np.zeros((0, 4), np.float32), 80, 50)
+    assert level == "image" and b.tolist() == [[0, 0, 80, 50]] and b.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------------- search itself
+
+def check_boxes(boxes: np.ndarray, W: int, H: int) -> None:
+    assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) > 0
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+    assert (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()  # xyxy, not xywh
+
+
+def test_selective_search_deterministic_sorted_xyxy():
+    img = make_image(3, 120, 90)
+    a, b = ss.selective_search(img), ss.selective_search(img)
+    np.testing.assert_array_equal(a, b)
+    check_boxes(a, 120, 90)
+    assert [tuple(r) for r in a.tolist()] == sorted(tuple(r) for r in a.tolist())
+    assert [0, 0, 120, 90] in a.tolist()  # the last merge covers the image: x + w, not x + w - 1
+
+
+def test_selective_search_max_side_scales_back():
+    img = make_image(4, 128, 96)
+    boxes = ss.selective_search(img, max_side=64)  # searched at 64 x 48, factor 2 back
+    check_boxes(boxes, 128, 96)
+    assert [0, 0, 128, 96] in boxes.tolist()
+    assert np.all(boxes % 2 == 0)  # integer boxes at half size, scaled by exactly 2
+
+
+@pytest.mark.parametrize("preset", ["soco", "fast"])
+def test_other_presets(preset):
+    img = make_image(5, 80, 60)
+    boxes = ss.selective_search(img, preset)
+    check_boxes(boxes, 80, 60)
+    np.testing.assert_array_equal(boxes, ss.selective_search(img, preset))
+
+
+def test_bad_preset():
+    with pytest.raises(ValueError):
+        ss.selective_search(make_image(0), "nope")
+
+
+def test_decode_image(tmp_path):
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    write_rgb(tmp_path / "r.png", rgb)
+    np.testing.assert_array_equal(ss.decode_image((tmp_path / "r.png").read_bytes()), rgb)  # RGB, not BGR
+    cv2.imwrite(str(tmp_path / "g16.png"), np.full((8, 10), 65535, np.uint16))  # 16-bit grayscale
+    out = ss.decode_image((tmp_path / "g16.png").read_bytes())
+    assert out.dtype == np.uint8 and out.shape == (8, 10, 3) and (out == 255).all()
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((8, 10, 4), 7, np.uint8))  # with alpha
+    assert ss.decode_image((tmp_path / "a.png").read_bytes()).shape == (8, 10, 3)
+    assert ss.decode_image(b"") is None
+    assert ss.decode_image(b"\x89PNG not really") is None
+
+
+# ----------------------------------------------------------------------------------------------- precompute
+
+def test_precompute_contents_and_unreadable(image_root, tmp_path):
+    out = tmp_path / "props.npz"
+    summary = ss.precompute(image_root, out, workers=1, chunk_size=3, progress=False)
+    props = ss.load_proposals(out)
+    expected = {"a/x1.png", "a/X2.JPG", "a/x3.jpeg", "b/c/y1.png", "b/c/y2.jpg", "b/z.PNG", "top.png"}
+    assert set(props) == expected  # the unreadable image gets no entry
+    assert summary["unreadable"] == ["b/bad.jpg"] and summary["images"] == 8 and summary["computed"] == 8
+    assert sum(summary["levels"].values()) == 7
+    z = read_all(out)  # loads with allow_pickle=False
+    assert z["offsets"].dtype == np.int64 and z["boxes"].dtype == np.float32 and z["offsets"][-1] == len(z["boxes"])
+    for (W, H), rel in zip(z["sizes"].tolist(), z["paths"].tolist()):
+        check_boxes(props[rel], W, H)
+    rgb = ss.decode_image((image_root / "b/c/y1.png").read_bytes())  # end to end equals the per-image functions
+    ref, _ = ss.filter_with_fallback(ss.selective_search(rgb), rgb.shape[1], rgb.shape[0])
+    np.testing.assert_array_equal(props["b/c/y1.png"], ref)
+    assert not (tmp_path / "props.npz.parts").exists()  # parts removed after the merge
+
+
+def test_precompute_workers_identical(image_root, tmp_path):
+    ss.precompute(image_root, tmp_path / "w1.npz", workers=1, chunk_size=2, progress=False)
+    ss.precompute(image_root, tmp_path / "w2.npz", workers=2, chunk_size=2, progress=False)
+    assert_same_file(tmp_path / "w1.npz", tmp_path / "w2.npz")
+
+
+def test_precompute_resumes_after_kill(image_root, tmp_path, monkeypatch):
+    ss.precompute(image_root, tmp_path / "full.npz", workers=1, chunk_size=2, progress=False)
+    real, done = ss._run_chunk, []
+
+    def dies_on_chunk_2(task):
+        if task[0] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        done.append(task[0])
+        return real(task)
+
+    monkeypatch.setattr(ss, "_run_chunk", dies_on_chunk_2)
+    out = tmp_path / "resumed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)
+    assert done == [0, 1] and not out.exists()
+    assert sorted(p.name for p in (tmp_path / "resumed.npz.parts").glob("part*.npz")) == [
+        "part000000.npz", "part000001.npz"]
+
+    def counts(task):
+        done.append(task[0])
+        return real(task)
+
+    monkeypatch.setattr(ss, "_run_chunk", counts)
+    done.clear()
+    summary = ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False, keep_parts=True)
+    assert done == [2, 3] and summary["computed_chunks"] == [2, 3] and summary["computed"] == 4
+    assert_same_file(out, tmp_path / "full.npz")
+    done.clear()  # a complete output is not recomputed
+    assert ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)["computed"] == 0 and done == []
+    out.unlink()  # lost final file and no parts: everything again
+    ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)
+    assert done == [0, 1, 2, 3]
+    done.clear()  # another filter setting makes the old output stale
+    assert ss.precompute(image_root, out, workers=1, chunk_size=2, min_side=32, progress=False)["computed"] == 8
+
+
+def test_precompute_deleted_part_recomputed(image_root, tmp_path, monkeypatch):
+    out = tmp_path / "p.npz"
+    ss.precompute(image_root, out, workers=1, chunk_size=3, progress=False, keep_parts=True)
+    reference = read_all(out)
+    out.unlink()
+    (tmp_path / "p.npz.parts" / "part000001.npz").unlink()
+    real, done = ss._run_chunk, []
+    monkeypatch.setattr(ss, "_run_chunk", lambda task: done.append(task[0]) or real(task))
+    ss.precompute(image_root, out, workers=1, chunk_size=3, progress=False)
+    assert done == [1]
+    for key, value in read_all(out).items():
+        np.testing.assert_array_equal(value, reference[key])
+
+
+def test_shards_union_equals_unsharded(image_root, tmp_path):
+    ss.precompute(image_root, tmp_path / "all.npz", workers=1, chunk_size=2, progress=False)
+    s0 = ss.precompute(image_root, tmp_path / "sh.npz", workers=1, shard=(0, 2), chunk_size=2, progress=False)
+    ss.main([str(image_root), str(tmp_path / "sh.npz"), "--shard", "1/2", "--workers", "1", "--chunk-size", "2"])
+    files = [ss.shard_path(tmp_path / "sh.npz", (i, 2)) for i in range(2)]
+    assert all(f.exists() for f in files) and files[0].name == "sh.shard0of2.npz"
+    assert s0["images"] == 4  # 8 files split 4 + 4
+    full = ss.load_proposals(tmp_path / "all.npz")
+    for merged in (ss.load_proposals(str(tmp_path / "sh.shard*of2.npz")), ss.load_proposals(files)):
+        assert merged.keys() == full.keys()
+        for key in full:
+            np.testing.assert_array_equal(merged[key], full[key])
+    paths, offsets, boxes = ss.read_proposal_arrays(files)
+    assert len(offsets) == len(paths) + 1 and offsets[-1] == len(boxes)
+    with pytest.raises(ValueError):  # the same image twice
+        ss.load_proposals([files[0], files[0]])
+
+
+def test_precompute_empty_root(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        ss.precompute(tmp_path / "empty", tmp_path / "x.npz", workers=1, progress=False)
