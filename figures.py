@@ -1,0 +1,180 @@
+"""Qualitative and error-breakdown figures (paper 4.5.1 Figure 1; 4.5.3 Figures 2, 4-7), matplotlib Agg, PNG.
+
+Figure 1 plots each model's TIDE dAPs as bars; Figures 2 and 4-7 show the same images with each model's detections
+(boxes, masks, class names and scores) side by side, on images where the models disagree.
+
+Symbols
+-------
+==========  ================================================================================================
+dAP         TIDE's AP50 gained by fixing one error type (tide.py), percent
+F1          agreement of two detection sets: 2 * (same-class matches at IoU >= 0.5) / (|a| + |b|)
+cell_px     pixel side of one image panel; a figure of R images and M models is (R * cell_px) x (M * cell_px)
+==========  ================================================================================================
+
+Public (re-exported by eval.py)
+-------------------------------
+- ``plot_tide(results_by_model, path, size_px=(960, 420), dpi=100) -> Path``.
+- ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5, cell_px=320, dpi=100)``.
+- ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5, iou_thresh=0.5) -> list of indices``.
+- ``results_by_image(results) -> {image_id: [results]}``; ``find_image(root, file_name) -> RGB uint8 or None``.
+- ``comparison_figures(coco, results_by_model, tide_by_model, image_root, out, n=4, score_thresh=0.5)``: the CLI's.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from pycocotools import mask as mask_utils
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from tide import MAIN_ERRORS, SPECIAL_ERRORS  # noqa: E402
+
+
+def _save(fig, path, dpi) -> Path:
+    """Write fig as a PNG at dpi (pixel size = figure inches * dpi) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_tide(results_by_model: dict, path, size_px=(960, 420), dpi=100) -> Path:
+    """Figure 1: grouped bars of dAP per error type (x) for each model (one colour each). PNG of size_px (W, H)."""
+    types = MAIN_ERRORS + SPECIAL_ERRORS
+    names = list(results_by_model)
+    width = 0.8 / max(len(names), 1)  # the group of bars fills 80% of each slot
+    fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
+    x = np.arange(len(types))
+    for k, name in enumerate(names):
+        vals = [float(results_by_model[name].get(t, 0.0)) for t in types]
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, vals, width, label=name)
+    ax.set_xticks(x, types)
+    ax.set_ylabel("dAP50 (TIDE)")
+    ax.set_title("Error breakdown: AP50 gained by fixing each error type")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def results_by_image(results: list) -> dict:
+    """COCO results -> {image_id: [results of that image]}."""
+    out = defaultdict(list)
+    for r in results:
+        out[r["image_id"]].append(r)
+    return dict(out)
+
+
+def _f1(a: list, b: list, iou_thresh=0.5) -> float:
+    """Agreement of two detection sets (COCO dicts): 2 * same-class matches at IoU >= t / (|a| + |b|); 1 if empty."""
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    same = np.array([x["category_id"] for x in a])[:, None] == np.array([y["category_id"] for y in b])[None, :]
+    iou = np.asarray(mask_utils.iou([x["bbox"] for x in a], [y["bbox"] for y in b], [0] * len(b))) * same
+    matches = 0
+    for i in range(len(a)):
+        j = int(np.argmax(iou[i]))
+        if iou[i, j] >= iou_thresh:
+            matches, iou[:, j] = matches + 1, 0
+    return 2 * matches / (len(a) + len(b))
+
+
+def pick_disagreement(predictions_by_model: dict, n: int, gts=None, score_thresh=0.5, iou_thresh=0.5) -> list:
+    """Indices of the n images on which the models differ most.
+
+    predictions_by_model: name -> per image a list of COCO result dicts. With gts (per image a list of COCO
+    annotations) the disagreement is the spread (max - min) of the models' F1 against the gts; without, it is the
+    mean over model pairs of 1 - F1 between their detections (score >= score_thresh). Ties keep image order.
+    """
+    preds = [[[r for r in im if r["score"] >= score_thresh] for im in p] for p in predictions_by_model.values()]
+    n_img = len(preds[0]) if preds else 0
+    score = np.zeros(n_img)
+    for i in range(n_img):
+        if gts is not None:
+            f = [_f1(p[i], [g for g in gts[i] if not g.get("iscrowd", 0)], iou_thresh) for p in preds]
+            score[i] = max(f) - min(f)
+        else:
+            pairs = [(a, b) for a in range(len(preds)) for b in range(a + 1, len(preds))]
+            score[i] = np.mean([1 - _f1(preds[a][i], preds[b][i], iou_thresh) for a, b in pairs]) if pairs else 0
+    return np.argsort(-score, kind="stable")[:n].tolist()
+
+
+def _draw(ax, image, preds, class_names, score_thresh, cmap):
+    """Draw an image with its detections (boxes, masks, 'name score') on a matplotlib axis."""
+    ax.imshow(image)
+    overlay = np.zeros(image.shape[:2] + (4,))  # (H, W, RGBA) mask layer
+    for r in sorted((r for r in preds if r["score"] >= score_thresh), key=lambda r: r["score"]):
+        color = cmap(r["category_id"] % cmap.N)
+        if "segmentation" in r and isinstance(r["segmentation"], dict):
+            m = mask_utils.decode(r["segmentation"]).astype(bool)  # (H, W)
+            overlay[m] = (*color[:3], 0.45)  # alpha of the mask tint
+        x, y, w, h = r["bbox"]
+        ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.5))
+        ax.text(x, y, f"{class_names.get(r['category_id'], r['category_id'])} {r['score']:.2f}", fontsize=7,
+                color="white", va="bottom", bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    ax.imshow(overlay)
+    ax.set_axis_off()
+
+
+def plot_side_by_side(images, predictions_by_model: dict, class_names: dict, path, score_thresh=0.5, cell_px=320,
+                      dpi=100) -> Path:
+    """Figures 2, 4-7: one row per image, one column per model. PNG of (rows * cell_px) x (cols * cell_px) pixels.
+
+    images: list of uint8 (H, W, 3) RGB arrays; predictions_by_model: name -> per image a list of COCO result dicts
+    (boxes [x, y, w, h], optional RLE masks); class_names: {category_id: name}.
+    """
+    names, rows = list(predictions_by_model), len(images)
+    fig, axes = plt.subplots(rows, len(names), figsize=(len(names) * cell_px / dpi, rows * cell_px / dpi), dpi=dpi,
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, image in enumerate(images):
+        for k, name in enumerate(names):
+            _draw(axes[i, k], np.asarray(image), predictions_by_model[name][i], class_names, score_thresh, cmap)
+            if i == 0:
+                axes[i, k].set_title(name, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.08 / rows, wspace=0.02, hspace=0.02)
+    return _save(fig, path, dpi)
+
+
+def find_image(root, file_name: str):
+    """RGB uint8 (H, W, 3) of root/file_name (else root/val/file_name, else root/base name), None if absent."""
+    import cv2
+    for p in (Path(root) / file_name, Path(root) / "val" / file_name, Path(root) / Path(file_name).name):
+        if p.is_file():
+            return cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return None
+
+
+def comparison_figures(coco, results_by_model: dict, tide_by_model: dict, image_root, out, n=4, score_thresh=0.5):
+    """The CLI's figures: out/tide.png (Figure 1) and out/side_by_side.png of the n images the models dispute most
+    (the first n with one model). coco: pycocotools COCO; results_by_model: name -> validated COCO results."""
+    out = Path(out)
+    plot_tide(tide_by_model, out / "tide.png")
+    if image_root is None:
+        return
+    imgs = coco.loadImgs(coco.getImgIds())
+    by_image = {name: results_by_image(r) for name, r in results_by_model.items()}
+    preds = {name: [d.get(i["id"], []) for i in imgs] for name, d in by_image.items()}
+    gts = [coco.loadAnns(coco.getAnnIds(imgIds=[i["id"]])) for i in imgs]
+    order = pick_disagreement(preds, len(imgs), gts, score_thresh) if len(preds) > 1 else range(len(imgs))
+    pics = []
+    for k in order:  # read only the images that will be drawn
+        image = find_image(image_root, imgs[k]["file_name"])
+        if image is not None:
+            pics.append((k, image))
+        if len(pics) == n:
+            break
+    if not pics:
+        warnings.warn(f"no image of the ground truth found under {image_root}: no side-by-side figure", stacklevel=2)
+        return
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    plot_side_by_side([im for _, im in pics], {m: [p[k] for k, _ in pics] for m, p in preds.items()}, names,
+                      out / "side_by_side.png", score_thresh)
