@@ -1,0 +1,358 @@
+"""Tests for data.py and synthetic.py: view geometry, colour, per-sample seeding, bad inputs, the embedded dataset."""
+import io
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+
+import data
+import selective_search
+import synthetic
+
+GREY, BRIGHT = 100, 250
+
+
+def bright_box(view: torch.Tensor):
+    """xyxy box of the pixels brighter than the midpoint of grey and bright, or None."""
+    m = view.max(0).values.numpy() > (GREY + BRIGHT) / 2
+    if not m.any():
+        return None
+    ys, xs = np.nonzero(m)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+@pytest.mark.parametrize("v3_mode", ["downsample", "independent"])
+@pytest.mark.parametrize("lo, hi", [(60, 120), (200, 420)])  # large: shrunk by exact halvings after a trim
+def test_views_keep_a_bright_square_inside_its_box(v3_mode, lo, hi):
+    rng = np.random.default_rng(lo)
+    flips = set()
+    for seed in range(40):
+        H, W = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
+        side = int(rng.integers(lo // 5, lo // 2))
+        y0, x0 = int(rng.integers(0, H - side)), int(rng.integers(0, W - side))
+        img = np.full((H, W, 3), GREY, np.uint8)
+        img[y0:y0 + side, x0:x0 + side] = BRIGHT
+        box = np.array([[x0, y0, x0 + side, y0 + side]], np.float32)
+        g = torch.Generator().manual_seed(seed)
+        views = data.three_views(img, box, g, size=96, small_size=48, v3_mode=v3_mode, color=False, jitter=False)
+        assert [v.shape for v, _ in views] == [(3, 96, 96), (3, 96, 96), (3, 48, 48)]
+        for k, (v, b) in enumerate(views):
+            b = b[0].numpy()
+            found = bright_box(v)
+            if found is None:  # the square is outside this crop: the clipped box must be empty
+                assert (b[2] - b[0]) * (b[3] - b[1]) < 1.0, (seed, k, b)
+            else:
+                assert np.abs(found - b).max() <= 1.5, (seed, k, found, b)
+        # flips: a square left of centre in V1 appears on the right when V1 is flipped
+        flips.add(bool((views[0][1][0, 0] + views[0][1][0, 2]) / 2 > 48) == bool(x0 + side / 2 < W / 2))
+    assert flips == {True, False}  # both flipped and unflipped V1 occurred
+
+
+@pytest.mark.parametrize("v3_mode", ["downsample", "independent"])
+def test_view_pixels_follow_the_affine_maps(v3_mode):
+    """Render a float image whose pixels hold their own (x, y) centre: each view pixel must hold the original point
+    that the view's affine map sends to its centre (resizes are exact on linear ramps; borders excluded)."""
+    rng = np.random.default_rng(1)
+    for seed in range(20):
+        H, W = int(rng.integers(40, 420)), int(rng.integers(40, 420))
+        ys, xs = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+        img = np.dstack([xs, ys, np.zeros_like(xs)])
+        views = data.sample_geometry(H, W, torch.Generator().manual_seed(seed), 64, 32, v3_mode)
+        for v, px in zip(views, data.render_geometry(img, views)):
+            sx, tx, sy, ty = v["affine"]
+            c = np.arange(v["size"]) + 0.5
+            want_x, want_y = (c - tx) / sx, (c - ty) / sy
+            inner = slice(3, -3)  # bilinear clamps at the border
+            assert np.abs(px[inner, inner, 0] - want_x[None, inner]).max() < 1e-2 * max(1, 1 / abs(sx))
+            assert np.abs(px[inner, inner, 1] - want_y[inner, None]).max() < 1e-2 * max(1, 1 / abs(sy))
+
+
+def test_v3_downsample_is_v2_at_half_size():
+    img = np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    box = np.array([[10, 10, 50, 60]], np.float32)
+    v = data.three_views(img, box, torch.Generator().manual_seed(3), size=64, small_size=32, color=False)
+    down = cv2.resize(v[1][0].permute(1, 2, 0).numpy(), (32, 32), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(down, v[2][0].permute(1, 2, 0).numpy())
+    assert torch.allclose(v[2][1], v[1][1] / 2)
+
+
+def test_box_jitter_only_on_v1_and_bounded():
+    img = np.full((80, 80, 3), GREY, np.uint8)
+    box = np.array([[20, 20, 60, 60]], np.float32)
+    moved = 0
+    for seed in range(30):
+        a = data.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=False)
+        b = data.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=True)
+        for k in (1, 2):  # V2, V3 geometry comes before V1's jitter draws: identical boxes
+            assert torch.equal(a[k][1], b[k][1])
+        d = (b[0][1] - a[0][1]).abs()
+        wh = (a[0][1][0, 2:] - a[0][1][0, :2]).repeat(2)
+        assert (d <= 0.1 * wh + 1e-4).all()
+        moved += bool(d.max() > 0)
+    assert 5 < moved < 25  # p = 0.5 per box
+
+
+def test_colour_ops_match_torchvision():
+    x = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8), (0, 0), 1.5)
+    t = torch.from_numpy(x).permute(2, 0, 1)
+    ref = lambda y: y.permute(1, 2, 0).numpy().astype(int)  # noqa: E731
+    cases = [(data._brightness, TF.adjust_brightness, 1.3, 1), (data._brightness, TF.adjust_brightness, 0.7, 1),
+             (data._contrast, TF.adjust_contrast, 1.4, 2), (data._contrast, TF.adjust_contrast, 0.6, 2),
+             (data._saturation, TF.adjust_saturation, 1.2, 1), (data._saturation, TF.adjust_saturation, 0.8, 1),
+             (data._hue, TF.adjust_hue, 0.1, 3), (data._hue, TF.adjust_hue, -0.07, 3)]
+    for ours, theirs, f, tol in cases:
+        diff = np.abs(ours(x, f).astype(int) - ref(theirs(t, f)))
+        assert diff.max() <= tol, (ours.__name__, f, diff.max())
+        assert np.abs(ours(x, f).astype(int) - x).max() > tol  # the op did something
+    assert np.abs(data._gray3(x).astype(int) - ref(TF.rgb_to_grayscale(t, 3))).max() <= 1
+    for sigma in (0.3, 1.0, 2.0):
+        k = 2 * int(round(3 * sigma)) + 1
+        diff = np.abs(data._blur(x, sigma).astype(int) - ref(TF.gaussian_blur(t, [k, k], [sigma, sigma])))
+        assert diff.max() <= 1, (sigma, diff.max())
+    solar = cv2.LUT(x, data.SOLARIZE_LUT)
+    assert np.array_equal(solar, ref(TF.solarize(t, 128)))
+
+
+def test_colour_changes_pixels_but_not_boxes():
+    img = np.random.default_rng(2).integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    box = np.array([[5, 5, 40, 45]], np.float32)
+    plain = data.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=False)
+    col = data.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=True)
+    assert any(not torch.equal(p[0], c[0]) for p, c in zip(plain, col))
+    assert torch.equal(plain[1][1], col[1][1]) and torch.equal(plain[2][1], col[2][1])
+    for v, b in col:
+        assert v.dtype == torch.uint8 and b.dtype == torch.float32 and b.shape == (1, 4)
+
+
+def test_normalize():
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    ref = TF.normalize(x.float() / 255, list(data.IMAGENET_MEAN), list(data.IMAGENET_STD))
+    assert torch.allclose(data.normalize(x), ref, atol=1e-5)
+
+
+# ---- dataset -------------------------------------------------------------------------------------------------------
+def write_images(root: Path, n: int, seed: int = 0) -> dict:
+    """n synthetic PNGs in two subfolders + proposals: each object's box plus a random box."""
+    rng, props = np.random.default_rng(seed), {}
+    for i in range(n):
+        h, w = int(rng.integers(40, 64)), int(rng.integers(40, 64))
+        img, objs = synthetic.synthetic_scene(rng, (h, w), min_side=10)
+        rel = f"s{i % 2}/im{i}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / rel)
+        boxes = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for ys, xs in (np.nonzero(m) for m, _ in objs)]
+        props[rel] = np.array(boxes + [[2, 3, w - 5, h - 2]], np.float32)
+    return props
+
+
+def batches(ds, workers, epoch=0, persistent=False, sampler=None):
+    ds.set_epoch(epoch)
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, sampler=sampler, persistent_workers=persistent)
+    return list(loader)
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_samples_do_not_depend_on_worker_count(tmp_path):
+    props = write_images(tmp_path, 6)
+    ds = data.PretrainDataset(tmp_path, props, K=3, seed=7, size=48, small_size=24)
+    b0, b2 = batches(ds, 0), batches(ds, 2)
+    assert_same(b0, b2)
+    assert b0[0]["v1"].shape == (2, 3, 48, 48) and b0[0]["v3"].shape == (2, 3, 24, 24)
+    assert b0[0]["b1"].shape == (2, 3, 4) and b0[0]["t1"].shape == (2, 4)
+    e1 = batches(ds, 2, epoch=1)
+    assert not torch.equal(e1[0]["v2"], b0[0]["v2"])  # a new epoch draws new views
+    assert torch.equal(ds[(1, 0)]["v2"], e1[0]["v2"][0])  # (epoch, index) items
+    # persistent workers: the epoch travels with the index through EpochSampler
+    sampler = data.EpochSampler(torch.utils.data.SequentialSampler(ds))
+    loader = DataLoader(ds, batch_size=2, num_workers=2, sampler=sampler, persistent_workers=True)
+    seen = []
+    for e in (0, 1):
+        sampler.set_epoch(e)
+        seen.append(list(loader))
+    assert_same(seen[0], b0)
+    assert_same(seen[1], e1)
+
+
+def test_boxes_visible_in_all_views_and_transforms(tmp_path):
+    props = write_images(tmp_path, 4, seed=1)
+    ds = data.PretrainDataset(tmp_path, props, K=4, size=64, small_size=32, jitter=False, color=False)
+    for i in range(len(ds)):
+        for e in range(3):
+            item = ds[(e, i)]
+            for k, size in ((1, 64), (2, 64), (3, 32)):
+                b = item[f"b{k}"]
+                assert b.shape == (4, 4) and (b >= 0).all() and (b <= size).all()
+                assert ((b[:, 2:] - b[:, :2]) >= data.MIN_BOX_SIDE).all()
+            # the affine t maps original boxes onto the returned ones; recover the originals from V1
+            sx, tx, sy, ty = item["t1"].double()
+            b1 = item["b1"].double()
+            xs, ys = (b1[:, [0, 2]] - tx) / sx, (b1[:, [1, 3]] - ty) / sy
+            orig = torch.stack([xs.min(1).values, ys[:, 0], xs.max(1).values, ys[:, 1]], 1)
+            sx, tx, sy, ty = item["t2"].double()
+            x2, y2 = orig[:, [0, 2]] * sx + tx, orig[:, [1, 3]] * sy + ty
+            mapped = torch.stack([x2.min(1).values, y2[:, 0], x2.max(1).values, y2[:, 1]], 1).clamp(0, 64)
+            assert torch.allclose(mapped, item["b2"].double(), atol=1e-3)
+
+
+def test_few_or_no_visible_proposals(tmp_path):
+    props = write_images(tmp_path, 2)
+    rels = sorted(props)
+    props[rels[0]] = np.array([[10, 10, 30, 30]], np.float32)  # one proposal: repeated K times
+    props[rels[1]] = np.array([[0, 0, 1, 1]], np.float32)  # 1 px: never visible -> the common region
+    ds = data.PretrainDataset(tmp_path, props, K=4, size=48, small_size=24, jitter=False)
+    one = ds[0]
+    assert not one["fallback"] and all((one[f"b{k}"] == one[f"b{k}"][0]).all() for k in (1, 2, 3))
+    none = ds[1]
+    assert none["fallback"]
+    assert torch.allclose(none["b2"], torch.tensor([0.0, 0, 48, 48]).expand(4, 4), atol=1e-3)  # all of V2
+    assert torch.allclose(none["b3"], torch.tensor([0.0, 0, 24, 24]).expand(4, 4), atol=1e-3)
+
+
+def test_dataset_errors(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="empty.*no images"):
+        data.PretrainDataset(tmp_path / "empty", {})
+    props = write_images(tmp_path / "imgs", 5)
+    short = dict(list(props.items())[:2])
+    with pytest.raises(ValueError, match=r"no proposals for 3 of 5 images.*s\d/im\d\.png"):
+        data.PretrainDataset(tmp_path / "imgs", short)
+    with pytest.warns(UserWarning, match="skipping 3 images"):
+        assert len(data.PretrainDataset(tmp_path / "imgs", short, max_missing=3)) == 2
+    with pytest.raises(ValueError, match="not found"):
+        data.PretrainDataset(tmp_path / "nowhere", props)
+    # selective search gives unreadable images no entry: skipped with a warning, not an error
+    (tmp_path / "imgs" / "s0" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.warns(UserWarning, match="1 unreadable"):
+        assert len(data.PretrainDataset(tmp_path / "imgs", props)) == 5
+
+
+def test_unicode_paths_and_a_proposals_file(tmp_path):
+    props = write_images(tmp_path, 2)
+    os_name = next(iter(props))
+    (tmp_path / os_name).rename(tmp_path / "s0" / "ünï cödé.png")
+    props["s0/ünï cödé.png"] = props.pop(os_name)
+    selective_search.precompute(tmp_path, tmp_path / "props.npz", workers=1, progress=False)
+    ds = data.PretrainDataset(tmp_path, tmp_path / "props.npz", size=32, small_size=16)
+    assert {ds.path(i).name for i in range(len(ds))} == {"ünï cödé.png", "im1.png"}
+    assert all(ds[i]["v1"].shape == (3, 32, 32) for i in range(len(ds)))
+
+
+def write_bad_inputs(root: Path) -> dict:
+    """The awkward files of issue 3, each with the RGB array it should decode to (None: must be rejected)."""
+    rng = np.random.default_rng(0)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), (0, 0), 2)
+    root.mkdir(parents=True, exist_ok=True)
+    expect = {}
+    Image.fromarray(rgb[..., 0]).save(root / "gray.png")
+    expect["gray.png"] = np.repeat(rgb[..., :1], 3, 2)
+    Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (40, 48), dtype=np.uint8)])).save(root / "rgba.png")
+    expect["rgba.png"] = rgb
+    cv2.imwrite(str(root / "deep16.png"), rgb[..., ::-1].astype(np.uint16) * 257)  # 16-bit: v * 257 -> v
+    expect["deep16.png"] = rgb
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg", quality=98)
+    expect["cmyk.jpg"] = rgb
+    Image.fromarray(rgb).convert("P").save(root / "palette.png")
+    expect["palette.png"] = np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    (root / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[:300])
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    Image.fromarray(rgb[:10, :30]).save(root / "tiny.png")
+    expect.update({k: None for k in ("truncated.png", "truncated.jpg", "corrupt.jpg", "empty.png", "tiny.png")})
+    return expect
+
+
+def test_decode_bad_inputs(tmp_path):
+    for name, want in write_bad_inputs(tmp_path).items():
+        if want is None:
+            with pytest.raises(ValueError, match=name):
+                data.decode_image(tmp_path / name)
+            continue
+        got = data.decode_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == want.shape, name
+        tol = 4 if name.endswith(".jpg") else 0  # JPEG is lossy
+        assert np.abs(got.astype(int) - want).mean() <= tol, name
+
+
+def test_bad_images_are_replaced_and_counted(tmp_path):
+    expect = write_bad_inputs(tmp_path)
+    props = {name: np.array([[4, 4, 30, 30]], np.float32) for name in expect}
+    ds = data.PretrainDataset(tmp_path, props, K=2, size=32, small_size=16)
+    bad = {i for i in range(len(ds)) if expect[ds.path(i).name] is None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    assert {i for i, it in enumerate(items) if it["replaced"]} == bad
+    assert ds.replaced == len(bad) == 5 and len(ds.bad) == 5
+    assert {Path(str(w.message).split(":")[0]).name for w in caught} == {ds.path(i).name for i in bad}
+    again = data.PretrainDataset(tmp_path, props, K=2, size=32, small_size=16)
+    for i in bad:  # the replacement is deterministic
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(again[i]["v1"], items[i]["v1"])
+
+
+# ---- embedded dataset ----------------------------------------------------------------------------------------------
+def test_synthetic_scene_masks():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        img, objs = synthetic.synthetic_scene(rng, (70, 90))
+        assert img.shape == (70, 90, 3) and img.dtype == np.uint8
+        assert 1 <= len(objs) <= synthetic.MAX_OBJECTS
+        total = np.zeros((70, 90), int)
+        for m, c in objs:
+            assert 1 <= c <= len(synthetic.CLASSES) and m.sum() >= synthetic.MIN_AREA
+            total += m
+        assert total.max() <= 1  # visible masks never overlap: later objects hide earlier ones
+
+
+def test_synthetic_dataset_is_deterministic_and_valid(tmp_path):
+    kw = dict(seed=3, n_unlabelled=5, n_train=4, n_val=3)
+    a = synthetic.ensure_synthetic_dataset(tmp_path / "a", **kw)
+    b = synthetic.ensure_synthetic_dataset(tmp_path / "b", **kw, workers=2)  # same bytes from 2 processes
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert len(list((a / "unlabelled").glob("*/*.png"))) == 5 and len(list((a / "train").glob("*.png"))) == 4
+    for split, n in (("train", 4), ("val", 3)):
+        coco = COCO(str(a / "annotations" / f"{split}.json"))
+        assert len(coco.getImgIds()) == n and len(coco.getAnnIds()) >= n
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(synthetic.CLASSES)
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            info = coco.loadImgs(ann["image_id"])[0]
+            m = coco.annToMask(ann)
+            ys, xs = np.nonzero(m)
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == m.sum() and ann["iscrowd"] == 0
+            img = data.decode_image(a / split / info["file_name"])
+            assert img.shape == (info["height"], info["width"], 3)
+    # cached: a second call does not regenerate; another parameter does; a foreign folder is refused
+    stamp = (a / "meta.json").stat().st_mtime_ns
+    assert synthetic.ensure_synthetic_dataset(tmp_path / "a", **kw) == a
+    assert (a / "meta.json").stat().st_mtime_ns == stamp
+    synthetic.ensure_synthetic_dataset(tmp_path / "a", **{**kw, "n_val": 2})
+    assert len(json.loads((a / "annotations" / "val.json").read_text())["images"]) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.") and not p.name.endswith(".lock")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a synthetic dataset"):
+        synthetic.ensure_synthetic_dataset(tmp_path / "mine", **kw)
+
