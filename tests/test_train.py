@@ -1,0 +1,148 @@
+"""train.py: one step per mode, resume equivalence, a non-finite loss, bad inputs, LARS and the lr schedule, torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selective_search
+import synthetic
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A tiny unlabelled pool (8 synthetic images) with its selective-search proposals."""
+    root = synthetic.ensure_synthetic_dataset(tmp_path_factory.mktemp("synth") / "d", n_unlabelled=8, n_train=1,
+                                              n_val=1)
+    proposals = root / "proposals.npz"
+    selective_search.precompute(root / "unlabelled", proposals, workers=1, progress=False)
+    return root / "unlabelled", proposals
+
+
+def tiny_args(pool, out, *extra):
+    images, proposals = pool
+    return ["--data", str(images), "--proposals", str(proposals), "--out", str(out), "--depth", "18",
+            "--size", "64", "--small-size", "32", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+            "--log-every", "1", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("mode", ["joint", "soco", "byol"])
+def test_one_step_per_mode(pool, tmp_path, mode):
+    train.main(tiny_args(pool, tmp_path, "--mode", mode, "--max-steps", "1"))
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 1 and all(k in rec for k in ("loss", "loss_rpn", "loss_det", "lr", "tau", "images_per_s"))
+    assert (rec["loss_rpn"] > 0) == (mode == "joint")
+    state = load(tmp_path / "pretrained.pth")
+    prefixes = {k.split(".")[0] for k in state["state_dict"]}
+    expected = {"joint": {"backbone", "fpn", "box_head", "rpn"}, "soco": {"backbone", "fpn", "box_head"},
+                "byol": {"backbone", "fpn"}}[mode]
+    assert prefixes == expected and state["meta"]["branch"] == "target"
+
+
+def test_separate_mode_from_a_soco_run(pool, tmp_path):
+    train.main(tiny_args(pool, tmp_path / "soco", "--mode", "soco", "--max-steps", "1"))
+    init = tmp_path / "soco" / "pretrained.pth"
+    train.main(tiny_args(pool, tmp_path / "sep", "--mode", "separate", "--init", str(init), "--max-steps", "2"))
+    soco, sep = load(init)["state_dict"], load(tmp_path / "sep" / "pretrained.pth")["state_dict"]
+    for k, v in soco.items():  # extractor and head are frozen: exported unchanged
+        assert torch.equal(v, sep[k]), k
+    assert any(k.startswith("rpn.") for k in sep)
+    with pytest.raises(SystemExit, match="--init"):
+        train.main(tiny_args(pool, tmp_path / "x", "--mode", "separate"))
+
+
+def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
+    args = ["--mode", "joint", "--max-steps", "4", "--ckpt-every", "2"]
+    train.main(tiny_args(pool, tmp_path / "a", *args))
+
+    real = train.lr_at
+
+    def crash_at_step_3(step, *a):
+        if step == 2:  # the checkpoint of step 2 is written; the process "dies" before step 3
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(pool, tmp_path / "b", *args))
+    assert load(tmp_path / "b" / "checkpoint.pth")["step"] == 2
+    monkeypatch.setattr(train, "lr_at", real)
+    train.main(tiny_args(pool, tmp_path / "b", *args))
+    a, b = load(tmp_path / "a" / "checkpoint.pth"), load(tmp_path / "b" / "checkpoint.pth")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pool, tmp_path, monkeypatch):
+    real = train.model_lib.ADePT.forward
+    calls = {"n": 0}
+
+    def nan_on_third_step(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train.model_lib.ADePT, "forward", nan_on_third_step)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        train.main(tiny_args(pool, tmp_path, "--max-steps", "4", "--ckpt-every", "2"))
+    ck = load(tmp_path / "checkpoint.pth")
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_bad_inputs_fail_before_training(pool, tmp_path):
+    images, proposals = pool
+    with pytest.raises(SystemExit, match="missing.npz"):
+        train.main(tiny_args((images, tmp_path / "missing.npz"), tmp_path))
+    with pytest.raises(SystemExit, match="--proposals"):
+        train.main(["--data", str(images), "--out", str(tmp_path)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        train.main(tiny_args((empty, proposals), tmp_path))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.png").write_bytes((images / next(iter(selective_search.load_proposals(proposals)))).read_bytes())
+    with pytest.raises(ValueError, match="proposals"):
+        train.main(tiny_args((other, proposals), tmp_path))
+
+
+def test_lars_excludes_biases_and_norms_from_trust_and_decay():
+    w = torch.nn.Parameter(torch.full((2, 2), 2.0))  # |w| = 4
+    b = torch.nn.Parameter(torch.ones(2))
+    w.grad, b.grad = torch.full((2, 2), 1.0), torch.full((2,), 1.0)
+    opt = train.LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}], lr=1.0,
+                     weight_decay=0.5, trust_coefficient=0.001)
+    opt.step()
+    d = 1.0 + 0.5 * 2.0  # grad + wd * w, per entry; |d| = 4
+    assert torch.allclose(w, torch.full((2, 2), 2.0 - d * 0.001 * 4.0 / 4.0))
+    assert torch.allclose(b, torch.zeros(2))  # plain SGD step of lr * grad
+
+
+def test_lr_schedule():
+    assert train.lr_at(0, 100, 10, 1.0) == pytest.approx(0.01)
+    assert train.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+
+
+def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train.py"), *tiny_args(pool, tmp_path, "--mode", "joint", "--max-steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "weights identical on 2 processes" in r.stdout
+    assert (tmp_path / "pretrained.pth").exists()

@@ -1,0 +1,344 @@
+"""ADePT pre-training under torchrun (paper sections 3.5, 4.2; Table 4 switches; Eq. 8).
+
+    torchrun --nproc_per_node 8 train.py --mode joint --data /imagenet/train --proposals ss.npz   # the paper
+    python train.py                          # embedded synthetic data, CPU preset, joint mode, one process
+
+Modes (4.2): joint (L_RPN + L_det from random init), separate (only the RPN, on a frozen extractor and head from a
+soco run: --init), soco (L_det only: the SoCo baseline), byol (image-level BYOL baseline).
+
+Optimisation (4.2, reference.md): LARS (momentum 0.9, trust coefficient 0.001, weight decay 1e-5; biases and norm
+parameters excluded from weight decay and trust ratio), lr = base_lr x global batch / 256 with linear warm-up from
+lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
+
+Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
+log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
+
+Public: LARS, lr_at, parse_args, resolve_args, main.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import byol
+import data
+import model as model_lib
+
+# One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
+PAPER = dict(depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10, size=224, small_size=112,
+             workers=8, ckpt_every=1000, log_every=50)
+CPU = dict(depth=18, epochs=2, batch_size=16, base_lr=0.1, warmup_epochs=0.25, size=128, small_size=64,
+           workers=1, ckpt_every=50, log_every=10)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mode", default="joint", choices=model_lib.MODES, help="4.2: joint / separate; baselines soco, byol")
+    p.add_argument("--data", help="image folder tree (ImageNet train layout); default: the embedded synthetic pool")
+    p.add_argument("--proposals", help="selective-search proposals file (selective_search.py, 4.1.1)")
+    p.add_argument("--out", default="runs/pretrain", help="output folder (checkpoint.pth, log.jsonl, pretrained.pth)")
+    p.add_argument("--init", help="separate mode (4.2): a soco run's pretrained.pth or checkpoint.pth")
+    p.add_argument("--depth", type=int, help="ResNet depth (paper: 50; CPU preset: 18)")
+    p.add_argument("--fpn-norm", default="bn", choices=("bn", "gn", "none"), help="FPN norm (SoCo: BN)")
+    p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head g (3.3; SoCo: 4conv1fc)")
+    p.add_argument("--epochs", type=int, help="4.2: 100")
+    p.add_argument("--batch-size", type=int, help="images per process (SoCo: 128 per GPU)")
+    p.add_argument("--base-lr", type=float, help="4.2: 0.1, scaled by global batch / 256")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up from lr/100 (SoCo: 10)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (SoCo: 1e-5)")
+    p.add_argument("--tau-base", type=float, default=0.99, help="3.3: EMA momentum at step 0 (-> 1 by cosine)")
+    p.add_argument("--num-boxes", type=int, default=4, help="3.4: K boxes per image")
+    p.add_argument("--size", type=int, help="4.1.2: V1/V2 side (224)")
+    p.add_argument("--small-size", type=int, help="4.1.2: V3 side (112)")
+    p.add_argument("--v3-independent", action="store_true",
+                   help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2)")
+    p.add_argument("--rpn-grad-to-backbone", action="store_true", help="Table 4: let L_RPN reach the backbone")
+    p.add_argument("--rpn-proposals", action="store_true", help="Table 4: SS + RPN proposals for the head")
+    p.add_argument("--export-online", action="store_true",
+                   help="DEVIATION (SoCo): export the online branch instead of the target branch (3)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--workers", type=int, help="data-loader workers per process")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
+    """Fill unset flags from the preset (PAPER with --data, CPU without); returns the args and the preset name."""
+    name, preset = ("paper", PAPER) if args.data else ("cpu", CPU)
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args, name
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD + momentum with layer-wise trust ratio (You et al. 2017), as SoCo/BYOL use it.
+
+    Groups with lars=False (biases, norm parameters) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-5,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["lars"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
+                    d = d * torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Weights get LARS; biases and norm parameters (all 1-D tensors) are excluded (reference.md)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim > 1]},
+            {"params": [p for p in trainable if p.ndim <= 1], "lars": False, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up from peak/100 over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return peak * (0.01 + 0.99 * step / warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process when RANK is unset."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_data(args):
+    """The dataset: --data/--proposals, or the embedded pool with its cached selective search."""
+    if args.data:
+        if not args.proposals:
+            raise SystemExit(f"--data {args.data} needs --proposals: run `python selective_search.py {args.data} "
+                             "proposals.npz` first (section 4.1.1)")
+        root, proposals = Path(args.data), Path(args.proposals)
+    else:
+        root = data.ensure_synthetic_dataset() / "unlabelled"
+        proposals = root.parent / "proposals_paper.npz"
+        if not proposals.exists():
+            import selective_search
+            selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+    if not proposals.exists():
+        raise SystemExit(f"{proposals}: proposals file not found")
+    return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
+                                small_size=args.small_size,
+                                v3_mode="independent" if args.v3_independent else "downsample")
+
+
+def build_model(args, device) -> model_lib.ADePT:
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    net = model_lib.ADePT(args.mode, args.depth, args.fpn_norm, args.head, args.rpn_grad_to_backbone,
+                          args.rpn_proposals, args.num_boxes)
+    if args.mode == "separate":
+        if not args.init:
+            raise SystemExit("--mode separate needs --init PATH: the pretrained.pth of a --mode soco run (4.2)")
+        load_init(net, args.init)
+    net = model_lib.maybe_sync_bn(net, device).to(device)
+    if args.channels_last and device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def load_init(net: model_lib.ADePT, path: str) -> None:
+    """Separate mode: the extractor and head of both branches from a soco run (weights_only: no code runs)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    enc = {("extractor." + k if k.startswith(("backbone.", "fpn.")) else k): v for k, v in state.items()
+           if not k.startswith("rpn.")}
+    for branch in (net.online, net.target):
+        missing, unexpected = branch.load_state_dict(enc, strict=False)
+        missing = [k for k in missing if not k.startswith("projector.")]
+        if missing or unexpected:
+            raise SystemExit(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def to_device(batch: dict, device, channels_last: bool):
+    """uint8 views -> normalised float on the device (normalisation on the device, not in the loader)."""
+    fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    views = [data.normalize(batch[f"v{j}"].to(device, non_blocking=True)).contiguous(memory_format=fmt)
+             for j in (1, 2, 3)]
+    boxes = [batch[f"b{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]
+    transforms = [batch[f"t{j}"].to(device, non_blocking=True) for j in (1, 2, 3)] if "t1" in batch else None
+    return views, boxes, transforms
+
+
+class SkipSampler(DistributedSampler):
+    """DistributedSampler that skips the first `skip` indices of this epoch (mid-epoch resume)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def load_checkpoint(path: Path, net, opt) -> int:
+    """Auto-resume: restore weights and optimizer state; returns the step."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    return ck["step"]
+
+
+def main(argv=None) -> None:
+    args, preset = resolve_args(parse_args(argv))
+    rank, world, device = setup_distributed()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"preset: {preset} ({'--data given' if args.data else 'embedded synthetic data'}); flags override it")
+    log(json.dumps({**vars(args), "world_size": world, "device": str(device)}))
+    dataset = build_data(args) if rank == 0 else None
+    if world > 1:  # rank 0 generates data/proposals once; the others wait, then open them
+        dist.barrier()
+        dataset = dataset or build_data(args)
+    net = build_model(args, device)
+    step = train_loop(args, dataset, net, rank, world, device, log)
+    if world > 1:
+        same = replicas_identical(net, world)
+        log(f"weights identical on {world} processes: {same}")
+        if not same:
+            raise RuntimeError("DDP replicas diverged: the weights differ between processes")
+    if rank == 0:
+        out = Path(args.out)
+        meta = {"mode": args.mode, "depth": args.depth, "fpn_norm": args.fpn_norm, "head": args.head,
+                "branch": "online" if args.export_online else "target", "steps": step}
+        save_atomic({"state_dict": model_lib.export_pretrained(net, args.export_online), "meta": meta},
+                    out / "pretrained.pth")
+        log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; weights for fine-tuning {out / 'pretrained.pth'}")
+
+
+def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
+    """Steps until the end (or --max-steps); checkpoints and logs on rank 0. Returns the last step."""
+    out = Path(args.out)
+    opt = LARS(param_groups(net), lr=0.0, weight_decay=args.weight_decay)
+    sampler = SkipSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} images are fewer than one batch of {args.batch_size} x {world} processes")
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    step = 0
+    if (out / "checkpoint.pth").exists():
+        step = load_checkpoint(out / "checkpoint.pth", net, opt)
+        log(f"resumed from {out / 'checkpoint.pth'} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    # find_unused_parameters: a batch whose boxes all fall on some FPN levels leaves those levels' output convs
+    # without gradient (the RPN trains on detached features by default).
+    ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
+    peak_lr, warmup = args.base_lr * args.batch_size * world / 256, int(args.warmup_epochs * steps_per_epoch)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
+    t0, seen, last_good = time.perf_counter(), 0, step
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # non-finite flag, read only when logging (no sync)
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.skip = (step % steps_per_epoch) * args.batch_size
+        loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            lr, tau = lr_at(step, total, warmup, peak_lr), byol.tau_schedule(step, total, args.tau_base)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)  # anchor sampling: resume-exact
+            views, boxes, transforms = to_device(batch, device, args.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                losses = ddp(views, boxes, transforms)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            if args.mode != "separate":
+                byol.ema_update(net.online, net.target, tau)  # xi <- tau xi + (1 - tau) theta
+            bad |= ~torch.isfinite(losses["loss"].detach())
+            step, seen = step + 1, seen + args.batch_size * world
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                check_finite(bad, step, last_good, out)
+                rec = {"step": step, "epoch": epoch, **{k: round(v.item(), 5) for k, v in losses.items()},
+                       "lr": lr, "tau": tau, "images_per_s": round(seen / (time.perf_counter() - t0), 2)}
+                bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
+                if rank == 0:
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            if step % args.ckpt_every == 0 or step == total:
+                check_finite(bad, step, last_good, out)
+                if rank == 0:
+                    save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "args": vars(args)}, out / "checkpoint.pth")
+                last_good = step
+            if step >= total:
+                break
+    bar.close()
+    return step
+
+
+def replicas_identical(net: torch.nn.Module, world: int) -> bool:
+    """DDP's contract, checked once at the end: every process holds the same parameters (a float64 checksum each).
+
+    BN running statistics are left out: with plain BN (CPU) each process updates them from its own batch, and DDP
+    re-broadcasts rank 0's at the next forward; with SyncBN (GPU) they agree anyway.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path) -> None:
+    """Stop on a non-finite loss before anything is written: the last good checkpoint stays intact."""
+    if bad.item():
+        raise FloatingPointError(f"non-finite loss at or before step {step}; the last good checkpoint "
+                                 f"({out / 'checkpoint.pth'}, step {last_good}) is left intact. Lower --base-lr or "
+                                 "check the data.")
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # reference.md trap: gloo workers can SIGABRT at interpreter exit
