@@ -37,8 +37,8 @@ import model as model_lib
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10, size=224, small_size=112,
              workers=8, ckpt_every=1000, log_every=50)
-CPU = dict(depth=18, epochs=2, batch_size=16, base_lr=0.1, warmup_epochs=0.25, size=128, small_size=64,
-           workers=1, ckpt_every=50, log_every=10)
+CPU = dict(depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96, small_size=48,
+           workers=1, ckpt_every=20, log_every=5)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
