@@ -188,6 +188,7 @@ class ADePT(nn.Module):
         self.predictor = byol.Predictor()
         self.rpn = rpn.RPNHead(FPN_CHANNELS, num_anchors=3) if mode in ("joint", "separate") else None
         self.target = byol.make_target(self.online)
+        self._anchors: dict = {}  # (feature sizes, device) -> (N, 4); not state (rebuilt on demand)
         if mode == "separate":  # 4.2: only the RPN is trained
             for m in (self.online, self.predictor):
                 m.requires_grad_(False)
@@ -231,11 +232,19 @@ class ADePT(nn.Module):
             if not self.rpn_grad_to_backbone:  # Table 4's best row: the backbone receives only L_det
                 fj = [x.detach() for x in fj]
             logits, deltas = self.rpn(fj)  # (B, N), (B, N, 4)
-            anchors = torch.cat(rpn.make_anchors([x.shape[-2:] for x in fj], device=vj.device))  # (N, 4)
+            anchors = self.anchors([tuple(x.shape[-2:]) for x in fj], vj.device)  # (N, 4)
             labels, target_deltas = rpn.rpn_targets(anchors, bj)
             loss_cls, loss_reg = rpn.rpn_loss(logits, deltas, labels, target_deltas)
             total = total + loss_cls + loss_reg
         return total / len(views)
+
+    def anchors(self, sizes: list, device) -> torch.Tensor:
+        """All levels' anchors (N, 4) for these feature sizes, built once per (sizes, device): make_anchors copies
+        its ratios host -> device, a synchronising copy on CUDA, and the anchors never change."""
+        key = (tuple(sizes), str(device))
+        if key not in self._anchors:
+            self._anchors[key] = torch.cat(rpn.make_anchors(list(sizes), device=device))
+        return self._anchors[key]
 
     @torch.no_grad()
     def add_rpn_proposals(self, feats1, views, boxes, transforms):

@@ -59,10 +59,12 @@ def assign_levels(boxes, mode="soco", num_levels=4, thresholds=SOCO_THRESHOLDS, 
     """
     s = box_scale(boxes.float())  # (N,)
     if mode == "soco":
-        bounds = torch.tensor(thresholds, dtype=s.dtype, device=s.device)  # (num_levels - 1,)
-        # bucketize(right=False) returns i with bounds[i-1] < s <= bounds[i]: inclusive upper boundaries.
-        levels = torch.bucketize(s, bounds, right=False)
-        return levels.clamp(max=num_levels - 1).to(torch.int64)
+        # The number of thresholds below s: s <= t0 -> 0, t0 < s <= t1 -> 1, ... (inclusive upper boundaries).
+        # Comparisons with Python numbers: no thresholds tensor copied to the device (a host sync on CUDA).
+        levels = torch.zeros_like(s, dtype=torch.int64)
+        for t in thresholds:
+            levels += s > t
+        return levels.clamp(max=num_levels - 1)
     if mode == "fpn":
         # 1e-6 keeps s == canonical_size * 2^n on level k0 + n despite log2 rounding (torchvision's LevelMapper eps).
         k = torch.floor(k0 + torch.log2(s / canonical_size) + 1e-6)  # (N,), -inf for empty boxes
@@ -76,6 +78,10 @@ def assign_levels(boxes, mode="soco", num_levels=4, thresholds=SOCO_THRESHOLDS, 
 # ----------------------------------------------------------------------------------------------------------------
 def _boxes_to_rois(boxes):
     """list of B tensors (K_i, 4) -> rois (sum K_i, 5) = (image index, x1, y1, x2, y2)."""
+    ks = {b.shape[0] for b in boxes}
+    if len(ks) == 1:  # the same K for every image (pre-training): 3 kernels instead of 2 per image
+        idx = torch.arange(len(boxes), dtype=boxes[0].dtype, device=boxes[0].device).repeat_interleave(ks.pop())
+        return torch.cat([idx[:, None], torch.cat(boxes)], dim=1)
     rois = []
     for i, b in enumerate(boxes):
         idx = torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device)  # (K_i, 1)
@@ -105,20 +111,19 @@ def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio
     box_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     boxes = [b.to(device=ref.device, dtype=box_dtype) for b in boxes]
     n = sum(b.shape[0] for b in boxes)
-    out = ref.new_zeros((n, C, output_size, output_size))  # (N, C, 7, 7)
     if n == 0:
-        return out
+        return ref.new_zeros((0, C, output_size, output_size))
     rois = _boxes_to_rois(boxes)  # (N, 5)
     levels = assign_levels(rois[:, 1:], mode=mode, num_levels=len(features))  # (N,)
-    for lvl, (feat, stride) in enumerate(zip(features, strides)):
-        idx = torch.nonzero(levels == lvl).squeeze(1)  # (N_l,) positions in input order (one host sync)
-        if idx.numel() == 0:
-            continue
-        # Low-precision maps are pooled in float32, as torchvision's autocast rule for roi_align does.
-        pooled = roi_align(feat.to(box_dtype), rois[idx], output_size, spatial_scale=1.0 / stride,
-                           sampling_ratio=sampling_ratio, aligned=True)  # (N_l, C, 7, 7)
-        out = out.index_copy(0, idx, pooled.to(out.dtype))  # out-of-place: autograd reaches every level
-    return out
+    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
+    counts = torch.bincount(levels, minlength=len(features)).tolist()  # boxes per level: the one host sync
+    # Low-precision maps are pooled in float32, as torchvision's autocast rule for roi_align does.
+    pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
+                        sampling_ratio=sampling_ratio, aligned=True)  # (N_l, C, 7, 7)
+              for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # back to input order; autograd to every level
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -278,7 +278,8 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
         dataset.set_epoch(epoch)
         sampler.skip = (step % steps_per_epoch) * args.batch_size
         loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda",
+                            collate_fn=data.collate_channels_last if device.type == "cuda" else None)
         for batch in loader:
             lr, tau = lr_at(step, total, warmup, peak_lr), byol.tau_schedule(step, total, args.tau_base)
             for g in opt.param_groups:
