@@ -1,0 +1,175 @@
+"""Benchmark: three-view pre-training samples per second per loader worker (issue 7, item 4; paper 4.1.2).
+
+data.PretrainDataset (decode, box-aware geometry of V1/V2/V3, colour jitter, grayscale, blur, solarize, box
+jitter, K = 4 boxes visible in all views) behind a torch DataLoader with num_workers 0, 1, 2 (default collate:
+uint8 views, normalisation happens later on the device). Goal: >= 250 samples/s per worker.
+
+Source images (--source):
+    jpeg   (default) --images JPEG photos of ~500 x 375 (matplotlib's grace_hopper.jpg variants, as in
+           selective_search_speed.py) written to a temp folder; proposals: --proposals random boxes per image that
+           pass the 4.1.1 filter (the boxes' content does not change the cost; their number barely does)
+    synth  the embedded pool (data.ensure_synthetic_dataset()/unlabelled, PNG), same random proposals
+Columns: wall samples/s after the first batch (worker start-up reported apart), the same per worker, and samples
+per CPU-second of all processes (load-independent: what one free core would give). Also a per-sample breakdown in
+this process: decode alone, geometry without colour, the full three_views, the collate. Each loader setting runs
+with torch's default_collate and with `collate_channels_last`, a candidate for data.py (same values, checked).
+
+    python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
+
+Public: random_proposals, collate_channels_last, main(argv).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+sys.path.insert(0, str(report.repo_root()))
+import data  # noqa: E402
+import selective_search as ss  # noqa: E402
+
+
+def random_proposals(files: list[str], root: Path, n: int = 50, seed: int = 0) -> dict:
+    """{relative path: (n, 4) float32 xyxy} random boxes inside each image that pass selective_search.filter_boxes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for f in files:
+        H, W = cv2.imread(str(root / f), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
+        H, W = 2 * H, 2 * W  # the reduced read halves the size (cheap header-ish read)
+        side = np.sqrt(W * H) * rng.uniform(0.3, 0.8, n)  # 4.1.1 scale range
+        ratio = np.exp(rng.uniform(np.log(1 / 3), np.log(3), n))  # w / h in [1/3, 3]
+        w, h = np.minimum(side * np.sqrt(ratio), W), np.minimum(side / np.sqrt(ratio), H)
+        x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
+        boxes = np.stack([x, y, x + w, y + h], 1).astype(np.float32)
+        out[f] = ss.filter_boxes(boxes, W, H) if len(ss.filter_boxes(boxes, W, H)) else boxes
+    return out
+
+
+VIEW_KEYS = ("v1", "v2", "v3")
+
+
+def collate_channels_last(items: list[dict]) -> dict:
+    """Candidate collate for data.py: the same batch as default_collate, but each view batch is stacked from the
+    (S, S, 3) arrays behind the (3, S, S) views (a plain copy instead of a transposing one) and returned as a
+    (B, 3, S, S) tensor with channels_last strides. Normalising it on the device keeps that layout, so the
+    channels_last model needs no transpose at all (train.to_device's .contiguous(channels_last) is then a no-op)."""
+    from torch.utils.data import default_collate
+
+    views = {k: torch.stack([it[k].permute(1, 2, 0) for it in items]).permute(0, 3, 1, 2) for k in VIEW_KEYS}
+    rest = default_collate([{k: v for k, v in it.items() if k not in VIEW_KEYS} for it in items])
+    return {**rest, **views}
+
+
+def write_jpegs(root: Path, n: int) -> None:
+    import selective_search_speed
+
+    for i, im in enumerate(selective_search_speed.sample_images(n, seed=1)):
+        sub = root / f"n{i % 4:02d}"  # nested folders, like ImageNet's train layout
+        sub.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(sub / f"{i:05d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_loader(ds, workers: int, samples: int, batch: int, collate=None) -> dict:
+    """Iterate `samples` items (cycling over the dataset) with `workers` loader processes."""
+    index = [i % len(ds) for i in range(samples)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, index), batch_size=batch, num_workers=workers,
+                                         shuffle=False, drop_last=False, collate_fn=collate)
+    c0, ch0, t0 = time.process_time(), _cpu_children(), time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    t1 = time.perf_counter()
+    n = 0
+    for b in it:
+        n += b["v1"].shape[0]
+    t2 = time.perf_counter()
+    del it, loader  # joins the workers: their CPU time lands in RUSAGE_CHILDREN
+    cpu = time.process_time() - c0 + _cpu_children() - ch0
+    total = first["v1"].shape[0] + n
+    return {"workers": workers, "collate": "channels_last (candidate)" if collate else "default", "samples": total, "startup_s": t1 - t0, "samples_per_s": n / (t2 - t1),
+            "per_worker": n / (t2 - t1) / max(workers, 1), "samples_per_cpu_s": total / cpu,
+            "load_1m": os.getloadavg()[0]}
+
+
+def per_sample(ds, n: int) -> list[dict]:
+    """In this process, ms per sample: decode only; views without colour; the full item."""
+    rows = []
+
+    def timed(name, fn):
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            fn(i % len(ds))
+        rows.append({"part": name, "cpu_ms": 1e3 * (time.process_time() - c0) / n,
+                     "wall_ms": 1e3 * (time.perf_counter() - t0) / n})
+    timed("decode_image only", lambda i: data.decode_image(ds.path(i)))
+    color = ds.color
+    ds.color = False
+    timed("item without colour ops (decode + geometry + boxes)", ds.__getitem__)
+    ds.color = color
+    timed("full item (three_views with colour)", ds.__getitem__)
+    from torch.utils.data import default_collate
+
+    items = [ds[i % len(ds)] for i in range(32)]
+    a, b = default_collate(items), collate_channels_last(items)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the candidate collate changes the batch"
+    for name, fn in (("default_collate, per sample of a batch of 32", default_collate),
+                     ("collate_channels_last (candidate), per sample", collate_channels_last)):
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(5):
+            fn(items)
+        rows.append({"part": name, "cpu_ms": 1e3 * (time.process_time() - c0) / 160,
+                     "wall_ms": 1e3 * (time.perf_counter() - t0) / 160})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", default="jpeg", choices=("jpeg", "synth"))
+    p.add_argument("--images", type=int, default=64, help="JPEGs to write (jpeg source)")
+    p.add_argument("--proposals", type=int, default=50, help="random filtered boxes per image")
+    p.add_argument("--samples", type=int, default=192, help="samples per loader setting")
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--small-size", type=int, default=112)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)  # this process only orchestrates; workers get 1 thread from the DataLoader anyway
+    print(report.header("three-view data pipeline (bench/data_pipeline.py)"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.source == "jpeg":
+            root = Path(tmp) / "pool"
+            write_jpegs(root, a.images)
+        else:
+            root = data.ensure_synthetic_dataset() / "unlabelled"
+        files = data.list_images(root)
+        props = random_proposals(files, root, a.proposals)
+        ds = data.PretrainDataset(root, props, K=4, size=a.size, small_size=a.small_size)
+        shape = cv2.imread(str(root / files[0])).shape
+        print(f"source {a.source}: {len(ds)} images (e.g. {shape[1]} x {shape[0]}), {a.proposals} random filtered "
+              f"proposals each, views {a.size}/{a.size}/{a.small_size}, K = 4, batch {a.batch_size}\n")
+        print(report.table(per_sample(ds, min(64, a.samples)), ["part", "cpu_ms", "wall_ms"]))
+        print()
+        rows = [run_loader(ds, int(w), a.samples, a.batch_size, collate) for w in a.workers.split(",")
+                for collate in (None, collate_channels_last)]
+        print(report.table(rows, ["workers", "collate", "samples", "startup_s", "samples_per_s", "per_worker",
+                                  "samples_per_cpu_s", "load_1m"]))
+    print(f"\nload average at end: {report.load_average()}; goal: >= 250 samples/s per worker")
+
+
+if __name__ == "__main__":
+    main()

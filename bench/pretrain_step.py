@@ -1,0 +1,292 @@
+"""Benchmark: the ADePT pre-training step against the bare convnet work it contains (issue 7, items 1 and 5).
+
+Paper sections 3.3-3.5 (Eq. 8): one joint step = ADePT forward on the three views (online f on V1..V3, RPN Eq. 1 on
+detached features, RoIAlign + g + p + q on K boxes per view, target f, g, p on V1..V3 under no_grad, Eq. 7) +
+backward + train.LARS step + byol.ema_update. The "bare" step is the convnet work inside it: FeatureExtractor
+forward + backward of the online views and forward of the target views under no_grad, nothing else. ratio = joint
+step time / bare step time (= bare images/s / joint images/s); the goal is <= 1.25.
+
+Symbols
+    B          images per step (--batch-size, several values allowed: 64,128)
+    S, s       V1/V2 side (--size, 224) and V3 side (--small-size, default S/2 = 112)
+    K          boxes per image (4)
+    GFLOP/img  torch.utils.flop_counter.FlopCounterMode total of one step (forward + backward; 2 FLOP per
+               multiply-add; convolutions and matmuls only, the ops that dominate), divided by B
+    MFU        GFLOP/img x images/s / --peak-tflops (CUDA; default 790 = H100 bf16 dense as measured, reference.md)
+
+Timing: --warmup steps, then --rounds rounds; each round times --steps/--rounds joint steps, then as many bare
+steps (interleaved, so that load from other processes hits both alike); the median round is reported. CUDA is
+synchronised only around timed regions. Peak memory: torch.cuda.max_memory_allocated per mode (CUDA), peak RSS of
+the process so far (CPU, resource.getrusage).
+
+Also reported: the LARS step and the EMA update timed alone, and a candidate `ForeachLARS` (same update with
+torch._foreach_* ops, checked against train.LARS) that the lead may adopt in train.py if it pays off on GPU.
+
+    python bench/pretrain_step.py                                  # CPU defaults: ResNet-18, 224/112, batch 4
+    python bench/pretrain_step.py --device cuda --batch-size 64,128 --amp --channels-last   # ResNet-50 on a GPU
+
+Public: ForeachLARS, make_batch, joint_step, bare_step, count_flops, main(argv).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import resource
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+sys.path.insert(0, str(report.repo_root()))
+import byol  # noqa: E402
+import data  # noqa: E402
+import model as model_lib  # noqa: E402
+import train  # noqa: E402
+
+H100_BF16_TFLOPS = 790.0  # reference.md: dense bf16 matmul measured on one H100
+
+
+class ForeachLARS(train.LARS):
+    """train.LARS with the per-parameter loop replaced by torch._foreach_* ops (candidate for train.py).
+
+    Same update: d = g + wd p; trust = eta ||p|| / (||d|| + eps) where both norms > 0, else 1; buf = m buf + d;
+    p -= lr buf. Groups with lars=False: d = g.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            d = [p.grad for p in params]
+            if g["lars"]:
+                d = torch._foreach_add(d, params, alpha=g["weight_decay"])
+                p_norm = torch.stack(torch._foreach_norm(params))  # (P,)
+                d_norm = torch.stack(torch._foreach_norm(d))
+                trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
+                trust = torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
+                torch._foreach_mul_(d, list(trust.unbind()))
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--depth", type=int, help="ResNet depth (default: 50 on CUDA, 18 on CPU)")
+    p.add_argument("--mode", default="joint", choices=("joint", "soco"), help="ADePT mode of the full step")
+    p.add_argument("--batch-size", default=None, help="comma list (default: 64,128 on CUDA, 8 on CPU)")
+    p.add_argument("--size", type=int, default=224, help="V1/V2 side (4.1.2: 224)")
+    p.add_argument("--small-size", type=int, help="V3 side (default size // 2)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the two feature extractors")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per mode, split into --rounds rounds")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (CPU: the first 2 steps are\n"
+                   "several times slower: oneDNN primitives, first touch of gradients and momentum buffers)")
+    p.add_argument("--peak-tflops", type=float, help=f"for MFU (default {H100_BF16_TFLOPS:g} on CUDA, none on CPU)")
+    p.add_argument("--count-syncs", action="store_true", help="CUDA: count host syncs in one joint step")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare convnet timing")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a shared machine use 1: with\n"
+                   "2 threads on 2 busy cores one step varied 1.4-13 s, with 1 thread 2.3-2.9 s")
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    a.depth = a.depth or (50 if cuda else 18)
+    a.batch_size = [int(b) for b in (a.batch_size or ("64,128" if cuda else "4")).split(",")]
+    a.small_size = a.small_size or a.size // 2
+    a.peak_tflops = a.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
+    return a
+
+
+def _paper_like_boxes(B: int, K: int, side: int, zoom: torch.Tensor, g) -> torch.Tensor:
+    """(B, K, 4) xyxy boxes as the 4.1.1 filter leaves them: sqrt(wh) = U(0.3, 0.8) x side x zoom, w/h log-uniform
+    in [1/3, 3], clipped to the view."""
+    scale = side * (0.3 + 0.5 * torch.rand(B, K, generator=g)) * zoom  # sqrt(wh)
+    ratio = torch.exp((torch.rand(B, K, generator=g) * 2 - 1) * torch.log(torch.tensor(3.0)))  # w / h
+    wh = torch.stack([scale * ratio.sqrt(), scale / ratio.sqrt()], dim=-1).clamp(max=side)  # (B, K, 2)
+    xy = (side - wh) * torch.rand(B, K, 2, generator=g)
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+def make_batch(B: int, size: int, small: int, K: int, device, channels_last: bool, seed: int = 0):
+    """Random uint8 views normalised on the device (as train.to_device) and K boxes per view sized like real ones.
+
+    Returns views [V1 (B,3,S,S), V2 (B,3,S,S), V3 (B,3,s,s)] float and boxes 3 x (B,K,4) xyxy view pixels. Box
+    sizes follow 4.1.1/4.1.2: V1 is the whole image resized, so sqrt(wh) = 0.3-0.8 S; V2 is a crop of area
+    scale 0.5-1 resized to S, so its boxes are zoomed 1-1.41x; V3 = V2 downsampled (boxes halved). The sizes
+    matter: they decide the FPN level of each box (3.4) and so which levels receive gradient.
+    """
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    views = []
+    for side in (size, size, small):
+        u8 = torch.randint(0, 256, (B, 3, side, side), dtype=torch.uint8, generator=g)
+        views.append(data.normalize(u8.to(device)).contiguous(memory_format=fmt))
+    b1 = _paper_like_boxes(B, K, size, torch.ones(B, 1), g)
+    b2 = _paper_like_boxes(B, K, size, 1 + (2 ** 0.5 - 1) * torch.rand(B, 1, generator=g), g)
+    b3 = b2 * (small / size)
+    return views, [b.to(device) for b in (b1, b2, b3)]
+
+
+def _autocast(args):
+    return torch.autocast("cuda", torch.bfloat16) if args.amp and args.device.startswith("cuda") \
+        else contextlib.nullcontext()
+
+
+def joint_step(net, opt, views, boxes, args, tau: float = 0.99):
+    """One pre-training step as train.train_loop does it (without data loading and logging)."""
+    with _autocast(args):
+        losses = net(views, boxes)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    opt.step()
+    byol.ema_update(net.online, net.target, tau)
+    return losses["loss"]
+
+
+def bare_step(net, views, args):
+    """Convnet work only: online f forward + backward on V1..V3, target f forward on V1..V3 under no_grad."""
+    online, target = net.online.extractor, net.target.extractor
+    with _autocast(args):
+        feats = [online(v) for v in views]  # 3 x [P2..P5]
+        loss = sum(f.float().mean() for fs in feats for f in fs)
+        with torch.no_grad():
+            for v in views:
+                target(v)
+    online.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_call(fn, n: int, device) -> float:
+    """Seconds per call of fn, after one untimed call."""
+    fn()
+    report.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    report.sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def count_syncs(fn) -> int:
+    """CUDA: number of synchronising calls in fn (torch.cuda.set_sync_debug_mode warnings)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    net = model_lib.ADePT(args.mode, args.depth).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.online.extractor.compile()
+        net.target.extractor.compile()
+    opt = train.LARS(train.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
+    return net.train(), opt
+
+
+def optimizer_costs(net, opt, device) -> dict:
+    """LARS step, ForeachLARS step and EMA update timed alone on the current gradients; ForeachLARS checked."""
+    state = copy.deepcopy(opt.state_dict())
+    params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    out = {"lars_ms": 1e3 * time_call(opt.step, 3, device)}
+    fopt = ForeachLARS(train.param_groups(net), lr=opt.param_groups[0]["lr"], weight_decay=1e-5)
+    out["lars_foreach_ms"] = 1e3 * time_call(fopt.step, 3, device)
+    # equality check: one step of each from the same weights and momentum state
+    for p, b in zip(params, before):
+        p.data.copy_(b)
+    opt.load_state_dict(copy.deepcopy(state))  # load_state_dict keeps the tensors: never share momentum buffers
+    opt.step()
+    after_ref = [p.detach().clone() for p in params]
+    for p, b in zip(params, before):
+        p.data.copy_(b)
+    fopt.load_state_dict(copy.deepcopy(state))
+    fopt.step()
+    out["foreach_max_diff"] = max(float((p.detach() - r).abs().max()) for p, r in zip(params, after_ref))
+    out["ema_ms"] = 1e3 * time_call(lambda: byol.ema_update(net.online, net.target, 0.99), 3, device)
+    return out
+
+
+def run_batch(args, net, opt, B: int, device) -> dict:
+    views, boxes = make_batch(B, args.size, args.small_size, net.num_boxes, device, args.channels_last)
+    fns = {"joint": lambda: joint_step(net, opt, views, boxes, args)}
+    if not args.no_bare:
+        fns["bare"] = lambda: bare_step(net, views, args)
+    flops = {k: count_flops(fn) / B for k, fn in fns.items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = report.time_rounds(fns, args.steps, args.rounds, args.warmup, device)
+    row = {"batch": B, "joint_img_s": B / t["joint"], "joint_step_ms": 1e3 * t["joint"],
+           "GFLOP_img": flops["joint"] / 1e9, "peak_mem_GiB": peak_memory_gib(device)}
+    if "bare" in t:
+        row.update(bare_img_s=B / t["bare"], ratio=t["joint"] / t["bare"], bare_GFLOP_img=flops["bare"] / 1e9)
+    row["TFLOP_s"] = flops["joint"] * B / t["joint"] / 1e12
+    if args.peak_tflops:
+        row["MFU_pct"] = 100 * row["TFLOP_s"] / args.peak_tflops
+    if args.count_syncs and device.type == "cuda":
+        row["syncs_step"] = count_syncs(fns["joint"])
+    row.update(optimizer_costs(net, opt, device))
+    return row
+
+
+COLUMNS = ["batch", "joint_img_s", "bare_img_s", "ratio", "joint_step_ms", "GFLOP_img", "bare_GFLOP_img", "TFLOP_s",
+           "MFU_pct", "peak_mem_GiB", "lars_ms", "lars_foreach_ms", "foreach_max_diff", "ema_ms", "syncs_step"]
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(report.header("pre-training step: full joint step vs bare convnet (bench/pretrain_step.py)", device))
+    print(f"settings: mode {args.mode}, ResNet-{args.depth}, views {args.size}/{args.size}/{args.small_size}, K=4, "
+          f"amp(bf16)={args.amp and device.type == 'cuda'}, channels_last={args.channels_last}, "
+          f"compile={args.compile}, steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
+          f"peak memory = {'max_memory_allocated per batch size' if device.type == 'cuda' else 'peak RSS so far'}",
+          flush=True)
+    net, opt = build(args, device)
+    rows = []
+    for B in args.batch_size:
+        rows.append(run_batch(args, net, opt, B, device))
+        print(f"  batch {B}: {rows[-1]['joint_img_s']:.2f} img/s joint, load {report.load_average()}", flush=True)
+    print()
+    print(report.table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
+    print(f"\nload average at end: {report.load_average()}; goal: ratio <= 1.25"
+          + ("; >= 1000 img/s on one H100 (issue 7)" if device.type == "cuda" else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

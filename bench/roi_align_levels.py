@@ -1,0 +1,179 @@
+"""Benchmark: roi_head.multilevel_roi_align against two candidates without its per-level host syncs (issue 7, the
+fast path; Eqs. 2-4, section 3.4: one FPN level per box).
+
+All three pool each box on its own level only with torchvision.ops.roi_align(aligned=True) and return the boxes in
+input order; the script checks that outputs and input gradients are identical, then times forward + backward.
+    current   roi_head: per level torch.nonzero (a host sync) + an out-of-place index_copy of the whole
+              (N, C, 7, 7) output; assign_levels copies its thresholds host -> device (torch.tensor(device=...):
+              a synchronising copy) and _boxes_to_rois launches a torch.full and a torch.cat per image. On CUDA
+              about 5 syncs per call, 30 per joint step (3 views, online + target).
+    sorted    one stable argsort by level, one read of the per-level counts (1 sync), one gather back.
+    gather    no sync at all: every box pooled on every level (4x the RoIAlign work, not the head's), the own
+              level's result picked by advanced indexing. Meant for CUDA, where RoIAlign on 512 boxes is cheap.
+Both candidates build the RoIs with rois_from_boxes (no per-image launches) and the levels with
+assign_levels_scalar (comparisons with Python numbers: no host -> device copy).
+
+Symbols: B images, K boxes per image (N = B K RoIs), C = 256 channels, S view side; P2..P5 of S/4..S/32.
+
+    python bench/roi_align_levels.py --threads 1      # CPU: B = 8, 32 at S = 224, K = 4
+    python bench/roi_align_levels.py --device cuda     # B = 64, 128; also counts host syncs per call
+
+Public: multilevel_roi_align_sorted, multilevel_roi_align_gather, rois_from_boxes, assign_levels_scalar
+(candidates for roi_head.py), main(argv).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.ops import roi_align
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+sys.path.insert(0, str(report.repo_root()))
+import roi_head  # noqa: E402
+
+STRIDES = (4, 8, 16, 32)  # P2..P5
+
+
+def rois_from_boxes(boxes: list) -> torch.Tensor:
+    """B tensors (K_i, 4) -> (sum K_i, 5) (image index, x1, y1, x2, y2), equal to roi_head._boxes_to_rois.
+
+    Equal K_i (pre-training: K per image): arange + repeat_interleave by a Python int, no per-image launches and
+    no host -> device copy. Unequal K_i: the per-image way."""
+    ks = {b.shape[0] for b in boxes}
+    if len(ks) != 1:
+        return roi_head._boxes_to_rois(boxes)
+    index = torch.arange(len(boxes), device=boxes[0].device, dtype=boxes[0].dtype).repeat_interleave(ks.pop())
+    return torch.cat([index[:, None], torch.cat(boxes)], dim=1)
+
+
+def assign_levels_scalar(boxes, num_levels=4, thresholds=roi_head.SOCO_THRESHOLDS):
+    """roi_head.assign_levels(mode="soco") as a sum of comparisons with Python numbers: s <= t0 -> 0,
+    t0 < s <= t1 -> 1, ... (inclusive upper bounds, as bucketize(right=False)); no thresholds tensor to copy."""
+    s = roi_head.box_scale(boxes.float())  # (N,)
+    levels = torch.zeros_like(s, dtype=torch.int64)
+    for t in thresholds:
+        levels += s > t
+    return levels.clamp(max=num_levels - 1)
+
+
+def _prepare(features, boxes):
+    ref = features[0]
+    box_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    boxes = [b.to(device=ref.device, dtype=box_dtype) for b in boxes]
+    rois = rois_from_boxes(boxes)  # (N, 5)
+    return ref, box_dtype, rois, assign_levels_scalar(rois[:, 1:], num_levels=len(features))
+
+
+def multilevel_roi_align_sorted(features, boxes, strides, output_size=7, sampling_ratio=0):
+    """Same contract as roi_head.multilevel_roi_align (mode "soco"); RoIs grouped by level with one argsort."""
+    ref, box_dtype, rois, levels = _prepare(features, boxes)
+    n = rois.shape[0]
+    if n == 0:
+        return ref.new_zeros((0, ref.shape[1], output_size, output_size))
+    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
+    counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one host sync
+    pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
+                        sampling_ratio=sampling_ratio, aligned=True)
+              for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # (N, C, 7, 7) input order
+
+
+def multilevel_roi_align_gather(features, boxes, strides, output_size=7, sampling_ratio=0):
+    """Same contract; every box pooled on every level, its own level picked by indexing: no host sync."""
+    ref, box_dtype, rois, levels = _prepare(features, boxes)
+    n = rois.shape[0]
+    if n == 0:
+        return ref.new_zeros((0, ref.shape[1], output_size, output_size))
+    pooled = torch.stack([roi_align(feat.to(box_dtype), rois, output_size, spatial_scale=1.0 / stride,
+                                    sampling_ratio=sampling_ratio, aligned=True)
+                          for feat, stride in zip(features, strides)])  # (L, N, C, 7, 7)
+    return pooled[levels, torch.arange(n, device=levels.device)].to(ref.dtype)  # (N, C, 7, 7)
+
+
+VARIANTS = {"current": roi_head.multilevel_roi_align, "sorted": multilevel_roi_align_sorted,
+            "gather": multilevel_roi_align_gather}
+
+
+def make_case(B: int, K: int, S: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(B, 256, S // s, S // s, generator=g).to(device).requires_grad_() for s in STRIDES]
+    wh = S * (0.15 + 0.8 * torch.rand(B, K, 2, generator=g))  # sides 15-95 % of the view: every level used
+    wh[0, 0] = torch.tensor([48.0, 48.0])  # exact boundaries: sqrt(wh) = 48 and 96 (inclusive upper bounds)
+    wh[0, 1] = torch.tensor([96.0, 96.0])
+    xy = (S - wh) * torch.rand(B, K, 2, generator=g)
+    boxes = list(torch.cat([xy, xy + wh], dim=-1).to(device))  # B x (K, 4)
+    return feats, boxes
+
+
+def fwd_bwd(fn, feats, boxes):
+    def step():
+        for f in feats:
+            f.grad = None
+        out = fn(feats, boxes, STRIDES)
+        out.backward(torch.ones_like(out))
+        return out
+    return step
+
+
+def _grads(feats):
+    # a level that no box uses gets no gradient from `current`/`sorted` and zeros from `gather`: same meaning
+    return [torch.zeros_like(f) if f.grad is None else f.grad.clone() for f in feats]
+
+
+def check_same(feats, boxes) -> bool:
+    rois = torch.cat(boxes)
+    if not torch.equal(roi_head.assign_levels(rois), assign_levels_scalar(rois)):
+        return False
+    if not torch.equal(roi_head._boxes_to_rois(boxes), rois_from_boxes(boxes)):
+        return False
+    out_ref, grads_ref = fwd_bwd(VARIANTS["current"], feats, boxes)(), _grads(feats)
+    for name in ("sorted", "gather"):
+        out = fwd_bwd(VARIANTS[name], feats, boxes)()
+        if not torch.equal(out, out_ref) or not all(torch.equal(a, b) for a, b in zip(grads_ref, _grads(feats))):
+            return False
+    return True
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", default=None, help="comma list (default 8,32 on CPU, 64,128 on CUDA)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--boxes", type=int, default=4, help="K per image")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared machine)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    sizes = [int(b) for b in (a.batch_size or ("64,128" if device.type == "cuda" else "8,32")).split(",")]
+    print(report.header("multi-level RoIAlign: per-level nonzero vs sort / gather (bench/roi_align_levels.py)",
+                        device))
+    rows = []
+    for B in sizes:
+        feats, boxes = make_case(B, a.boxes, a.size, device)
+        fns = {k: fwd_bwd(fn, feats, boxes) for k, fn in VARIANTS.items()}
+        t = report.time_rounds(fns, a.steps, 2, 2, device)
+        row = {"batch": B, "rois": B * a.boxes, "identical": check_same(feats, boxes),
+               **{f"{k}_ms": 1e3 * v for k, v in t.items()}}
+        if device.type == "cuda":
+            import pretrain_step
+
+            row.update({f"{k}_syncs": pretrain_step.count_syncs(fn) for k, fn in fns.items()})
+        rows.append(row)
+    print(f"settings: S = {a.size}, K = {a.boxes}, C = 256, forward + backward, {a.steps} calls in 2 rounds\n")
+    cols = ["batch", "rois", "identical"] + [f"{k}_ms" for k in VARIANTS] + [f"{k}_syncs" for k in VARIANTS]
+    print(report.table(rows, [c for c in cols if c in rows[0]]))
+    print(f"\nload average at end: {report.load_average()}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Benchmark: selective search at the paper preset (section 4.1.1) on ~500 x 375 photos (issue 7, item 3).
+
+Tables
+    1. per core: selective_search.selective_search(preset="paper") in this process with cv2.setNumThreads(1):
+       images per CPU-second (time.process_time) and per wall second; the pure-Python `selectivesearch` package
+       (AlpacaDB; benchmark-only dependency, bench/requirements.txt) at the same parameters (scale = k = 500,
+       sigma = 0.9, min_size = 10) on the first --python-images images; speed ratio in CPU time.
+    2. scaling: selective_search.precompute(workers=w) for w = 1..N over JPEG files (decode included), wall images/s
+       and images per CPU-second (RUSAGE_CHILDREN for the spawn pool); pool start-up is inside the wall time.
+    3. --breakdown: where the time goes: RGB -> HSV, graph segmentation alone, each similarity strategy alone,
+       cv2 threads, and smaller images (max_side) with the share of the full-size filtered boxes still found
+       (IoU >= 0.7).
+Goals: >= 8 images/s per core; >= 5x the pure-Python package.
+
+Images: matplotlib's sample photo grace_hopper.jpg (600 x 512), cut into --images deterministic variants (crops at
+several offsets and scales, flips, a portrait 375 x 500 rotation, brightness changes), each resized to 500 x 375 or
+375 x 500. No download.
+
+    python bench/selective_search_speed.py --breakdown
+    pip install -r bench/requirements.txt        # for the pure-Python column
+
+Public: sample_images(n, seed) -> list of uint8 (H, W, 3) RGB, main(argv).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+sys.path.insert(0, str(report.repo_root()))
+import selective_search as ss  # noqa: E402
+
+SEG = cv2.ximgproc.segmentation
+PAPER = ss.PRESETS["paper"]  # sigma 0.9, k 500, min_size 10
+
+
+def sample_images(n: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """n RGB uint8 photos of ~500 x 375 cut from matplotlib's grace_hopper.jpg (deterministic)."""
+    import matplotlib.cbook
+
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    base = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)  # (512, 600, 3)
+    rng = np.random.default_rng(seed)
+    H, W = base.shape[:2]
+    out = []
+    for i in range(n):
+        portrait = i % 4 == 3
+        scale = rng.uniform(0.6, 1.0)  # crop a fraction of the photo, then resize: objects at several sizes
+        ch, cw = (int(H * scale), int(H * scale * 0.75)) if portrait else (int(W * scale * 0.75), int(W * scale))
+        ch, cw = min(ch, H), min(cw, W)
+        y, x = rng.integers(0, H - ch + 1), rng.integers(0, W - cw + 1)
+        crop = base[y:y + ch, x:x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        img = cv2.resize(np.ascontiguousarray(crop), (375, 500) if portrait else (500, 375),
+                         interpolation=cv2.INTER_AREA)
+        gain = rng.uniform(0.8, 1.2)  # brightness change
+        out.append(np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8))
+    return out
+
+
+def _cpu_wall(fn, repeat: int = 1):
+    """(CPU seconds, wall seconds) of the best of `repeat` calls of fn, and its last result."""
+    best, res = (float("inf"), float("inf")), None
+    for _ in range(repeat):
+        c0, w0 = time.process_time(), time.perf_counter()
+        res = fn()
+        best = min(best, (time.process_time() - c0, time.perf_counter() - w0))
+    return best, res
+
+
+def per_core(images, python_images: int) -> list[dict]:
+    """Table 1: OpenCV (ours) and the pure-Python package, one thread, CPU and wall time per image."""
+    cv2.setNumThreads(1)
+    (cpu, wall), _ = _cpu_wall(lambda: [ss.selective_search(im, "paper") for im in images])
+    rows = [{"implementation": "selective_search.py (OpenCV ximgproc), paper preset", "images": len(images),
+             "cpu_s_per_img": cpu / len(images), "img_per_cpu_s": len(images) / cpu, "img_per_wall_s": len(images) / wall,
+             "boxes_per_img": float(np.mean([len(ss.selective_search(im, "paper")) for im in images[:2]]))}]
+    try:
+        import selectivesearch
+    except ImportError:
+        print("note: the pure-Python `selectivesearch` package is not installed: its column is skipped "
+              "(pip install -r bench/requirements.txt)")
+        return rows
+    import warnings
+
+    sub = images[:python_images]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skimage warns about LBP on float images inside the package
+        (cpu_p, wall_p), res = _cpu_wall(lambda: [selectivesearch.selective_search(
+            im, scale=PAPER["k"], sigma=PAPER["sigma"], min_size=PAPER["min_size"])[1] for im in sub])
+    rows.append({"implementation": "selectivesearch (pure Python, AlpacaDB), same parameters", "images": len(sub),
+                 "cpu_s_per_img": cpu_p / len(sub), "img_per_cpu_s": len(sub) / cpu_p,
+                 "img_per_wall_s": len(sub) / wall_p, "boxes_per_img": float(np.mean([len(r) for r in res]))})
+    rows[0]["speedup_vs_python"] = rows[1]["cpu_s_per_img"] / rows[0]["cpu_s_per_img"]
+    return rows
+
+
+def scaling(images, max_workers: int) -> list[dict]:
+    """Table 2: precompute over JPEG files with workers = 1..max_workers."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        root.mkdir()
+        for i, im in enumerate(images):
+            cv2.imwrite(str(root / f"{i:04d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        for w in range(1, max_workers + 1):
+            cv2.setNumThreads(1)
+            out = Path(tmp) / f"props_w{w}.npz"
+            ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            c0, t0 = time.process_time(), time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # precompute prints its own summary line
+                ss.precompute(root, out, preset="paper", workers=w, chunk_size=-(-len(images) // w), progress=False)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu += (ch1.ru_utime - ch0.ru_utime) + (ch1.ru_stime - ch0.ru_stime)
+            rows.append({"workers": w, "images": len(images), "wall_s": wall, "img_per_s": len(images) / wall,
+                         "img_per_s_per_worker": len(images) / wall / w, "img_per_cpu_s": len(images) / cpu,
+                         "load_1m": os.getloadavg()[0]})
+    return rows
+
+
+def _search(hsv, strategy, gs_params=PAPER):
+    s = SEG.createSelectiveSearchSegmentation()
+    s.addImage(hsv)
+    s.addGraphSegmentation(SEG.createGraphSegmentation(sigma=gs_params["sigma"], k=gs_params["k"],
+                                                       min_size=gs_params["min_size"]))
+    s.addStrategy(strategy)
+    return s.process()
+
+
+def _recall(ref: np.ndarray, got: np.ndarray, thresh: float = 0.7) -> float:
+    """Share of ref boxes (N, 4) that some got box overlaps with IoU >= thresh."""
+    import torch
+    from torchvision.ops import box_iou
+
+    if len(ref) == 0:
+        return float("nan")
+    if len(got) == 0:
+        return 0.0
+    return float((box_iou(torch.from_numpy(ref), torch.from_numpy(got)).max(dim=1).values >= thresh).float().mean())
+
+
+def breakdown(images) -> list[dict]:
+    """Table 3: CPU seconds per image of each part (one cv2 thread unless said), over the given images."""
+    cv2.setNumThreads(1)
+    n, rows = len(images), []
+    hsv = [cv2.cvtColor(im, cv2.COLOR_RGB2HSV) for im in images]
+
+    def add(name, fn, boxes=None, note=""):
+        (cpu, wall), res = _cpu_wall(fn)
+        rows.append({"part": name, "cpu_ms_per_img": 1e3 * cpu / n, "wall_ms_per_img": 1e3 * wall / n,
+                     "boxes_per_img": boxes if boxes is not None else (
+                         float(np.mean([len(r) for r in res])) if isinstance(res, list) else "-"), "note": note})
+    add("RGB -> HSV (cv2.cvtColor)", lambda: [cv2.cvtColor(im, cv2.COLOR_RGB2HSV) for im in images], boxes="-")
+    gs = SEG.createGraphSegmentation(sigma=PAPER["sigma"], k=PAPER["k"], min_size=PAPER["min_size"])
+    (cpu, _), segs = _cpu_wall(lambda: [gs.processImage(h) for h in hsv])
+    regions = float(np.mean([s.max() + 1 for s in segs]))
+    rows.append({"part": "graph segmentation alone", "cpu_ms_per_img": 1e3 * cpu / n, "boxes_per_img": "-",
+                 "note": f"{regions:.0f} initial regions per image"})
+    for name, mk in (("Color", SEG.createSelectiveSearchSegmentationStrategyColor),
+                     ("Texture", SEG.createSelectiveSearchSegmentationStrategyTexture),
+                     ("Size", SEG.createSelectiveSearchSegmentationStrategySize),
+                     ("Fill", SEG.createSelectiveSearchSegmentationStrategyFill)):
+        add(f"segmentation + grouping, strategy {name} only", lambda mk=mk: [_search(h, mk()) for h in hsv])
+    add("segmentation + grouping, Multiple(C, T, S, F) = paper", lambda: [_search(h, ss._strategy()) for h in hsv])
+    cv2.setNumThreads(os.cpu_count() or 1)
+    add(f"paper preset, cv2 threads = {os.cpu_count()}", lambda: [ss.selective_search(im, "paper") for im in images],
+        note="CPU time summed over threads")
+    cv2.setNumThreads(1)
+    full = [ss.filter_boxes(ss.selective_search(im, "paper"), im.shape[1], im.shape[0]) for im in images]
+    for side in (400, 300, 250):
+        (cpu, wall), res = _cpu_wall(lambda side=side: [ss.selective_search(im, "paper", max_side=side)
+                                                        for im in images])
+        kept = [ss.filter_boxes(b, im.shape[1], im.shape[0]) for b, im in zip(res, images)]
+        rec = float(np.nanmean([_recall(f, k) for f, k in zip(full, kept)]))
+        rows.append({"part": f"paper preset, max_side={side}", "cpu_ms_per_img": 1e3 * cpu / n,
+                     "wall_ms_per_img": 1e3 * wall / n, "boxes_per_img": float(np.mean([len(r) for r in res])),
+                     "note": f"{100 * rec:.0f} % of the full-size filtered boxes found at IoU >= 0.7 "
+                             f"({np.mean([len(k) for k in kept]):.0f} vs {np.mean([len(f) for f in full]):.0f} "
+                             f"filtered boxes)"})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=8, help="number of ~500 x 375 images")
+    p.add_argument("--python-images", type=int, default=2, help="images for the slow pure-Python package")
+    p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--scaling-images", type=int, default=16, help="images for the workers table")
+    p.add_argument("--breakdown", action="store_true", help="table 3: where the time goes")
+    a = p.parse_args(argv)
+    print(report.header("selective search speed, paper preset (bench/selective_search_speed.py)"))
+    print(f"OpenCV {cv2.__version__}; images: {a.images} variants of grace_hopper.jpg at 500 x 375 / 375 x 500\n")
+    images = sample_images(max(a.images, a.scaling_images))
+    print("### 1. per core (one thread)\n")
+    print(report.table(per_core(images[:a.images], a.python_images),
+                       ["implementation", "images", "cpu_s_per_img", "img_per_cpu_s", "img_per_wall_s",
+                        "boxes_per_img", "speedup_vs_python"]))
+    print(f"\nload average: {report.load_average()}; goals: >= 8 images/s per core, >= 5x the pure-Python package")
+    print("\n### 2. scaling over worker processes (precompute, JPEG decode included)\n")
+    print(report.table(scaling(images[:a.scaling_images], a.max_workers),
+                       ["workers", "images", "wall_s", "img_per_s", "img_per_s_per_worker", "img_per_cpu_s",
+                        "load_1m"]))
+    if a.breakdown:
+        print(f"\n### 3. where the time goes ({a.images} images, CPU time per image)\n")
+        print(report.table(breakdown(images[:a.images]),
+                           ["part", "cpu_ms_per_img", "wall_ms_per_img", "boxes_per_img", "note"]))
+    print(f"\nload average at end: {report.load_average()}")
+
+
+if __name__ == "__main__":
+    main()
