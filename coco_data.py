@@ -1,0 +1,302 @@
+"""Labelled data for fine-tuning: COCO JSON loading and checks, label-fraction and K-shot subsets, PASCAL VOC -> COCO.
+
+Paper 4.3 (COCO full / 10% / 1%, SODA10M) and 4.4 (PASCAL VOC few-shot after [33], TFA). Not an equation file.
+
+COCO handling (as detectron2 / torchvision train on COCO): crowd annotations (iscrowd = 1) are dropped from training
+targets (COCOeval still ignores detections on them); images without annotations are kept (RPN and RoI negatives);
+category ids (COCO's are non-contiguous, 1..90) map to labels 1..C in increasing id order and back (`cat_ids`).
+Boxes [x, y, w, h] are clipped to the image; one with a side < MIN_BOX_SIDE px after clipping is skipped and
+counted. Malformed input raises ValueError naming the file and the entry.
+
+Few-shot protocol (4.4.1, TFA [33]): the paper drops TFA's base-training stage, so every class is few-shot: for each
+class, images containing it are drawn (seeded) until exactly K of its instances are collected (images that would
+overshoot are passed over), and only that class's annotations are kept in those images (TFA's per-class K-shot
+files). Table 2's "All" mAP50 of 1-5 shows the base classes were K-shot too. `base_full=True` instead keeps every
+annotation of the non-novel classes (the generalised few-shot setting of [34]); `novel` otherwise only selects which
+classes the "novel" metric averages.
+
+Symbols
+    N   train images; C classes; K shots (instances per class)
+
+Public
+    MIN_BOX_SIDE, VOC_CLASSES, VOC_NOVEL_SPLITS
+    CocoSet = load_coco(json_path, image_root, check_files=True)   .images, .anns (per image id), .cat_ids, .names
+    label_fraction_subset(image_ids, fraction, seed) -> sorted image ids
+    kshot_subset(cocoset, shots, seed, novel=None, base_full=False) -> {image_id: [annotation, ...]}
+    DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict)
+    collate(batch) -> (images list, targets list)
+    voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+import data
+
+MIN_BOX_SIDE = 1.0  # px after clipping: thinner boxes carry no usable regression target
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+# TFA [33] / FSRW's three PASCAL VOC base/novel splits (novel class names).
+VOC_NOVEL_SPLITS = {1: ("bird", "bus", "cow", "motorbike", "sofa"), 2: ("aeroplane", "bottle", "cow", "horse", "sofa"),
+                    3: ("boat", "cat", "motorbike", "sheep", "sofa")}
+
+
+@dataclass
+class CocoSet:
+    """A checked COCO split. anns[image_id]: its usable non-crowd annotations (bbox clipped, xyxy in "box")."""
+    path: str
+    root: str
+    images: dict = field(default_factory=dict)     # id -> image record
+    anns: dict = field(default_factory=dict)       # id -> list of annotation records (+ "box": xyxy clipped)
+    cat_ids: list = field(default_factory=list)    # label l <-> category id cat_ids[l - 1]
+    names: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)    # reason -> count
+    label_of: dict = field(default_factory=dict)   # category id -> label 1..C
+
+    def label(self, cat_id: int) -> int:
+        return self.label_of[cat_id]
+
+
+def _need(obj, keys, where: str):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}: {json.dumps(obj)[:160]}")
+
+
+def load_coco(json_path, image_root, check_files: bool = True) -> CocoSet:
+    """Read and check a COCO detection JSON; ValueError naming the file and the entry for malformed content,
+    FileNotFoundError listing missing image files (check_files)."""
+    json_path = str(json_path)
+    try:
+        with open(json_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from e
+    _need(d, ("images", "annotations", "categories"), json_path)
+    cs = CocoSet(json_path, str(image_root))
+    for i, c in enumerate(d["categories"]):
+        _need(c, ("id",), f"{json_path}: categories[{i}]")
+    cats = sorted(d["categories"], key=lambda c: c["id"])
+    cs.cat_ids, cs.names = [c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats]
+    if len(set(cs.cat_ids)) != len(cs.cat_ids):
+        raise ValueError(f"{json_path}: duplicate category ids {cs.cat_ids}")
+    cs.label_of = {c: i + 1 for i, c in enumerate(cs.cat_ids)}
+    for i, im in enumerate(d["images"]):
+        _need(im, ("id", "file_name", "width", "height"), f"{json_path}: images[{i}]")
+        if im["id"] in cs.images:
+            raise ValueError(f"{json_path}: images[{i}]: duplicate image id {im['id']}")
+        cs.images[im["id"]], cs.anns[im["id"]] = im, []
+    for i, a in enumerate(d["annotations"]):
+        reason = _add_annotation(cs, a, f"{json_path}: annotations[{i}]")
+        if reason:
+            cs.skipped[reason] = cs.skipped.get(reason, 0) + 1
+    if check_files:
+        missing = [im["file_name"] for im in cs.images.values()
+                   if not os.path.isfile(os.path.join(image_root, im["file_name"]))]
+        if missing:
+            raise FileNotFoundError(f"{json_path}: {len(missing)} image files missing under {image_root}, "
+                                    f"e.g. {missing[:3]}")
+    return cs
+
+
+def _add_annotation(cs: CocoSet, a, where: str) -> str | None:
+    """Check one annotation and file it under its image with its clipped xyxy "box"; returns the reason when it
+    is skipped (crowd, degenerate box), raises ValueError naming the entry when it is malformed."""
+    where += f" (id {a.get('id') if isinstance(a, dict) else '?'})"
+    _need(a, ("image_id", "category_id", "bbox"), where)
+    if a["image_id"] not in cs.images:
+        raise ValueError(f"{where}: unknown image_id {a['image_id']}")
+    if a["category_id"] not in cs.label_of:
+        raise ValueError(f"{where}: unknown category_id {a['category_id']} (categories: {cs.cat_ids})")
+    b = a["bbox"]
+    if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+            and all(np.isfinite(b))):
+        raise ValueError(f"{where}: bbox {b!r} is not four finite numbers [x, y, w, h]")
+    if a.get("iscrowd", 0):
+        return "crowd"
+    im = cs.images[a["image_id"]]
+    x1, y1 = min(max(b[0], 0.0), im["width"]), min(max(b[1], 0.0), im["height"])
+    x2, y2 = min(max(b[0] + b[2], 0.0), im["width"]), min(max(b[1] + b[3], 0.0), im["height"])
+    if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+        return "degenerate box"
+    cs.anns[a["image_id"]].append({**a, "box": [float(x1), float(y1), float(x2), float(y2)]})
+    return None
+
+
+def label_fraction_subset(image_ids, fraction: float, seed: int = 0) -> list:
+    """A seeded random fraction of the images (4.3: 1% / 10% of train2017), at least one; sorted ids."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} not in (0, 1]")
+    ids = sorted(image_ids)
+    n = max(1, int(round(fraction * len(ids))))
+    pick = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
+    return sorted(ids[i] for i in pick)
+
+
+def kshot_subset(cs: CocoSet, shots: int, seed: int = 0, novel=None, base_full: bool = False) -> dict:
+    """K-shot training set (4.4, TFA): {image_id: kept annotations}. See the module docstring for the protocol.
+
+    A class with fewer than K instances in total keeps all of them (a warning says so).
+    """
+    rng = np.random.default_rng(seed)
+    novel = set(novel if novel is not None else cs.cat_ids)
+    keep: dict = {}
+    for cat in cs.cat_ids:
+        if base_full and cat not in novel:
+            for iid, anns in cs.anns.items():
+                sel = [a for a in anns if a["category_id"] == cat]
+                if sel:
+                    keep.setdefault(iid, []).extend(sel)
+            continue
+        having = sorted(iid for iid, anns in cs.anns.items() if any(a["category_id"] == cat for a in anns))
+        count = 0
+        for j in rng.permutation(len(having)):
+            sel = [a for a in cs.anns[having[j]] if a["category_id"] == cat]
+            if count + len(sel) <= shots:
+                keep.setdefault(having[j], []).extend(sel)
+                count += len(sel)
+            if count == shots:
+                break
+        if count < shots:
+            warnings.warn(f"{cs.path}: category {cat} gives only {count} of {shots} shots", stacklevel=2)
+    return {iid: sorted(anns, key=lambda a: a.get("id", 0)) for iid, anns in sorted(keep.items())}
+
+
+def ann_mask(a: dict, h: int, w: int) -> np.ndarray:
+    """An annotation's mask uint8 (h, w) from polygons or RLE; the clipped box filled when it has none."""
+    seg = a.get("segmentation")
+    if not seg:
+        m = np.zeros((h, w), np.uint8)
+        x1, y1, x2, y2 = a["box"]
+        m[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = 1
+        return m
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(image uint8 (3, H, W), target) items; target: boxes (M, 4) xyxy float32, labels (M,) int64 1..C,
+    masks (M, H, W) uint8 (with_masks), image_id. Training flips horizontally with p = 0.5 (seeded per item
+    and epoch). keep: {image_id: annotations} (a K-shot set) or a list of image ids; None = all images.
+
+    An image that fails to decode mid-run is replaced by the next one and counted (warning), never a crash.
+    """
+
+    def __init__(self, cs: CocoSet, train: bool = True, with_masks: bool = False, keep=None, seed: int = 0):
+        self.cs, self.train, self.with_masks, self.seed, self.epoch = cs, train, with_masks, seed, 0
+        if isinstance(keep, dict):
+            self.ids, self.anns = list(keep), keep
+        else:
+            self.ids = sorted(keep) if keep is not None else sorted(cs.images)
+            self.anns = cs.anns
+        self.bad = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, key):
+        """key: an index, or (index, pass) from finetune.InfiniteSampler (the pass seeds the flip)."""
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        if not 0 <= i < len(self.ids):
+            raise IndexError(f"index {i} out of range for {len(self.ids)} images")
+        for j in range(len(self.ids)):
+            iid = self.ids[(i + j) % len(self.ids)]
+            im = self.cs.images[iid]
+            try:
+                img = data.decode_image(os.path.join(self.cs.root, im["file_name"]), min_side=1)
+                H, W = img.shape[:2]
+                if (W, H) != (im["width"], im["height"]):
+                    raise ValueError(f"{self.cs.path}: image {iid} ({im['file_name']}) is {W}x{H}, the JSON says "
+                                     f"{im['width']}x{im['height']}")
+            except ValueError as e:
+                self.bad += 1
+                warnings.warn(f"{e}; using the next image instead ({self.bad} replaced so far)", stacklevel=2)
+                continue
+            return self._item(iid, img, epoch)
+        raise ValueError(f"{self.cs.path}: no image under {self.cs.root} could be decoded")
+
+    def _item(self, iid, img: np.ndarray, epoch: int):
+        H, W = img.shape[:2]
+        anns = self.anns.get(iid, [])
+        boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([self.cs.label(a["category_id"]) for a in anns], dtype=torch.int64)
+        target = {"boxes": boxes, "labels": labels, "image_id": iid}
+        if self.with_masks:
+            masks = np.stack([ann_mask(a, H, W) for a in anns]) if anns else np.zeros((0, H, W), np.uint8)
+            target["masks"] = torch.from_numpy(masks)
+        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # (3, H, W) uint8
+        flip = self.train and bool(np.random.default_rng([self.seed, epoch, iid]).random() < 0.5)
+        if flip:
+            image = image.flip(-1)
+            target["boxes"] = torch.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.with_masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate(batch):
+    """List of (image, target) -> (images list, targets list): images keep their own sizes."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict:
+    """PASCAL VOC XML -> COCO JSON. image_sets: e.g. ["VOC2007/trainval", "VOC2012/trainval"] (each
+    <root>/<year>/ImageSets/Main/<set>.txt). VOC's 1-based pixel boxes become 0-based continuous ones
+    (x1 - 1, y1 - 1, x2, y2, as detectron2 reads VOC); "difficult" objects become iscrowd = 1, so training drops
+    them and COCOeval ignores detections on them (VOC's rule). file_name is relative to voc_root.
+    Writes out_json atomically and returns the dict."""
+    voc_root, images, anns = Path(voc_root), [], []
+    cat = {c: i + 1 for i, c in enumerate(classes)}
+    for image_set in image_sets:
+        year, split = image_set.split("/")
+        ids_file = voc_root / year / "ImageSets" / "Main" / f"{split}.txt"
+        if not ids_file.is_file():
+            raise FileNotFoundError(f"{ids_file}: image set list not found (expected <root>/<year>/ImageSets/Main)")
+        for name in ids_file.read_text().split():
+            xml = voc_root / year / "Annotations" / f"{name}.xml"
+            try:
+                tree = ET.parse(xml).getroot()
+            except (ET.ParseError, OSError) as e:
+                raise ValueError(f"{xml}: cannot parse VOC annotation ({e})") from e
+            size = tree.find("size")
+            w, h = int(size.find("width").text), int(size.find("height").text)
+            images.append({"id": len(images) + 1, "file_name": f"{year}/JPEGImages/{name}.jpg", "width": w,
+                           "height": h})
+            for obj in tree.findall("object"):
+                cname = obj.find("name").text.strip()
+                if cname not in cat:
+                    raise ValueError(f"{xml}: unknown class {cname!r} (expected one of {classes})")
+                bb = obj.find("bndbox")
+                x1, y1, x2, y2 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+                x1, y1 = x1 - 1, y1 - 1
+                difficult = obj.find("difficult")
+                anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"], "category_id": cat[cname],
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                             "iscrowd": int(difficult is not None and difficult.text.strip() == "1")})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": c} for c, i in cat.items()]}
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(coco))
+    os.replace(tmp, out)
+    return coco
