@@ -369,6 +369,27 @@ def _default_gt():
     return root / "annotations" / "val.json", root
 
 
+def predict_checkpoint(path, gt_path, image_root, out: Path) -> Path:
+    """finetune.py's model_final.pth -> predictions on the split (COCO results JSON under out, named after the run
+    folder). Loaded with weights_only=True: a checkpoint never runs code."""
+    import coco_data
+    from detector import Detector, DetectorConfig
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in ck:
+        raise ValueError(f"{path}: not a finetune.py model_final.pth (needs 'state_dict' and 'config')")
+    det = Detector(DetectorConfig(**ck["config"]))
+    det.load_state_dict(ck["state_dict"])
+    if image_root is None:
+        raise ValueError(f"{path}: give --images, the image folder of {gt_path}")
+    first = json.loads(Path(gt_path).read_text())["images"][0]["file_name"]
+    root = image_root if (image_root / first).exists() else image_root / "val"  # the synthetic layout: <root>/val
+    val = coco_data.load_coco(gt_path, root)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device,
+                      cat_ids=ck.get("cat_ids", val.cat_ids))
+    return save_results(results, out / f"{Path(path).resolve().parent.name}.json")
+
+
 def _proposal_lists(coco: COCO, path):
     """(gt boxes, proposals) per gt image from a .json {file_name or image id: [[x1, y1, x2, y2], ...]} or a
     selective_search.py proposals file (keys: paths relative to the image root)."""
@@ -422,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="COCO annotation JSON (default: the embedded synthetic val split)")
     p.add_argument("--results", action="extend", nargs="+", default=[],
                    help="COCO results JSON, one per model (repeat or list several)")
+    p.add_argument("--checkpoint", action="extend", nargs="+", default=[],
+                   help="finetune.py model_final.pth file(s): predict on the split, then evaluate (Tables 1-3)")
     p.add_argument("--names", nargs="+", help="model names, one per --results (default: file stems)")
     p.add_argument("--images", help="image folder for the figures (default: the synthetic split's)")
     p.add_argument("--out", default="out/eval", help="folder for metrics.json, metrics.md and PNGs")
@@ -437,11 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if not a.results and not a.proposals:
-        parser.error("give --results R.json (one per model) or --proposals; evaluating a --checkpoint waits for "
-                     "finetune.py")
+    if not a.results and not a.proposals and not a.checkpoint:
+        parser.error("give --checkpoint model_final.pth, --results R.json (one per model) or --proposals")
     gt_path, image_root = (Path(a.gt), None) if a.gt else _default_gt()
     image_root = Path(a.images) if a.images else image_root
+    for ck in a.checkpoint:  # a fine-tuned model: predict on the split, then evaluate its results file
+        a.results.append(str(predict_checkpoint(ck, gt_path, image_root, Path(a.out))))
     names = a.names or [Path(r).stem for r in a.results]
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")

@@ -254,17 +254,15 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
 
 
-def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: bool = False) -> dict:
-    """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py (pycocotools directly if it is missing);
-    with kshot also VOC mAP50 (11-point, VOC07) for all / novel / base classes."""
+def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: bool = False, out: Path | None = None
+             ) -> dict:
+    """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py; with kshot also VOC mAP50 (11-point, VOC07)
+    for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE."""
+    import eval as ev
     dataset = coco_data.DetectionDataset(val, train=False, with_masks=False)
-    try:
-        import eval as ev
-    except ImportError:
-        ev = None
-    if ev is None:
-        return _coco_eval_fallback(det, dataset, val, device)
     results = ev.predict(det, dataset, device=device, cat_ids=val.cat_ids)
+    if out is not None:
+        ev.save_results(results, out / "predictions.json")
     metrics = {"bbox": ev.coco_eval(val.path, results, "bbox")}
     if det.cfg.kind == "mask":
         metrics["segm"] = ev.coco_eval(val.path, results, "segm")
@@ -272,31 +270,6 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
         # VOC2007 test's 11-point AP, as TFA [33] evaluates test07; difficult objects are iscrowd (voc_to_coco)
         metrics["voc_map50"] = ev.voc_map50(val.path, results, novel_ids=novel, use_07_metric=True)
     return metrics
-
-
-@torch.no_grad()
-def _coco_eval_fallback(det, dataset, val, device) -> dict:
-    import contextlib
-    import io
-
-    import numpy as np
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    det.eval()
-    res = []
-    for img, t in dataset:
-        (o,) = det([img.to(device).float() / 255])
-        for b, s, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
-            res.append({"image_id": t["image_id"], "category_id": val.cat_ids[lab - 1], "score": s,
-                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
-    if not res:
-        return {"bbox": {"AP": 0.0}}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(val.path)
-        E = COCOeval(gt, gt.loadRes(res), "bbox")
-        E.evaluate(), E.accumulate(), E.summarize()
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    return {"bbox": {k: float(v) * 100 if v >= 0 else float(np.nan) for k, v in zip(keys, E.stats)}}
 
 
 def main(argv=None) -> dict | None:
@@ -327,7 +300,7 @@ def main(argv=None) -> dict | None:
         return None
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     det.load_state_dict(final["state_dict"])
-    metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots))
+    metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots), out=out)
     metrics.update(iters=args.iters, detector=args.detector, init=args.init, train_images=len(record["image_ids"]))
     write_json(metrics, out / "metrics.json")
     log(json.dumps(_json_safe(metrics), indent=1))

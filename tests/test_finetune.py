@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import coco_data  # noqa: E402
 import export  # noqa: E402
+import eval as ev  # noqa: E402
 import finetune  # noqa: E402
 import model  # noqa: E402
 from detector import Detector, DetectorConfig  # noqa: E402
@@ -248,6 +249,13 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys):
     assert "resumed" in capsys.readouterr().out
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    # eval.py --checkpoint re-predicts with model_final.pth and agrees with finetune.py's own evaluation
+    assert (out / "predictions.json").exists()
+    final_ap = json.loads((out / "metrics.json").read_text())["bbox"]["AP"]
+    m = ev.main(["--gt", str(vj), "--images", str(root / "val"), "--checkpoint", str(out / "model_final.pth"),
+                 "--out", str(root / "eval"), "--figure-images", "1"])
+    assert m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
+    assert (root / "eval" / "tide.png").exists()
 
 
 def test_kshot_cli_subset_and_voc_metrics(tiny):
