@@ -111,7 +111,8 @@ def _variant_mode(v: str) -> str:
 
 def _pretrain_cell(p, variant, seed, root, files) -> Cell:
     out = root / "runs" / "pretrain" / variant / f"s{seed}"
-    # --max-steps sets the run's length (and its cosine schedule); --epochs only has to exceed it
+    # --max-steps sets the run's length (and its cosine schedule); --epochs only has to exceed it; a checkpoint
+    # every 20 steps bounds the work lost to an interruption
     argv = [PY, "train.py", "--mode", _variant_mode(variant), "--out", str(out), "--seed", str(seed), "--epochs",
             "100000", "--max-steps", str(p["pre_steps"]), "--ckpt-every", str(max(1, min(20, p["pre_steps"]))),
             "--log-every", "1"] + _flags({k: p[k] for k in ("depth", "size", "small_size", "warmup_epochs")})
