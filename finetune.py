@@ -46,6 +46,7 @@ from tqdm import tqdm
 import coco_data
 import model as model_lib
 from detector import Detector, DetectorConfig, load_pretrained
+from train import save_atomic, setup_distributed  # one implementation of each for both scripts
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(depth=50, batch_size=16, lr=None, warmup=1000, min_size="640,672,704,736,768,800", max_size=1333,
@@ -209,25 +210,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
             for i in share[skip:]:
                 yield (i, e)
             skip, e = max(0, skip - len(share)), e + 1
-
-
-def setup_distributed():
-    """From torchrun's environment; one process (CPU or one GPU) when RANK is unset."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _json_safe(x):
