@@ -387,7 +387,8 @@ def main(argv=None):
     t0 = time.time()
     state = {c.name: "done" if c.done else "not run" for c in cells} if a.report_only else run_cells(cells, p["jobs"])
     failed = sorted(n for n, s in state.items() if s != "done")
-    md = aggregate(cells, root, dict(p, preset=a.preset, elapsed_s=time.time() - t0, val_n=val_n), files)
+    elapsed = None if a.report_only else time.time() - t0
+    md = aggregate(cells, root, dict(p, preset=a.preset, elapsed_s=elapsed, val_n=val_n), files)
     print(f"done in {(time.time() - t0) / 60:.1f} min; {md}, {root / 'metrics.json'}, PNGs in {root}"
           + (f"\ncells not done ({len(failed)}; logs in their folders' log.txt): {failed}" if failed else ""))
     return 1 if failed else 0

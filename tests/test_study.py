@@ -165,7 +165,8 @@ def _fabricate(cells):
         if c.kind == "finetune":
             ap = base[i["method"]] + 10 * i["key"] + i["seed"]
             tide = {e: ap / 10 + k for k, e in enumerate(study_report.TIDE_COLS)}
-            _write_done(c, {"metrics": {"bbox": {"AP": ap}, "segm": {"AP": ap - 0.5}}, "tide_bbox": dict(tide, AP50=ap)})
+            _write_done(c, {"metrics": {"bbox": {"AP": ap}, "segm": {"AP": ap - 0.5}},
+                            "tide_bbox": dict(tide, AP50=ap)})
         elif c.kind == "fewshot":
             _write_done(c, {"metrics": {"voc_map50": {"nAP": base[i["method"]] + i["key"] + i["seed"], "mAP": 7.0}}})
         elif i["variant"] == "selective_search":
@@ -206,6 +207,14 @@ def test_aggregate_tables_metrics_and_pngs(tmp_path):
     for png in ("ap_vs_labels.png", "tide.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "No claim can be judged" not in md
+    for c in cells:  # detectors that have not learned (AP_bb < 1 everywhere): the report says no claim is judged
+        if c.kind == "finetune":
+            d = json.loads((c.folder / "cell.json").read_text())
+            d["metrics"]["bbox"]["AP"] = 0.5
+            (c.folder / "cell.json").write_text(json.dumps(d))
+    assert "No claim can be judged from this run: the best fine-tuned AP_bb is 0.50" in study.aggregate(
+        cells, tmp_path, p, FILES).read_text()
 
 
 @pytest.fixture
