@@ -52,6 +52,8 @@ class DetectorConfig:
     fpn_norm: str = "bn"                    # SoCo / ADePT pre-train the FPN with BN
     head: str = "4conv1fc"                  # the pre-trained g; "2fc" the usual Faster R-CNN head
     head_norm: str = "bn"
+    fpn_channels: int = model_lib.FPN_CHANNELS  # d (FPN paper: 256); DEVIATION in the CPU study only: 128
+    mask_dim: int = 256                     # mask head conv width (Mask R-CNN: 256); DEVIATION, CPU study: 64
     mask_norm: str = "bn"                   # SoCo's configs: SyncBN in every head
     min_size: tuple = (640, 672, 704, 736, 768, 800)  # multi-scale training short sides (COCO 1x)
     max_size: int = 1333
@@ -89,7 +91,7 @@ class CascadeStage(nn.Module):
 
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
-        self.box_head = roi_head.BoxHead(model_lib.FPN_CHANNELS, kind=cfg.head, norm=cfg.head_norm)
+        self.box_head = roi_head.BoxHead(cfg.fpn_channels, kind=cfg.head, conv_dim=cfg.fpn_channels, norm=cfg.head_norm)
         self.box_predictor = dh.BoxPredictor(self.box_head.out_channels, cfg.num_classes, cls_agnostic=True)
 
 
@@ -100,15 +102,17 @@ class Detector(nn.Module):
     def __init__(self, cfg: DetectorConfig, weights_path: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.extractor = model_lib.FeatureExtractor(cfg.depth, cfg.fpn_norm, p6=True, weights_path=weights_path)
+        self.extractor = model_lib.FeatureExtractor(cfg.depth, cfg.fpn_norm, p6=True, weights_path=weights_path,
+                                                    channels=cfg.fpn_channels)
         self.rpn = rpn.RPNHead(self.extractor.out_channels, num_anchors=len(cfg.anchor_ratios))
         if cfg.kind == "cascade":
             self.stages = nn.ModuleList(CascadeStage(cfg) for _ in cfg.cascade_ious)
         else:
-            self.box_head = roi_head.BoxHead(self.extractor.out_channels, kind=cfg.head, norm=cfg.head_norm)
+            self.box_head = roi_head.BoxHead(cfg.fpn_channels, kind=cfg.head, conv_dim=cfg.fpn_channels,
+                                             norm=cfg.head_norm)
             self.box_predictor = dh.BoxPredictor(self.box_head.out_channels, cfg.num_classes)
         if cfg.kind == "mask":
-            self.mask_head = dh.MaskHead(self.extractor.out_channels, cfg.num_classes, norm=cfg.mask_norm)
+            self.mask_head = dh.MaskHead(cfg.fpn_channels, cfg.num_classes, conv_dim=cfg.mask_dim, norm=cfg.mask_norm)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
@@ -324,7 +328,8 @@ def load_pretrained(detector: Detector, path, verbose: bool = True) -> dict:
     bad_core += [f"{k}: not in the file" for k in own if k.startswith(("extractor.backbone.", "extractor.fpn."))
                  and k not in new] + [f"{k}: not in the model" for k in unused if k.startswith(("backbone.", "fpn."))]
     if bad_core:
-        raise ValueError(f"{path}: not pretrained weights for this extractor (ResNet-{detector.cfg.depth}, FPN "
+        raise ValueError(f"{path}: not pretrained weights for this extractor (ResNet-{detector.cfg.depth}, FPN d "
+                         f"{detector.cfg.fpn_channels} "
                          f"{detector.cfg.fpn_norm}; file meta {meta}): {bad_core[:3]}")
     detector.load_state_dict(new, strict=False)
     fresh = [k for k in own if k not in new]

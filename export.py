@@ -115,6 +115,9 @@ def to_torchvision(state: dict, cfg: DetectorConfig) -> dict:
         raise ValueError("torchvision has no Cascade R-CNN: export a faster or mask detector")
     if cfg.fpn_norm != "bn" or cfg.head_norm != "bn" or cfg.mask_norm != "bn":
         raise ValueError("torchvision_model assumes BN in the FPN and the heads")
+    if cfg.fpn_channels != 256 or cfg.mask_dim != 256:  # torchvision's FPN and mask head are 256 wide
+        raise ValueError(f"torchvision's detectors are 256 wide: this one has FPN d {cfg.fpn_channels}, mask head "
+                         f"{cfg.mask_dim} (the CPU study's narrow models do not export)")
     n_conv = 4 if cfg.head == "4conv1fc" else 0
     out = {}
     for k, v in state.items():

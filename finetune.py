@@ -46,15 +46,18 @@ from tqdm import tqdm
 import coco_data
 import model as model_lib
 from detector import Detector, DetectorConfig, load_pretrained
-from train import save_atomic, setup_distributed  # one implementation of each for both scripts
+from train import exit_distributed, save_atomic, setup_distributed  # one implementation of each for both scripts
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
-PAPER = dict(depth=50, batch_size=16, lr=None, warmup=1000, min_size="640,672,704,736,768,800", max_size=1333,
+PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
+             min_size="640,672,704,736,768,800", max_size=1333,
              test_size=800, workers=4, ckpt_every=5000, log_every=20, roi_batch=512, test_proposals=1000, max_dets=100)
 # CPU preset (embedded 128-160 px images, <= 6 objects each): ResNet-18 at native resolution, a few hundred
 # iterations. DEVIATION (CPU cost only): 32 RoIs per image, 100 test proposals and 20 detections per image, because
 # the 4conv1fc box head and the mask head cost ~1 s per image at 512 RoIs / 100 masks on 2 cores.
-CPU = dict(depth=18, batch_size=4, lr=0.02, warmup=50, min_size="128,144,160", max_size=256, test_size=144,
+# DEVIATION (scale): anchors COCO's / 4 (8..128 px): objects here are 8-96 px, most below COCO's smallest anchor (32).
+CPU = dict(anchor_sizes="8,16,32,64,128", depth=18, batch_size=4, lr=0.02, warmup=50, min_size="128,144,160",
+           max_size=256, test_size=144,
            workers=1, ckpt_every=50, log_every=10, roi_batch=32, test_proposals=100, max_dets=20, iters=200)
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 
@@ -69,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", help="pretrained.pth | none | torchvision:PATH (default: %s if it exists)" % DEFAULT_INIT)
     p.add_argument("--depth", type=int, help="ResNet depth (paper 50; CPU preset 18)")
     p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head (pre-trained: 4conv1fc)")
+    p.add_argument("--fpn-channels", type=int, default=model_lib.FPN_CHANNELS,
+                   help="FPN d, as pre-trained (FPN paper 256; DEVIATION, the CPU study: 128)")
+    p.add_argument("--mask-dim", type=int, default=256,
+                   help="mask head width (Mask R-CNN 256; DEVIATION, CPU study 64)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="4.3: 0.01 / 0.1 / 1.0 of the train images")
     p.add_argument("--shots", type=int, help="4.4: K instances per class (TFA protocol, see coco_data.py)")
     p.add_argument("--novel", help="novel category ids '1,2,3' or voc1 / voc2 / voc3 (TFA's VOC splits)")
@@ -83,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-size", help="comma list of training short sides (multi-scale)")
     p.add_argument("--max-size", type=int), p.add_argument("--test-size", type=int)
     p.add_argument("--roi-batch", type=int, help="sampled RoIs per image (paper 512)")
+    p.add_argument("--anchor-sizes", help="P2..P6 anchor sides, comma list (COCO 32,64,128,256,512 at 800 px)")
     p.add_argument("--test-proposals", type=int, help="RPN proposals per image at test (paper 1000)")
     p.add_argument("--max-dets", type=int, help="detections per image (COCO 100)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
@@ -168,6 +176,8 @@ def build_datasets(args, log=print):
 def build_detector(args, num_classes: int, log=print) -> Detector:
     sizes = tuple(int(v) for v in str(args.min_size).split(","))
     cfg = DetectorConfig(num_classes=num_classes, kind=args.detector, depth=args.depth, head=args.head,
+                         fpn_channels=args.fpn_channels, mask_dim=args.mask_dim,
+                         anchor_sizes=tuple(int(v) for v in str(args.anchor_sizes).split(",")),
                          min_size=sizes, max_size=args.max_size, test_size=args.test_size, roi_batch=args.roi_batch,
                          rpn_pre_nms_test=max(args.test_proposals, 1000), rpn_post_nms_test=args.test_proposals,
                          max_dets=args.max_dets)
@@ -377,9 +387,4 @@ def voc2coco_cli(argv) -> None:
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if "RANK" in os.environ:
-        os._exit(0)  # reference.md trap: gloo workers can SIGABRT at interpreter exit
+    exit_distributed()

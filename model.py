@@ -129,12 +129,13 @@ class FPN(nn.Module):
 class FeatureExtractor(nn.Module):
     """The paper's f: backbone + FPN. forward(x (B,3,H,W)) -> [P2, P3, P4, P5(, P6)], each (B, 256, H/s, W/s)."""
 
-    def __init__(self, depth: int = 50, fpn_norm: str = "bn", p6: bool = False, weights_path: str | None = None):
+    def __init__(self, depth: int = 50, fpn_norm: str = "bn", p6: bool = False, weights_path: str | None = None,
+                 channels: int = FPN_CHANNELS):
         super().__init__()
         self.backbone = Backbone(depth, weights_path)
-        self.fpn = FPN(self.backbone.out_channels, FPN_CHANNELS, fpn_norm, p6)
+        self.fpn = FPN(self.backbone.out_channels, channels, fpn_norm, p6)
         self.strides = (4, 8, 16, 32, 64) if p6 else (4, 8, 16, 32)
-        self.out_channels = FPN_CHANNELS
+        self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.fpn(self.backbone(x))
@@ -143,14 +144,14 @@ class FeatureExtractor(nn.Module):
 class Encoder(nn.Module):
     """f, g, p of one branch (Eqs. 2-5). The target branch xi is a copy of this, averaged by EMA."""
 
-    def __init__(self, depth: int, fpn_norm: str, head: str, global_pool: bool = False):
+    def __init__(self, depth: int, fpn_norm: str, head: str, global_pool: bool = False, channels: int = FPN_CHANNELS):
         super().__init__()
-        self.extractor = FeatureExtractor(depth, fpn_norm)
+        self.extractor = FeatureExtractor(depth, fpn_norm, channels=channels)
         self.global_pool = global_pool  # the image-level BYOL baseline: C5 -> avg pool, no FPN/head
         if global_pool:
             self.projector = byol.Projector(in_dim=self.extractor.backbone.out_channels[-1])
         else:
-            self.box_head = roi_head.BoxHead(FPN_CHANNELS, kind=head)
+            self.box_head = roi_head.BoxHead(channels, kind=head, conv_dim=channels)
             self.projector = byol.Projector(in_dim=self.box_head.out_channels)
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
@@ -175,18 +176,21 @@ class ADePT(nn.Module):
     rpn_grad_to_backbone   Table 4: False (default, best) trains the RPN on detached features
     rpn_proposals          Table 4: False (default, best) feeds the head selective-search boxes only; True adds the
                            RPN's top-K proposals of V1 (top 64 before NMS, 4.1.3) mapped into V2 and V3
+    fpn_channels           d of the FPN, RPN and 4conv1fc head (paper: 256; the CPU study narrows it, see study.py)
+    anchor_sizes           one anchor side per level P2..P5 (4.1.3: 24, 48, 96, 192 px for 224 px views)
     """
 
     def __init__(self, mode: str = "joint", depth: int = 50, fpn_norm: str = "bn", head: str = "4conv1fc",
-                 rpn_grad_to_backbone: bool = False, rpn_proposals: bool = False, num_boxes: int = 4):
+                 rpn_grad_to_backbone: bool = False, rpn_proposals: bool = False, num_boxes: int = 4,
+                 fpn_channels: int = FPN_CHANNELS, anchor_sizes: tuple = rpn.PRETRAIN_ANCHOR_SIZES):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
         self.mode, self.rpn_grad_to_backbone, self.rpn_proposals = mode, rpn_grad_to_backbone, rpn_proposals
-        self.num_boxes = num_boxes
-        self.online = Encoder(depth, fpn_norm, head, global_pool=(mode == "byol"))
+        self.num_boxes, self.anchor_sizes = num_boxes, tuple(anchor_sizes)
+        self.online = Encoder(depth, fpn_norm, head, global_pool=(mode == "byol"), channels=fpn_channels)
         self.predictor = byol.Predictor()
-        self.rpn = rpn.RPNHead(FPN_CHANNELS, num_anchors=3) if mode in ("joint", "separate") else None
+        self.rpn = rpn.RPNHead(fpn_channels, num_anchors=3) if mode in ("joint", "separate") else None
         self.target = byol.make_target(self.online)
         self._anchors: dict = {}  # (feature sizes, device) -> (N, 4); not state (rebuilt on demand)
         if mode == "separate":  # 4.2: only the RPN is trained
@@ -243,7 +247,7 @@ class ADePT(nn.Module):
         its ratios host -> device, a synchronising copy on CUDA, and the anchors never change."""
         key = (tuple(sizes), str(device))
         if key not in self._anchors:
-            self._anchors[key] = torch.cat(rpn.make_anchors(list(sizes), device=device))
+            self._anchors[key] = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
         return self._anchors[key]
 
     @torch.no_grad()
@@ -254,7 +258,7 @@ class ADePT(nn.Module):
         """
         B, K, _ = boxes[0].shape
         logits, deltas = self.rpn([x.detach() for x in feats1])
-        anchors = rpn.make_anchors([x.shape[-2:] for x in feats1], device=logits.device)
+        anchors = rpn.make_anchors([x.shape[-2:] for x in feats1], sizes=self.anchor_sizes, device=logits.device)
         props = rpn.generate_proposals(logits, deltas, anchors, tuple(views[0].shape[-2:]), pre_nms_top_n=64,
                                        post_nms_top_n=K)
         p1 = boxes[0].clone()  # (B, K, 4) V1 pixels; an image with fewer than K proposals keeps its SS boxes there

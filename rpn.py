@@ -39,7 +39,10 @@ import torchvision
 BBOX_CLAMP = math.log(1000.0 / 16)
 
 
-def make_anchors(feature_sizes, strides=(4, 8, 16, 32), sizes=(24, 48, 96, 192), ratios=(0.5, 1.0, 2.0),
+PRETRAIN_ANCHOR_SIZES = (24, 48, 96, 192)  # 4.1.3: one anchor side per level P2..P5 for 224 px views
+
+
+def make_anchors(feature_sizes, strides=(4, 8, 16, 32), sizes=PRETRAIN_ANCHOR_SIZES, ratios=(0.5, 1.0, 2.0),
                  device=None, dtype=torch.float32) -> list[torch.Tensor]:
     """Anchors per FPN level (section 4.1.3): one size per level, `ratios` = h / w, area = size^2.
 

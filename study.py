@@ -22,7 +22,8 @@ s seed; f label fraction; K shots; SE standard error of a difference of two mean
 
 Public: PRESETS, Cell, plan(preset, seeds, root, files, novel, keep_weights) -> [Cell], estimate(cell, preset, val_n)
 -> seconds, run_cell(cell, env) -> bool, run_cells(cells, jobs, runner) -> {name: state}, rpn_recall(weights,
-coco_json, image_root, depth, top_n) -> AR dict, ss_recall(coco_json, image_root), main(argv); from study_report.py:
+coco_json, image_root, depth, top_n, fpn_channels, anchor_sizes) -> AR dict, ss_recall(coco_json, image_root),
+main(argv); from study_report.py:
 aggregate(cells, root, preset, files) -> md path, mean_std(values), verdict(a, b).
 """
 from __future__ import annotations
@@ -49,11 +50,13 @@ PY = sys.executable
 TABLE1 = ("scratch", "byol", "soco", "separate", "joint")  # Table 1 rows (scratch: no pre-training)
 SWITCHES = {"joint": (), "rpngrad": ("--rpn-grad-to-backbone",), "rpnprop": ("--rpn-proposals",),
             "both": ("--rpn-grad-to-backbone", "--rpn-proposals")}  # Table 4: joint's loss / proposal switches
-# Costs (s per image, one process, OMP_NUM_THREADS=1) measured here on 2026-11-27 while two other engineers' jobs
-# shared the 2 cores: pre-training joint/soco 0.72 (batch 16, 96 px), byol 0.21, separate 0.18; Mask R-CNN training
-# 2.1 (batch 4, 128-160 px, 32 RoIs), Faster 1.1; inference ~1.2 / 1.0 (100 proposals); ~12 s to start a process.
-CPU_COST = dict(source="measured here, see above", start=12, pre=dict(joint=0.72, soco=0.72, byol=0.21, separate=0.18),
-                train=dict(mask=2.1, faster=1.1), infer=dict(mask=1.2, faster=1.0), recall=0.15, ss=0.1)
+# Costs (s per image, one process, OMP_NUM_THREADS=1, two such processes on the 2 cores) of the narrow CPU models
+# (FT_CPU), measured on 2026-11-27: pre-training joint 0.27 (batch 16, 96 px), Mask R-CNN training 0.38 (batch 4,
+# 128-160 px, 32 RoIs), Mask R-CNN inference 0.23 (100 proposals). soco, byol, separate and Faster R-CNN are scaled
+# from the ratios measured on the 256-wide models (soco = joint, byol 0.29x, separate 0.25x; Faster 0.75x Mask).
+# ~12 s to start a process.
+CPU_COST = dict(source="measured here, see above", start=12, pre=dict(joint=0.27, soco=0.27, byol=0.08, separate=0.07),
+                train=dict(mask=0.38, faster=0.29), infer=dict(mask=0.23, faster=0.2), recall=0.15, ss=0.1)
 # GPU: estimates from reference.md (~660 img/s pre-training R50 on one H100, detectron2 ~7.7 img/s per V100 at
 # 800 px, here ~300 px), not measured: no device was lent to the task that wrote this.
 GPU_COST = dict(source="estimated from reference.md, not measured", start=20,
@@ -61,25 +64,36 @@ GPU_COST = dict(source="estimated from reference.md, not measured", start=20,
                 train=dict(mask=1 / 60, faster=1 / 80), infer=dict(mask=1 / 80, faster=1 / 100), recall=0.01, ss=0.1)
 # finetune.py's CPU preset (its DEVIATIONs: 32 RoIs, 100 test proposals), warm-up shortened to the short schedules.
 # All flags are passed explicitly: finetune.py applies its paper preset whenever --train-json is given.
-FT_CPU = dict(depth=18, batch_size=4, lr=0.02, warmup=10, min_size="128,144,160", max_size=256, test_size=144,
-              workers=1, ckpt_every=20, log_every=5, roi_batch=32, test_proposals=100, max_dets=20)
+# DEVIATION (CPU cost, measured 4x faster per step; pre-training uses the same g and d): the 2fc box head instead of
+# SoCo's 4conv1fc, FPN d = 128 instead of 256, mask head 64 wide instead of 256.
+# DEVIATION (scale): the embedded images are 128-160 px at native size, objects 8-96 px (median short side 23 px), so
+# the anchors are COCO's / 4 (8..128 on P2..P6, where COCO's 32 px smallest anchor missed most objects); pre-training
+# anchors are the paper's / 4 too (6..48 on P2..P5), as in finetune.py's and train.py's CPU presets.
+FT_CPU = dict(depth=18, head="2fc", fpn_channels=128, mask_dim=64, anchor_sizes="8,16,32,64,128", batch_size=4,
+              lr=0.02, warmup=10, min_size="128,144,160", max_size=256, test_size=144, workers=1, ckpt_every=20,
+              log_every=5, roi_batch=32, test_proposals=100, max_dets=20)
 # DEVIATION (CPU budget; flags --seeds, --val-images): "cpu" evaluates on the first 40 of the 200 val images and
 # shares one pre-training run per variant across the fine-tuning seeds ("gpu": all val images, one run per seed);
 # schedules are a few dozen steps (the paper: 100 ImageNet epochs, 9k-90k fine-tuning iterations).
 # DEVIATION ("gpu" fine-tuning sizes): short side 256-320 px, not COCO's 640-800: the embedded images are 128-160 px.
 PRESETS = {
-    "cpu": dict(depth=18, pre_batch=16, pre_steps=32, size=96, small_size=48, warmup_epochs=0.1, pre_workers=1,
-                shared_pretrain=True, fractions=(0.01, 0.1, 1.0), iters={0.01: 8, 0.1: 12, 1.0: 20}, shots=(1, 5, 10),
-                shot_iters=10, fewshot=("soco", "separate", "joint"), ablation=(0.1,), val_images=40, seeds=3, jobs=2,
+    # 3 seeds in ~2 h on 2 cores (the issue's budget); the iteration counts are what that budget buys
+    "cpu": dict(depth=18, pre_anchors="6,12,24,48", pre_batch=16, pre_steps=60, size=96, small_size=48,
+                warmup_epochs=0.1, pre_workers=1, shared_pretrain=True, fractions=(0.01, 0.1, 1.0),
+                iters={0.01: 40, 0.1: 80, 1.0: 160}, shots=(1, 5, 10), shot_iters=60,
+                fewshot=("soco", "separate", "joint"), ablation=(0.1,), val_images=40, seeds=3, jobs=2,
                 ft=FT_CPU, cost=CPU_COST, amp=False),
-    "gpu": dict(depth=50, pre_batch=128, pre_steps=1000, size=224, small_size=112, warmup_epochs=10, pre_workers=8,
+    "gpu": dict(depth=50, pre_anchors="24,48,96,192", pre_batch=128, pre_steps=1000, size=224, small_size=112,
+                warmup_epochs=10, pre_workers=8,
                 shared_pretrain=False, fractions=(0.01, 0.1, 1.0), iters={0.01: 300, 0.1: 600, 1.0: 1500},
                 shots=(1, 5, 10), shot_iters=300, fewshot=TABLE1, ablation=(0.01, 0.1, 1.0), val_images=None, seeds=3,
                 jobs=1, cost=GPU_COST, amp=True,
-                ft=dict(depth=50, batch_size=16, lr=0.02, warmup=100, min_size="256,288,320", max_size=544,
-                        test_size=288, workers=8, ckpt_every=500, log_every=20, roi_batch=128, test_proposals=300,
-                        max_dets=100)),
-    "smoke": dict(depth=18, pre_batch=4, pre_steps=1, size=64, small_size=32, warmup_epochs=0.1, pre_workers=0,
+                # images at 2x (256-320 px): objects 16-190 px, anchors COCO's / 2
+                ft=dict(depth=50, head="4conv1fc", fpn_channels=256, mask_dim=256, anchor_sizes="16,32,64,128,256",
+                        batch_size=16, lr=0.02, warmup=100, min_size="256,288,320", max_size=544, test_size=288,
+                        workers=8, ckpt_every=500, log_every=20, roi_batch=128, test_proposals=300, max_dets=100)),
+    "smoke": dict(depth=18, pre_anchors="6,12,24,48", pre_batch=4, pre_steps=1, size=64, small_size=32,
+                  warmup_epochs=0.1, pre_workers=0,
                   shared_pretrain=True, fractions=(0.01, 0.1, 1.0), iters={0.01: 1, 0.1: 1, 1.0: 1}, shots=(1, 5, 10),
                   shot_iters=1, fewshot=("soco", "separate", "joint"), ablation=(0.1,), val_images=4, seeds=1, jobs=1,
                   ft=dict(FT_CPU, batch_size=2, warmup=1), cost=CPU_COST, amp=False),
@@ -116,6 +130,8 @@ def _pretrain_cell(p, variant, seed, root, files) -> Cell:
     argv = [PY, "train.py", "--mode", _variant_mode(variant), "--out", str(out), "--seed", str(seed), "--epochs",
             "100000", "--max-steps", str(p["pre_steps"]), "--ckpt-every", str(max(1, min(20, p["pre_steps"]))),
             "--log-every", "1"] + _flags({k: p[k] for k in ("depth", "size", "small_size", "warmup_epochs")})
+    argv += _flags({k: p["ft"][k] for k in ("head", "fpn_channels")})  # the fine-tuned detector's g and d
+    argv += ["--anchor-sizes", p["pre_anchors"]]
     argv += _flags(dict(batch_size=p["pre_batch"], workers=p["pre_workers"])) + list(SWITCHES.get(variant, ()))
     deps = ()
     if variant == "separate":  # 4.2: only the RPN, on the frozen extractor and head of the soco run
@@ -157,7 +173,8 @@ def plan(p: dict, seeds, root: Path, files: tuple, novel=(5, 6), keep_weights=Fa
     for ref in ("selective_search", "random_rpn"):
         out = root / "runs" / "recall" / ref
         cells.append(Cell(f"recall/{ref}", "recall", [[PY, "study.py", "_recall", str(out / "cell.json"),
-                     "ss" if ref == "selective_search" else "none", *files[2:4], str(p["depth"])]], out, (),
+                     "ss" if ref == "selective_search" else "none", *files[2:4], str(p["depth"]),
+                     str(p["ft"]["fpn_channels"]), p["pre_anchors"]]], out, (),
                      dict(variant=ref)))
     for s in seeds:
         cells += [_finetune_cell(p, "finetune", m, f, s, root, files, novel) for m in TABLE1 for f in p["fractions"]]
@@ -253,21 +270,24 @@ def _predict_final(out: Path, val_json, val_images, path: Path) -> None:
 
 
 @torch.no_grad()
-def rpn_recall(weights, coco_json, image_root, depth=18, top_n=1000) -> dict | None:
+def rpn_recall(weights, coco_json, image_root, depth=18, top_n=1000, fpn_channels=256, anchor_sizes=None
+               ) -> dict | None:
     """AR@10/100/1000 of an RPN (weights: a pretrained.pth, or "none" for random init) on the images at their own
     size, pre-training anchors (4.1.3), top_n proposals per level before NMS and per image after; None: no RPN."""
     import data
     import eval as ev
     import model as model_lib
     import rpn
-    meta, state = {"depth": depth, "fpn_norm": "bn"}, {}
+    meta, state = {"depth": depth, "fpn_norm": "bn", "fpn_channels": fpn_channels,
+                   "anchor_sizes": anchor_sizes or rpn.PRETRAIN_ANCHOR_SIZES}, {}
     if weights != "none":
         ck = torch.load(weights, map_location="cpu", weights_only=True)
         state, meta = ck["state_dict"], {**meta, **ck.get("meta", {})}
         if not any(k.startswith("rpn.") for k in state):
             return None
     torch.manual_seed(0)
-    ext, head = model_lib.FeatureExtractor(meta["depth"], meta["fpn_norm"]).eval(), rpn.RPNHead().eval()
+    d = meta["fpn_channels"]
+    ext, head = model_lib.FeatureExtractor(meta["depth"], meta["fpn_norm"], channels=d).eval(), rpn.RPNHead(d).eval()
     if state:
         ext.load_state_dict({k: v for k, v in state.items() if k.startswith(("backbone.", "fpn."))})
         head.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("rpn.")})
@@ -276,9 +296,9 @@ def rpn_recall(weights, coco_json, image_root, depth=18, top_n=1000) -> dict | N
         H, W = img.shape[:2]
         x = data.normalize(torch.from_numpy(img).permute(2, 0, 1)[None])  # (1, 3, H, W)
         x = torch.nn.functional.pad(x, (0, -W % 32, 0, -H % 32))  # FPN needs sides divisible by the top stride
-        feats = ext(x)  # P2..P5, (1, 256, H/s, W/s)
+        feats = ext(x)  # P2..P5, (1, d, H/s, W/s)
         logits, deltas = head(feats)  # (1, N), (1, N, 4)
-        anchors = rpn.make_anchors([f.shape[-2:] for f in feats], ext.strides)
+        anchors = rpn.make_anchors([f.shape[-2:] for f in feats], ext.strides, meta["anchor_sizes"])
         props.append(rpn.generate_proposals(logits, deltas, anchors, (H, W), top_n, top_n)[0][0].numpy())
         gts.append(boxes)
     return {**ev.proposal_recall(gts, props), "proposals": float(np.mean([len(b) for b in props]))}
@@ -310,14 +330,16 @@ def ss_recall(coco_json, image_root) -> dict:
              ("proposals", float(np.mean([len(b) for b in props]))))}
 
 
-def recall_cell(out_json: Path, weights: str, coco_json, image_root, depth="18") -> None:
+def recall_cell(out_json: Path, weights: str, coco_json, image_root, depth="18", fpn_channels="256",
+                anchor_sizes="24,48,96,192") -> None:
     """cell.json of a pre-training cell (recall of its RPN, its last log line) or of a reference recall."""
     import eval as ev
     rec = {}
     if weights == "ss":
         rec["recall"] = ss_recall(coco_json, image_root)
     else:
-        rec["recall"] = rpn_recall(weights, coco_json, image_root, int(depth))
+        rec["recall"] = rpn_recall(weights, coco_json, image_root, int(depth), fpn_channels=int(fpn_channels),
+                                   anchor_sizes=tuple(int(v) for v in anchor_sizes.split(",")))
         log = Path(weights).parent / "log.jsonl"
         if log.exists():
             rec["last_log"] = json.loads(log.read_text().strip().splitlines()[-1])

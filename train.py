@@ -13,7 +13,7 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: LARS, lr_at, parse_args, resolve_args, main.
+Public: LARS, lr_at, parse_args, resolve_args, setup_distributed, save_atomic, exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ import data
 import model as model_lib
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
-PAPER = dict(depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10, size=224, small_size=112,
-             workers=8, ckpt_every=1000, log_every=50, max_steps=None)
+PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
+             size=224, small_size=112, workers=8, ckpt_every=1000, log_every=50, max_steps=None)
 # CPU: the README's main job within ~10 minutes on 2 cores (~30 GFLOP per sample at 96 px: 60 steps of 16 samples).
-CPU = dict(depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96, small_size=48,
-           workers=1, ckpt_every=20, log_every=5, max_steps=60)
+# DEVIATION (scale): anchors the paper's / 4 (6..48 px), keeping the paper's pre-training : fine-tuning anchor ratio
+# (24 : 32) with finetune.py's CPU anchors (COCO's / 4, 8..128 px, for this data's 8-96 px objects).
+CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
+           small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,12 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, help="ResNet depth (paper: 50; CPU preset: 18)")
     p.add_argument("--fpn-norm", default="bn", choices=("bn", "gn", "none"), help="FPN norm (SoCo: BN)")
     p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head g (3.3; SoCo: 4conv1fc)")
+    p.add_argument("--fpn-channels", type=int, default=model_lib.FPN_CHANNELS,
+                   help="d of the FPN, RPN and head (3: FPN's 256; DEVIATION, the CPU study: 128 for speed)")
     p.add_argument("--epochs", type=int, help="4.2: 100")
     p.add_argument("--batch-size", type=int, help="images per process (SoCo: 128 per GPU)")
     p.add_argument("--base-lr", type=float, help="4.2: 0.1, scaled by global batch / 256")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up from lr/100 (SoCo: 10)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (SoCo: 1e-5)")
     p.add_argument("--tau-base", type=float, default=0.99, help="3.3: EMA momentum at step 0 (-> 1 by cosine)")
+    p.add_argument("--anchor-sizes", help="4.1.3: anchor side per level P2..P5 (24,48,96,192 for 224 px views; "
+                                          "DEVIATION, CPU preset: 6,12,24,48 for its 96 px views)")
     p.add_argument("--num-boxes", type=int, default=4, help="3.4: K boxes per image")
     p.add_argument("--size", type=int, help="4.1.2: V1/V2 side (224)")
     p.add_argument("--small-size", type=int, help="4.1.2: V3 side (112)")
@@ -128,6 +134,17 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def anchor_sizes(spec: str) -> tuple:
+    """'24,48,96,192' -> (24, 48, 96, 192); one positive side per level."""
+    try:
+        sizes = tuple(int(v) for v in str(spec).split(","))
+    except ValueError:
+        raise SystemExit(f"--anchor-sizes {spec!r}: expected comma-separated integers, e.g. 24,48,96,192") from None
+    if not sizes or min(sizes) <= 0:
+        raise SystemExit(f"--anchor-sizes {spec!r}: sides must be positive")
+    return sizes
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process when RANK is unset."""
     if "RANK" not in os.environ:
@@ -172,7 +189,7 @@ def build_data(args):
 def build_model(args, device) -> model_lib.ADePT:
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     net = model_lib.ADePT(args.mode, args.depth, args.fpn_norm, args.head, args.rpn_grad_to_backbone,
-                          args.rpn_proposals, args.num_boxes)
+                          args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes))
     if args.mode == "separate":
         if not args.init:
             raise SystemExit("--mode separate needs --init PATH: the pretrained.pth of a --mode soco run (4.2)")
@@ -246,6 +263,7 @@ def main(argv=None) -> None:
     if rank == 0:
         out = Path(args.out)
         meta = {"mode": args.mode, "depth": args.depth, "fpn_norm": args.fpn_norm, "head": args.head,
+                "fpn_channels": args.fpn_channels, "anchor_sizes": list(anchor_sizes(args.anchor_sizes)),
                 "branch": "online" if args.export_online else "target", "steps": step}
         save_atomic({"state_dict": model_lib.export_pretrained(net, args.export_online), "meta": meta},
                     out / "pretrained.pth")
@@ -337,10 +355,17 @@ def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path) -> Non
                                  "check the data.")
 
 
-if __name__ == "__main__":
-    main()
+def exit_distributed() -> None:
+    """End a torchrun process cleanly: destroy the group, flush, and skip the interpreter's teardown
+    (reference.md trap: gloo workers can SIGABRT at interpreter exit). No-op in a single process."""
     if dist.is_initialized():
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # reference.md trap: gloo workers can SIGABRT at interpreter exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "RANK" in os.environ:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
+    exit_distributed()

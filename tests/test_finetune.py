@@ -21,7 +21,7 @@ import export  # noqa: E402
 import eval as ev  # noqa: E402
 import finetune  # noqa: E402
 import model  # noqa: E402
-from detector import Detector, DetectorConfig  # noqa: E402
+from detector import Detector, DetectorConfig, load_pretrained  # noqa: E402
 
 CATS = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]  # non-contiguous on purpose
 
@@ -359,3 +359,19 @@ def test_export_files_and_detectron2_names(tmp_path):
     tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
     with pytest.raises(ValueError, match="Cascade"):
         export.to_torchvision({}, DetectorConfig(kind="cascade"))
+
+
+def test_narrow_detector_loads_narrow_pretraining_and_rejects_wide(tmp_path):
+    """--fpn-channels: a 128-wide pre-training loads into a 128-wide detector; a 256-wide file is refused by name."""
+    narrow = tmp_path / "narrow.pth"
+    torch.save({"state_dict": model.export_pretrained(model.ADePT("joint", depth=18, head="2fc", fpn_channels=128)),
+                "meta": {"depth": 18, "fpn_channels": 128}}, narrow)
+    cfg = DetectorConfig(num_classes=3, kind="mask", depth=18, head="2fc", fpn_channels=128, mask_dim=64)
+    det = Detector(cfg)
+    report = load_pretrained(det, narrow, verbose=False)
+    assert any(k.startswith("rpn.") for k in report["loaded"]) and any(k.startswith("box_head.") for k in report["loaded"])
+    assert det.mask_head.logits.in_channels == 64 and det.extractor.out_channels == 128
+    wide = tmp_path / "wide.pth"
+    torch.save({"state_dict": model.export_pretrained(model.ADePT("joint", depth=18, head="2fc")), "meta": {}}, wide)
+    with pytest.raises(ValueError, match="wide.pth.*FPN d 128"):
+        load_pretrained(Detector(cfg), wide, verbose=False)

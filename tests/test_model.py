@@ -4,6 +4,7 @@ import torch
 import torchvision
 
 import model
+import rpn
 
 
 def boxes_for(B, K, size, seed=0):
@@ -123,3 +124,20 @@ def test_export_keys_and_target_branch():
     assert torch.equal(state["backbone.conv1.weight"], net.target.extractor.backbone.conv1.weight)
     online = model.export_pretrained(net, use_online=True)
     assert torch.equal(online["backbone.conv1.weight"], net.online.extractor.backbone.conv1.weight)
+
+
+def test_anchor_sizes_and_width_flags_reach_the_rpn():
+    """ADePT(anchor_sizes, fpn_channels): the RPN targets use the given anchors; every layer is d wide."""
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+    net = model.ADePT("joint", depth=18, fpn_channels=64, anchor_sizes=(6, 12, 24, 48))
+    a = net.anchors(sizes, torch.device("cpu"))
+    assert torch.equal(a, torch.cat(rpn.make_anchors(sizes, sizes=(6, 12, 24, 48))))
+    assert not torch.equal(a, torch.cat(rpn.make_anchors(sizes)))
+    side = a[:, 2:] - a[:, :2]  # (N, 2); the square anchors of P2 are 6 px
+    assert torch.isclose(side.prod(1)[: 8 * 8 * 3].sqrt(), torch.tensor(6.0)).all()
+    assert net.rpn.c.in_channels == 64 and net.online.extractor.fpn.output[0].conv.out_channels == 64
+    views = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]
+    big, small = torch.tensor([[4.0, 4.0, 30.0, 30.0]]), torch.tensor([[2.0, 2.0, 15.0, 15.0]])
+    boxes = [big.repeat(2, 4, 1), big.repeat(2, 4, 1), small.repeat(2, 4, 1)]  # (B, K, 4) per view
+    out = net(views, boxes)
+    assert torch.isfinite(out["loss"]) and out["loss_rpn"] > 0
