@@ -253,9 +253,15 @@ def _default_gt():
     return root / "annotations" / "val.json", root
 
 
-def predict_checkpoint(path, gt_path, image_root, out: Path) -> Path:
-    """finetune.py's model_final.pth -> predictions on the split (COCO results JSON under out, named after the run
-    folder). Loaded with weights_only=True: a checkpoint never runs code."""
+def checkpoint_names(paths) -> list[str]:
+    """A distinct name per checkpoint: its run folder for a model_final.pth, else the file stem; _i on a clash."""
+    base = [Path(p).resolve().parent.name if Path(p).name == "model_final.pth" else Path(p).stem for p in paths]
+    return [b if base.count(b) == 1 else f"{b}_{i}" for i, b in enumerate(base)]
+
+
+def predict_checkpoint(path, gt_path, image_root, out: Path, name: str | None = None) -> Path:
+    """finetune.py's model_final.pth -> predictions on the split (COCO results JSON out/<name>.json; name defaults
+    to checkpoint_names). Loaded with weights_only=True: a checkpoint never runs code."""
     import coco_data
     from detector import Detector, DetectorConfig
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -271,7 +277,7 @@ def predict_checkpoint(path, gt_path, image_root, out: Path) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device,
                       cat_ids=ck.get("cat_ids", val.cat_ids))
-    return save_results(results, out / f"{Path(path).resolve().parent.name}.json")
+    return save_results(results, out / f"{name or checkpoint_names([path])[0]}.json")
 
 
 def _proposal_lists(coco: COCO, path):
@@ -348,8 +354,8 @@ def main(argv=None) -> dict:
         parser.error("give --checkpoint model_final.pth, --results R.json (one per model) or --proposals")
     gt_path, image_root = (Path(a.gt), None) if a.gt else _default_gt()
     image_root = Path(a.images) if a.images else image_root
-    for ck in a.checkpoint:  # a fine-tuned model: predict on the split, then evaluate its results file
-        a.results.append(str(predict_checkpoint(ck, gt_path, image_root, Path(a.out))))
+    for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
+        a.results.append(str(predict_checkpoint(ck, gt_path, image_root, Path(a.out), name)))
     names = a.names or [Path(r).stem for r in a.results]
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")

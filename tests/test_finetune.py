@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -256,6 +257,18 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys):
                  "--out", str(root / "eval"), "--figure-images", "1"])
     assert m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
     assert (root / "eval" / "tide.png").exists()
+    # two checkpoints in one folder keep their own predictions (they once shared <folder>.json)
+    ck = torch.load(out / "model_final.pth", weights_only=True)
+    torch.manual_seed(1)
+    ck["state_dict"] = Detector(DetectorConfig(**ck["config"])).state_dict()
+    torch.save(ck, out / "other.pth")
+    m = ev.main(["--gt", str(vj), "--images", str(root / "val"), "--checkpoint", str(out / "model_final.pth"),
+                 str(out / "other.pth"), "--out", str(root / "eval2"), "--figure-images", "1"])
+    assert set(m["results"]) == {"run", "other"}
+    a, b = (Path(m["results"][k]).read_text() for k in ("run", "other"))
+    assert a != b and m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
+    assert ev.checkpoint_names(["x/model_final.pth", "y/model_final.pth", "y/a.pth", "z/a.pth"]) == \
+        ["x", "y", "a_2", "a_3"]
 
 
 def test_kshot_cli_subset_and_voc_metrics(tiny):
