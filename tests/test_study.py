@@ -267,3 +267,27 @@ def test_predict_final_fallback_writes_valid_results(tmp_path, tiny_val):
     res = ev.load_results(tmp_path / "predictions.json")
     ev.check_results(res, ev.load_coco(tiny_val[0]))  # known image / category ids, finite scores and boxes
     assert res and {r["image_id"] for r in res} == {1, 2}
+
+
+@pytest.mark.parametrize("preset", sorted(study.PRESETS))
+def test_every_planned_command_parses_and_matches_pretraining(preset, tmp_path):
+    """Each cell's argv is accepted by the script it calls, and every fine-tuned detector has the width, head and
+    anchors of its pre-training (a mismatch would fail only after the pre-training had run)."""
+    import inspect
+
+    import finetune
+    import train
+    p = study.PRESETS[preset]
+    for c in study.plan(p, range(2), tmp_path, FILES):
+        for argv in c.cmds:
+            if argv[1] == "train.py":
+                a, _ = train.resolve_args(train.parse_args(argv[2:]))
+                assert (a.head, a.fpn_channels, a.anchor_sizes) == (p["ft"]["head"], p["ft"]["fpn_channels"],
+                                                                   p["pre_anchors"]), c.name
+            elif argv[2] == "_finetune":
+                a = finetune.parse_args(argv[argv.index("--") + 1:])
+                assert (a.head, a.fpn_channels, a.anchor_sizes) == (p["ft"]["head"], p["ft"]["fpn_channels"],
+                                                                   p["ft"]["anchor_sizes"]), c.name
+            else:
+                assert argv[2] == "_recall"
+                inspect.signature(study.recall_cell).bind(*argv[3:])  # TypeError on a wrong argument count
