@@ -31,6 +31,8 @@ Public
 - ``proposal_recall(gt_boxes, proposals, max_dets=(10, 100, 1000)) -> dict``.
 - from figures.py: ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5)``,
   ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5)``, ``results_by_image(results)``.
+- ``predict_checkpoint(path, gt_path, image_root, out, name=None)``, ``checkpoint_names(paths)``: a model_final.pth's
+  predictions, one distinct results file per checkpoint.
 - ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null); ``main``.
 VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here.
 """
