@@ -8,6 +8,7 @@ interleaved rounds, one process. Configurations:
 Each step is forward + backward + SGD step; the table gives seconds per step and images per second.
 
     OMP_NUM_THREADS=1 python bench/cpu_presets.py            # Mask R-CNN, batch 4, 3 timed steps x 2 rounds
+    OMP_NUM_THREADS=1 python bench/cpu_presets.py --profile  # + the paper-width step's time by operator and shape
 
 Public: main(argv).
 """
@@ -60,6 +61,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4, help="images per step (the CPU presets: 4)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also print where one paper-width step spends its time")
     a = p.parse_args(argv)
     models = {}
     for name, flags in CONFIGS.items():
@@ -86,6 +88,11 @@ def main(argv=None) -> dict:
         params = sum(p.numel() for p in det.parameters()) / 1e6
         print(f"| {name} | {best:.2f} | {a.batch_size / best:.2f} | {params:.1f} |")
     print(f"speed-up narrow / paper width: {out['paper width'] / out['narrow (study)']:.2f}x")
+    if a.profile:  # the convolutions by input shape: which layer (head, mask head, P2) costs what
+        det, opt, images, targets, _ = models["paper width"]
+        with torch.profiler.profile(record_shapes=True) as prof:
+            _step_seconds(det, opt, images, targets, 1)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="cpu_time_total", row_limit=12))
     return out
 
 
