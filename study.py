@@ -5,6 +5,8 @@ Tables 1-4, Figure 1), resumable, with mean +- std over seeds and the paper's nu
     python study.py --preset gpu            # ResNet-50, 224 px pre-training (one H100)
     python study.py --preset smoke          # a step or two per cell, one seed: the pipeline end to end
     python study.py --preset cpu --dry-run  # the cell plan and its budget only
+    python study.py --preset cpu --methods scratch,soco,joint --fractions 0.1,1 --iters 2000 --shots none \
+        --no-ablation                       # a smaller plan: only the cells asked for (and their pre-training)
 
 Cells (each a subprocess writing into results/runs/<cell>/, its output in log.txt; a cell whose cell.json exists is
 skipped, and train.py / finetune.py resume from their checkpoint.pth):
@@ -23,7 +25,7 @@ s seed; f label fraction; K shots; SE standard error of a difference of two mean
 Public: PRESETS, Cell, plan(preset, seeds, root, files, novel, keep_weights) -> [Cell], estimate(cell, preset, val_n)
 -> seconds, run_cell(cell, env) -> bool, run_cells(cells, jobs, runner) -> {name: state}, rpn_recall(weights,
 coco_json, image_root, depth, top_n, fpn_channels, anchor_sizes) -> AR dict, ss_recall(coco_json, image_root),
-main(argv); from study_report.py:
+override(preset, args) -> preset with the plan flags, main(argv); from study_report.py:
 aggregate(cells, root, preset, files) -> md path, mean_std(values), verdict(a, b).
 """
 from __future__ import annotations
@@ -168,7 +170,10 @@ def plan(p: dict, seeds, root: Path, files: tuple, novel=(5, 6), keep_weights=Fa
     keep_weights keeps each fine-tuned model_final.pth (predictions.json is always kept)."""
     root, files = Path(root).resolve(), tuple(str(f) for f in files)
     pseeds = [0] if p["shared_pretrain"] else list(seeds)
-    variants = ["byol", "soco", "separate", "joint"] + [v for v in SWITCHES if v != "joint" and p["ablation"]]
+    methods = p.get("methods", TABLE1)  # a subset with --methods
+    need = set(methods) | set(p["fewshot"]) | ({"soco"} if "separate" in methods else set())
+    variants = [v for v in ("byol", "soco", "separate", "joint") if v in need]
+    variants += [v for v in SWITCHES if v != "joint" and p["ablation"]]
     cells = [_pretrain_cell(p, v, s, root, files) for s in pseeds for v in variants]
     for ref in ("selective_search", "random_rpn"):
         out = root / "runs" / "recall" / ref
@@ -177,7 +182,7 @@ def plan(p: dict, seeds, root: Path, files: tuple, novel=(5, 6), keep_weights=Fa
                      str(p["ft"]["fpn_channels"]), p["pre_anchors"]]], out, (),
                      dict(variant=ref)))
     for s in seeds:
-        cells += [_finetune_cell(p, "finetune", m, f, s, root, files, novel) for m in TABLE1 for f in p["fractions"]]
+        cells += [_finetune_cell(p, "finetune", m, f, s, root, files, novel) for m in methods for f in p["fractions"]]
         cells += [_finetune_cell(p, "finetune", v, f, s, root, files, novel) for v in SWITCHES if v != "joint"
                   for f in p["ablation"]]
         cells += [_finetune_cell(p, "fewshot", m, k, s, root, files, novel) for m in p["fewshot"] for k in p["shots"]]
@@ -375,7 +380,35 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan and its budget, run nothing")
     p.add_argument("--keep-weights", action="store_true", help="keep fine-tuned model_final.pth files (0.12 GB each)")
     p.add_argument("--report-only", action="store_true", help="write the report from the cells done so far")
+    p.add_argument("--methods", help=f"a subset of the Table 1 rows, comma-separated (default all: {','.join(TABLE1)})")
+    p.add_argument("--fractions", help="label fractions of Table 1, comma-separated (default 0.01,0.1,1)")
+    p.add_argument("--iters", type=int, help="fine-tuning iterations of every Table 1 and K-shot cell")
+    p.add_argument("--shots", help="K of the K-shot cells, comma-separated; 'none' skips them (default 1,5,10)")
+    p.add_argument("--no-ablation", action="store_true", help="skip Table 4's switches")
     return p.parse_args(argv)
+
+
+def override(p: dict, a) -> dict:
+    """The preset p with the plan's command-line overrides (--methods, --fractions, --iters, --shots,
+    --no-ablation) applied; SystemExit naming the flag on a bad value."""
+    if a.methods:
+        p["methods"] = tuple(m for m in a.methods.split(","))
+        bad = [m for m in p["methods"] if m not in TABLE1]
+        if bad:
+            raise SystemExit(f"--methods: unknown {bad}; choose from {','.join(TABLE1)}")
+        p["fewshot"] = tuple(m for m in p["fewshot"] if m in p["methods"])
+    if a.fractions:
+        p["fractions"] = tuple(float(f) for f in a.fractions.split(","))
+    if a.iters:
+        p["iters"], p["shot_iters"] = {f: a.iters for f in p["fractions"]}, a.iters
+    missing = [f for f in p["fractions"] if f not in p["iters"]]
+    if missing:
+        raise SystemExit(f"--fractions {missing}: the preset has no iteration count for them; give --iters")
+    if a.shots:
+        p["shots"] = () if a.shots == "none" else tuple(int(k) for k in a.shots.split(","))
+    if a.no_ablation:
+        p["ablation"] = ()
+    return p
 
 
 def main(argv=None):
@@ -389,6 +422,7 @@ def main(argv=None):
     for k in ("seeds", "jobs", "val_images"):
         if getattr(a, k) is not None:
             p[k] = getattr(a, k)
+    p = override(p, a)
     root = Path(a.results).resolve()
     root.mkdir(parents=True, exist_ok=True)
     files, val_n, cats = dataset_files(root, p["val_images"])
@@ -410,7 +444,8 @@ def main(argv=None):
     state = {c.name: "done" if c.done else "not run" for c in cells} if a.report_only else run_cells(cells, p["jobs"])
     failed = sorted(n for n, s in state.items() if s != "done")
     elapsed = None if a.report_only else time.time() - t0
-    md = aggregate(cells, root, dict(p, preset=a.preset, elapsed_s=elapsed, val_n=val_n), files)
+    command = " ".join(["python study.py", *(x for x in argv if x != "--report-only")])  # what reproduces the plan
+    md = aggregate(cells, root, dict(p, preset=a.preset, elapsed_s=elapsed, val_n=val_n, command=command), files)
     print(f"done in {(time.time() - t0) / 60:.1f} min; {md}, {root / 'metrics.json'}, PNGs in {root}"
           + (f"\ncells not done ({len(failed)}; logs in their folders' log.txt): {failed}" if failed else ""))
     return 1 if failed else 0

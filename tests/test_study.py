@@ -291,3 +291,23 @@ def test_every_planned_command_parses_and_matches_pretraining(preset, tmp_path):
             else:
                 assert argv[2] == "_recall"
                 inspect.signature(study.recall_cell).bind(*argv[3:])  # TypeError on a wrong argument count
+
+
+def test_plan_overrides_make_a_smaller_study(tmp_path):
+    """--methods / --fractions / --iters / --shots none / --no-ablation: only the cells asked for, with their
+    pre-training dependencies (separate pulls in soco); bad values stop with the flag's name."""
+    import copy
+    a = study.parse_args(["--methods", "scratch,separate", "--fractions", "0.1", "--iters", "2000", "--shots", "none",
+                          "--no-ablation"])
+    p = study.override(copy.deepcopy(study.PRESETS["cpu"]), a)
+    cells = study.plan(p, range(2), tmp_path, FILES)
+    names = {c.name for c in cells}
+    assert {c.name for c in cells if c.kind == "pretrain"} == {"pretrain/soco/s0", "pretrain/separate/s0"}
+    expected = {f"finetune/{m}/f0.1/s{s}" for m in ("scratch", "separate") for s in (0, 1)}
+    assert {c.name for c in cells if c.kind == "finetune"} == expected
+    assert not [n for n in names if n.startswith("fewshot/")]
+    assert all(_arg(c.cmds[0], "--iters") == "2000" for c in cells if c.kind == "finetune")
+    with pytest.raises(SystemExit, match="--methods"):
+        study.override(copy.deepcopy(study.PRESETS["cpu"]), study.parse_args(["--methods", "scratch,moco"]))
+    with pytest.raises(SystemExit, match="--iters"):
+        study.override(copy.deepcopy(study.PRESETS["cpu"]), study.parse_args(["--fractions", "0.5"]))
