@@ -46,7 +46,7 @@ from tqdm import tqdm
 import coco_data
 import model as model_lib
 from detector import Detector, DetectorConfig, load_pretrained
-from train import exit_distributed, save_atomic, setup_distributed  # one implementation of each for both scripts
+from train import anchor_sizes, exit_distributed, save_atomic, setup_distributed  # one of each for both scripts
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
@@ -177,7 +177,7 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
     sizes = tuple(int(v) for v in str(args.min_size).split(","))
     cfg = DetectorConfig(num_classes=num_classes, kind=args.detector, depth=args.depth, head=args.head,
                          fpn_channels=args.fpn_channels, mask_dim=args.mask_dim,
-                         anchor_sizes=tuple(int(v) for v in str(args.anchor_sizes).split(",")),
+                         anchor_sizes=anchor_sizes(args.anchor_sizes),
                          min_size=sizes, max_size=args.max_size, test_size=args.test_size, roi_batch=args.roi_batch,
                          rpn_pre_nms_test=max(args.test_proposals, 1000), rpn_post_nms_test=args.test_proposals,
                          max_dets=args.max_dets)

@@ -13,6 +13,7 @@ Symbols (paper -> code)
     V1, V2, V3      the three views (224, 224, 112 px)        views[0..2]
     b               K selective-search boxes per image        boxes[j]: (B, K, 4) xyxy in view j's pixels
     L = L_RPN + L_det                                         Eq. 8, ADePT.forward
+    C               FPN channels (the FPN paper's d = 256)     fpn_channels / FeatureExtractor(channels=)
 
 Public
     Backbone, FPN, FeatureExtractor        f; `FeatureExtractor(depth, fpn_norm, p6, weights_path)`
@@ -115,7 +116,7 @@ class FPN(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        top = self.lateral[-1](feats[-1])  # (B, 256, H/32, W/32)
+        top = self.lateral[-1](feats[-1])  # (B, C, H/32, W/32)
         outs = [self.output[-1](top)]
         for i in range(len(feats) - 2, -1, -1):  # top-down pathway: C4, C3, C2
             lat = self.lateral[i](feats[i])
@@ -123,11 +124,12 @@ class FPN(nn.Module):
             outs.insert(0, self.output[i](top))
         if self.p6:
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))  # P6, stride 64
-        return outs  # P2..P5 (+P6), each (B, 256, H/s, W/s)
+        return outs  # P2..P5 (+P6), each (B, C, H/s, W/s)
 
 
 class FeatureExtractor(nn.Module):
-    """The paper's f: backbone + FPN. forward(x (B,3,H,W)) -> [P2, P3, P4, P5(, P6)], each (B, 256, H/s, W/s)."""
+    """The paper's f: backbone + FPN. forward(x (B,3,H,W)) -> [P2, P3, P4, P5(, P6)], each (B, C, H/s, W/s), C =
+    channels."""
 
     def __init__(self, depth: int = 50, fpn_norm: str = "bn", p6: bool = False, weights_path: str | None = None,
                  channels: int = FPN_CHANNELS):
@@ -162,7 +164,7 @@ class Encoder(nn.Module):
 
     def project_boxes(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         B, K, _ = boxes.shape
-        pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides)  # (B*K, 256, 7, 7)
+        pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides)  # (B*K, C, 7, 7)
         h = self.box_head(pooled)                                                       # Eqs. 2-4: (B*K, 1024)
         return self.projector(h).view(B, K, -1)                                         # Eq. 5:    (B, K, 256)
 
@@ -176,7 +178,7 @@ class ADePT(nn.Module):
     rpn_grad_to_backbone   Table 4: False (default, best) trains the RPN on detached features
     rpn_proposals          Table 4: False (default, best) feeds the head selective-search boxes only; True adds the
                            RPN's top-K proposals of V1 (top 64 before NMS, 4.1.3) mapped into V2 and V3
-    fpn_channels           d of the FPN, RPN and 4conv1fc head (paper: 256; the CPU study narrows it, see study.py)
+    fpn_channels           C of the FPN, RPN and 4conv1fc head (paper: 256; the CPU study narrows it, see study.py)
     anchor_sizes           one anchor side per level P2..P5 (4.1.3: 24, 48, 96, 192 px for 224 px views)
     """
 

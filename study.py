@@ -66,8 +66,8 @@ GPU_COST = dict(source="estimated from reference.md, not measured", start=20,
                 train=dict(mask=1 / 60, faster=1 / 80), infer=dict(mask=1 / 80, faster=1 / 100), recall=0.01, ss=0.1)
 # finetune.py's CPU preset (its DEVIATIONs: 32 RoIs, 100 test proposals), warm-up shortened to the short schedules.
 # All flags are passed explicitly: finetune.py applies its paper preset whenever --train-json is given.
-# DEVIATION (CPU cost, measured 4x faster per step; pre-training uses the same g and d): the 2fc box head instead of
-# SoCo's 4conv1fc, FPN d = 128 instead of 256, mask head 64 wide instead of 256.
+# DEVIATION (CPU cost: 3.4x faster per step, bench/cpu_presets.py; pre-training uses the same g and C): 2fc box head vs
+# SoCo's 4conv1fc, FPN width 128 instead of 256, mask head 64 wide instead of 256.
 # DEVIATION (scale): the embedded images are 128-160 px at native size, objects 8-96 px (median short side 23 px), so
 # the anchors are COCO's / 4 (8..128 on P2..P6, where COCO's 32 px smallest anchor missed most objects); pre-training
 # anchors are the paper's / 4 too (6..48 on P2..P5), as in finetune.py's and train.py's CPU presets.
@@ -339,12 +339,13 @@ def recall_cell(out_json: Path, weights: str, coco_json, image_root, depth="18",
                 anchor_sizes="24,48,96,192") -> None:
     """cell.json of a pre-training cell (recall of its RPN, its last log line) or of a reference recall."""
     import eval as ev
+    from train import anchor_sizes as parse_sizes
     rec = {}
     if weights == "ss":
         rec["recall"] = ss_recall(coco_json, image_root)
     else:
         rec["recall"] = rpn_recall(weights, coco_json, image_root, int(depth), fpn_channels=int(fpn_channels),
-                                   anchor_sizes=tuple(int(v) for v in anchor_sizes.split(",")))
+                                   anchor_sizes=parse_sizes(anchor_sizes))
         log = Path(weights).parent / "log.jsonl"
         if log.exists():
             rec["last_log"] = json.loads(log.read_text().strip().splitlines()[-1])

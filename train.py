@@ -13,7 +13,7 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: LARS, lr_at, parse_args, resolve_args, setup_distributed, save_atomic, exit_distributed, main.
+Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, setup_distributed, save_atomic, exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (SoCo: 1e-5)")
     p.add_argument("--tau-base", type=float, default=0.99, help="3.3: EMA momentum at step 0 (-> 1 by cosine)")
     p.add_argument("--anchor-sizes", help="4.1.3: anchor side per level P2..P5 (24,48,96,192 for 224 px views; "
-                                          "DEVIATION, CPU preset: 6,12,24,48 for its 96 px views)")
+                                          "DEVIATION, CPU preset: 6,12,24,48, the paper's / 4 like its objects)")
     p.add_argument("--num-boxes", type=int, default=4, help="3.4: K boxes per image")
     p.add_argument("--size", type=int, help="4.1.2: V1/V2 side (224)")
     p.add_argument("--small-size", type=int, help="4.1.2: V3 side (112)")
@@ -135,7 +135,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def anchor_sizes(spec: str) -> tuple:
-    """'24,48,96,192' -> (24, 48, 96, 192); one positive side per level."""
+    """--anchor-sizes of train.py and finetune.py: '24,48,96,192' -> (24, 48, 96, 192), one positive side per level."""
     try:
         sizes = tuple(int(v) for v in str(spec).split(","))
     except ValueError:

@@ -12,13 +12,7 @@ import detector_heads as dh  # noqa: E402
 import model  # noqa: E402
 from detector import Detector, DetectorConfig, load_pretrained  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process slow these steps down ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 SMALL = dict(depth=18, min_size=(96,), max_size=160, test_size=96, roi_batch=16, rpn_pre_nms_train=200,

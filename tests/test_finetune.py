@@ -27,13 +27,7 @@ from detector import Detector, DetectorConfig, load_pretrained  # noqa: E402
 CATS = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]  # non-contiguous on purpose
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process slow these steps down ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def scene(seed, size=112):
