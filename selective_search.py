@@ -40,7 +40,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-SEG = cv2.ximgproc.segmentation
 LEVELS = ("filter", "ratio", "size", "image")  # SoCo's fallback order; "filter" = the full 4.1.1 filter
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PRESETS = {
@@ -56,7 +55,16 @@ SOCO_MIN_SIDE = 32  # SoCo's extra w >= 32 and h >= 32 (off by default: min_side
 DEFAULT_CHUNK = 256  # images per part file: a kill loses at most one chunk per worker
 
 
+def _seg():
+    """cv2.ximgproc.segmentation, looked up only when a search runs: loading a proposals file needs no contrib build."""
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError(f"cv2 {cv2.__version__} has no ximgproc (selective search): install "
+                          "opencv-contrib-python-headless, and not opencv-python beside it (reference.md, traps)")
+    return cv2.ximgproc.segmentation
+
+
 def _strategy():
+    SEG = _seg()
     return SEG.createSelectiveSearchSegmentationStrategyMultiple(
         SEG.createSelectiveSearchSegmentationStrategyColor(), SEG.createSelectiveSearchSegmentationStrategyTexture(),
         SEG.createSelectiveSearchSegmentationStrategySize(), SEG.createSelectiveSearchSegmentationStrategyFill())
@@ -64,6 +72,7 @@ def _strategy():
 
 def _raw_search(image_rgb: np.ndarray, preset: str) -> np.ndarray:
     """OpenCV selective search -> (N, 4) int (x, y, w, h), in OpenCV's (varying) order."""
+    SEG = _seg()
     ss = SEG.createSelectiveSearchSegmentation()
     if preset in ("fast", "quality"):
         ss.setBaseImage(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))  # OpenCV converts from BGR itself

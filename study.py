@@ -59,11 +59,13 @@ SWITCHES = {"joint": (), "rpngrad": ("--rpn-grad-to-backbone",), "rpnprop": ("--
 # ~12 s to start a process.
 CPU_COST = dict(source="measured here, see above", start=12, pre=dict(joint=0.27, soco=0.27, byol=0.08, separate=0.07),
                 train=dict(mask=0.38, faster=0.29), infer=dict(mask=0.23, faster=0.2), recall=0.15, ss=0.1)
-# GPU: estimates from reference.md (~660 img/s pre-training R50 on one H100, detectron2 ~7.7 img/s per V100 at
-# 800 px, here ~300 px), not measured: no device was lent to the task that wrote this.
-GPU_COST = dict(source="estimated from reference.md, not measured", start=20,
-                pre=dict(joint=1 / 660, soco=1 / 700, byol=1 / 2000, separate=1 / 1500),
-                train=dict(mask=1 / 60, faster=1 / 80), infer=dict(mask=1 / 80, faster=1 / 100), recall=0.01, ss=0.1)
+# GPU: measured on one H100 on 2026-11-27 (bench/gpu_run.sh; results/gpu_part_h100.md): pre-training joint 373
+# images/s end to end (ResNet-50, batch 128, 8 loader workers), Mask R-CNN training 67.5 images/s (batch 16,
+# 256-320 px); soco, byol, separate and Faster R-CNN scaled by the CPU ratios above; inference not timed alone.
+GPU_COST = dict(source="measured on one H100 (joint, Mask R-CNN training), the rest scaled", start=20,
+                pre=dict(joint=1 / 373, soco=1 / 373, byol=0.29 / 373, separate=0.25 / 373),
+                train=dict(mask=1 / 67.5, faster=0.75 / 67.5), infer=dict(mask=1 / 80, faster=1 / 100), recall=0.01,
+                ss=0.1)
 # finetune.py's CPU preset (its DEVIATIONs: 32 RoIs, 100 test proposals), warm-up shortened to the short schedules.
 # All flags are passed explicitly: finetune.py applies its paper preset whenever --train-json is given.
 # DEVIATION (CPU cost: 3.4x faster per step, bench/cpu_presets.py; pre-training uses the same g and C): 2fc box head vs
@@ -386,12 +388,13 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="fine-tuning iterations of every Table 1 and K-shot cell")
     p.add_argument("--shots", help="K of the K-shot cells, comma-separated; 'none' skips them (default 1,5,10)")
     p.add_argument("--no-ablation", action="store_true", help="skip Table 4's switches")
+    p.add_argument("--pre-steps", type=int, help="pre-training steps of every variant (cpu: 60, gpu: 1000; 4.1.2)")
     return p.parse_args(argv)
 
 
 def override(p: dict, a) -> dict:
     """The preset p with the plan's command-line overrides (--methods, --fractions, --iters, --shots,
-    --no-ablation) applied; SystemExit naming the flag on a bad value."""
+    --no-ablation, --pre-steps) applied; SystemExit naming the flag on a bad value."""
     if a.methods:
         p["methods"] = tuple(m for m in a.methods.split(","))
         bad = [m for m in p["methods"] if m not in TABLE1]
@@ -409,6 +412,10 @@ def override(p: dict, a) -> dict:
         p["shots"] = () if a.shots == "none" else tuple(int(k) for k in a.shots.split(","))
     if a.no_ablation:
         p["ablation"] = ()
+    if a.pre_steps is not None:
+        if a.pre_steps < 1:
+            raise SystemExit(f"--pre-steps {a.pre_steps}: must be >= 1")
+        p["pre_steps"] = a.pre_steps
     return p
 
 

@@ -252,3 +252,15 @@ def test_precompute_empty_root(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         ss.precompute(tmp_path / "empty", tmp_path / "x.npz", workers=1, progress=False)
+
+
+def test_proposals_load_without_ximgproc(image_root, tmp_path, monkeypatch):
+    """A machine with plain opencv (no contrib: e.g. the lent GPU's image) still loads a proposals file, and a search
+    there stops with an error that names the package to install."""
+    import cv2
+    out = tmp_path / "p.npz"
+    ss.precompute(image_root, out, workers=1, chunk_size=3, progress=False)
+    monkeypatch.delattr(cv2, "ximgproc")
+    assert len(ss.load_proposals(out)) > 0
+    with pytest.raises(ImportError, match="opencv-contrib-python-headless"):
+        ss.selective_search(make_image(0), preset="paper")

@@ -208,6 +208,10 @@ def test_aggregate_tables_metrics_and_pngs(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "No claim can be judged" not in md
+    assert claims["premise (issue 6), Scratch AP_bb: 100% labels > 1%"]["verdict"] == "reproduces"  # 11 vs 1.1
+    study.aggregate(cells, tmp_path, dict(p, fractions=(1.0,)), FILES)  # one label fraction: no premise to test
+    assert not any(r["claim"].startswith("premise (issue 6)")
+                   for r in json.loads((tmp_path / "metrics.json").read_text())["verdicts"])
     for c in cells:  # detectors that have not learned (AP_bb < 1 everywhere): the report says no claim is judged
         if c.kind == "finetune":
             d = json.loads((c.folder / "cell.json").read_text())
@@ -298,7 +302,7 @@ def test_plan_overrides_make_a_smaller_study(tmp_path):
     pre-training dependencies (separate pulls in soco); bad values stop with the flag's name."""
     import copy
     a = study.parse_args(["--methods", "scratch,separate", "--fractions", "0.1", "--iters", "2000", "--shots", "none",
-                          "--no-ablation"])
+                          "--no-ablation", "--pre-steps", "30"])
     p = study.override(copy.deepcopy(study.PRESETS["cpu"]), a)
     cells = study.plan(p, range(2), tmp_path, FILES)
     names = {c.name for c in cells}
@@ -307,7 +311,10 @@ def test_plan_overrides_make_a_smaller_study(tmp_path):
     assert {c.name for c in cells if c.kind == "finetune"} == expected
     assert not [n for n in names if n.startswith("fewshot/")]
     assert all(_arg(c.cmds[0], "--iters") == "2000" for c in cells if c.kind == "finetune")
+    assert all(_arg(c.cmds[0], "--max-steps") == "30" for c in cells if c.kind == "pretrain")
     with pytest.raises(SystemExit, match="--methods"):
         study.override(copy.deepcopy(study.PRESETS["cpu"]), study.parse_args(["--methods", "scratch,moco"]))
     with pytest.raises(SystemExit, match="--iters"):
         study.override(copy.deepcopy(study.PRESETS["cpu"]), study.parse_args(["--fractions", "0.5"]))
+    with pytest.raises(SystemExit, match="--pre-steps"):
+        study.override(copy.deepcopy(study.PRESETS["cpu"]), study.parse_args(["--pre-steps", "0"]))

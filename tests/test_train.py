@@ -131,6 +131,33 @@ def test_lars_excludes_biases_and_norms_from_trust_and_decay():
     assert torch.allclose(b, torch.zeros(2))  # plain SGD step of lr * grad
 
 
+def test_lars_foreach_step_matches_the_per_parameter_equation():
+    """Two steps on mixed shapes, a zero weight (trust 1) and a parameter without gradient (untouched)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.zeros(2, 2)),
+          torch.nn.Parameter(torch.randn(5, 1, 2)), torch.nn.Parameter(torch.randn(4))]
+    frozen = torch.nn.Parameter(torch.randn(2, 2))
+    ref = [p.detach().clone() for p in ps]
+    bufs = [torch.zeros_like(p) for p in ps]
+    opt = train.LARS([{"params": ps[:3] + [frozen]}, {"params": ps[3:], "lars": False, "weight_decay": 0.0}],
+                     lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    frozen_before = frozen.detach().clone()
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opt.step()
+        for i, g in enumerate(grads):  # the equation in LARS's docstring, one parameter at a time
+            d = g + 0.1 * ref[i] if i < 3 else g
+            if i < 3 and ref[i].norm() > 0 and d.norm() > 0:
+                d = d * 0.01 * ref[i].norm() / (d.norm() + 1e-8)
+            bufs[i] = 0.9 * bufs[i] + d
+            ref[i] = ref[i] - 0.5 * bufs[i]
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r)
+    assert torch.equal(frozen, frozen_before)
+
+
 def test_lr_schedule():
     assert train.lr_at(0, 100, 10, 1.0) == pytest.approx(0.01)
     assert train.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
