@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import study  # noqa: E402
+import study_cells  # noqa: E402
 import study_report  # noqa: E402
 
 FILES = ("/d/train.json", "/d/train", "/d/val.json", "/d/val")
@@ -244,15 +245,15 @@ def test_rpn_recall_loads_pretrained_rpn(tmp_path, tiny_val):
     import model
     import rpn
     torch.set_num_threads(1)
-    fresh = study.rpn_recall("none", *tiny_val, depth=18, top_n=50)
+    fresh = study_cells.rpn_recall("none", *tiny_val, depth=18, top_n=50)
     assert set(fresh) == {"AR@10", "AR@100", "AR@1000", "proposals"} and 0 <= fresh["AR@100"] <= 100
     torch.manual_seed(0)  # the same initial weights as rpn_recall's "none": a file of them must give the same AR
     ext, head = model.FeatureExtractor(18), rpn.RPNHead()
     state = {**ext.state_dict(), **{f"rpn.{k}": v for k, v in head.state_dict().items()}}
     torch.save({"state_dict": state, "meta": {"depth": 18, "fpn_norm": "bn"}}, tmp_path / "p.pth")
-    assert study.rpn_recall(str(tmp_path / "p.pth"), *tiny_val, top_n=50) == fresh
+    assert study_cells.rpn_recall(str(tmp_path / "p.pth"), *tiny_val, top_n=50) == fresh
     torch.save({"state_dict": ext.state_dict(), "meta": {"depth": 18}}, tmp_path / "soco.pth")  # no RPN in the file
-    assert study.rpn_recall(str(tmp_path / "soco.pth"), *tiny_val) is None
+    assert study_cells.rpn_recall(str(tmp_path / "soco.pth"), *tiny_val) is None
 
 
 def test_predict_final_fallback_writes_valid_results(tmp_path, tiny_val):
@@ -267,7 +268,7 @@ def test_predict_final_fallback_writes_valid_results(tmp_path, tiny_val):
                          rpn_post_nms_test=50, max_dets=10, score_thresh=0.0)
     det = Detector(cfg)
     torch.save({"state_dict": det.state_dict(), "config": asdict(cfg), "cat_ids": [1, 2]}, tmp_path / "model_final.pth")
-    study._predict_final(tmp_path, str(tiny_val[0]), str(tiny_val[1]), tmp_path / "predictions.json")
+    study_cells._predict_final(tmp_path, str(tiny_val[0]), str(tiny_val[1]), tmp_path / "predictions.json")
     res = ev.load_results(tmp_path / "predictions.json")
     ev.check_results(res, ev.load_coco(tiny_val[0]))  # known image / category ids, finite scores and boxes
     assert res and {r["image_id"] for r in res} == {1, 2}
