@@ -114,7 +114,7 @@ def check_cuda_path(a, device) -> None:
         w0 = net.online.extractor.backbone.conv1.weight.detach().clone()
         torch.manual_seed(1)  # same anchor sampling in both runs
         loss = _step(net, opt, v, boxes, amp)
-        moved = float((net.online.extractor.backbone.conv1.weight - w0).abs().max())
+        moved = float((net.online.extractor.backbone.conv1.weight.detach() - w0).abs().max())
         results[name] = float(loss)
         print(f"  {name}: loss {float(loss):.5f}, conv1 weight moved by {moved:.2e}")
         assert torch.isfinite(loss), f"{name}: non-finite loss"
