@@ -21,6 +21,7 @@ Symbols: B images per step, S short side, M objects per image (boxes + masks), C
 
     python bench/finetune_step.py                      # CPU: ResNet-18, 2 images of 320 x 427, 8 objects each
     python bench/finetune_step.py --device cuda --depth 50 --size 800 --batch-size 2 --amp
+    ... --profile      # also: each model's train step by operator (self time on the device / the CPU), host syncs
 
 Public: make_inputs, build_ours, build_torchvision, main(argv).
 """
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2 on CUDA, 1 on CPU)")
     p.add_argument("--skip-inference", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing: each model's train step by operator (torch.profiler), and on CUDA the "
+                        "host syncs per step: where our step loses to torchvision's")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a shared machine)")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -176,7 +180,37 @@ def run(args, device) -> list[dict]:
                      "torchvision_img_s": B / t["torchvision"], "ratio_ours_over_tv": t["torchvision"] / t["ours"],
                      "ours_ms": 1e3 * t["ours"], "torchvision_ms": 1e3 * t["torchvision"]})
     print(f"parameters: ours {n_ours / 1e6:.2f} M, torchvision {n_theirs / 1e6:.2f} M")
+    if args.profile:
+        ours.train()
+        theirs.train()
+        profile({"ours": train_fn(ours, ours.losses, images, targets, args),
+                 "torchvision": train_fn(theirs, theirs, images, targets, args)}, device)
     return rows
+
+
+def profile(fns: dict, device, top: int = 12) -> None:
+    """Per model: one warm train step under torch.profiler, the top operators by self time (on CUDA the device's,
+    else the CPU's), the number of operator calls, and on CUDA the host syncs of one step."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    key = "self_cpu_time_total"
+    if device.type == "cuda":
+        import pretrain_step
+
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        key = "self_device_time_total"
+    for name, fn in fns.items():
+        fn()  # warm (allocator, cuDNN choices)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            print(f"\n{name}: host syncs in one train step: {pretrain_step.count_syncs(fn)}")
+        with torch.profiler.profile(activities=acts) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        print(f"\n{name}: {sum(e.count for e in events)} operator calls in one train step; top {top} by "
+              f"{key.replace('_', ' ')}\n")
+        print(events.table(sort_by=key, row_limit=top, max_name_column_width=50))
 
 
 def main(argv=None) -> list[dict]:
