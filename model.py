@@ -256,7 +256,8 @@ class ADePT(nn.Module):
     def add_rpn_proposals(self, feats1, views, boxes, transforms):
         """Table 4 'SS + RPN': append V1's top-K RPN proposals (top 64 before NMS, 4.1.3) to every view's SS boxes.
 
-        transforms: 3 x (B, 4) per-view affine maps (sx, tx, sy, ty) from original-image to view pixels (data.py).
+        transforms: 3 x (B, 4) per-view affine maps (sx, tx, sy, ty) from original-image to view pixels (augment.py;
+        data.py items t1..t3).
         """
         B, K, _ = boxes[0].shape
         logits, deltas = self.rpn([x.detach() for x in feats1])

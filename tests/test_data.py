@@ -1,4 +1,4 @@
-"""Tests for data.py and synthetic.py: view geometry, colour, per-sample seeding, bad inputs, the embedded dataset."""
+"""Tests for augment.py, data.py, synthetic.py: view geometry, colour, per-sample seeding, bad inputs, synthetic set."""
 import io
 import json
 import warnings
@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
+import augment
 import data
 import selective_search
 import synthetic
@@ -42,7 +43,7 @@ def test_views_keep_a_bright_square_inside_its_box(v3_mode, lo, hi):
         img[y0:y0 + side, x0:x0 + side] = BRIGHT
         box = np.array([[x0, y0, x0 + side, y0 + side]], np.float32)
         g = torch.Generator().manual_seed(seed)
-        views = data.three_views(img, box, g, size=96, small_size=48, v3_mode=v3_mode, color=False, jitter=False)
+        views = augment.three_views(img, box, g, size=96, small_size=48, v3_mode=v3_mode, color=False, jitter=False)
         assert [v.shape for v, _ in views] == [(3, 96, 96), (3, 96, 96), (3, 48, 48)]
         for k, (v, b) in enumerate(views):
             b = b[0].numpy()
@@ -65,8 +66,8 @@ def test_view_pixels_follow_the_affine_maps(v3_mode):
         H, W = int(rng.integers(40, 420)), int(rng.integers(40, 420))
         ys, xs = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
         img = np.dstack([xs, ys, np.zeros_like(xs)])
-        views = data.sample_geometry(H, W, torch.Generator().manual_seed(seed), 64, 32, v3_mode)
-        for v, px in zip(views, data.render_geometry(img, views)):
+        views = augment.sample_geometry(H, W, torch.Generator().manual_seed(seed), 64, 32, v3_mode)
+        for v, px in zip(views, augment.render_geometry(img, views)):
             sx, tx, sy, ty = v["affine"]
             c = np.arange(v["size"]) + 0.5
             want_x, want_y = (c - tx) / sx, (c - ty) / sy
@@ -78,7 +79,7 @@ def test_view_pixels_follow_the_affine_maps(v3_mode):
 def test_v3_downsample_is_v2_at_half_size():
     img = np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     box = np.array([[10, 10, 50, 60]], np.float32)
-    v = data.three_views(img, box, torch.Generator().manual_seed(3), size=64, small_size=32, color=False)
+    v = augment.three_views(img, box, torch.Generator().manual_seed(3), size=64, small_size=32, color=False)
     down = cv2.resize(v[1][0].permute(1, 2, 0).numpy(), (32, 32), interpolation=cv2.INTER_AREA)
     assert np.array_equal(down, v[2][0].permute(1, 2, 0).numpy())
     assert torch.allclose(v[2][1], v[1][1] / 2)
@@ -89,8 +90,8 @@ def test_box_jitter_only_on_v1_and_bounded():
     box = np.array([[20, 20, 60, 60]], np.float32)
     moved = 0
     for seed in range(30):
-        a = data.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=False)
-        b = data.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=True)
+        a = augment.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=False)
+        b = augment.three_views(img, box, torch.Generator().manual_seed(seed), 64, 32, color=False, jitter=True)
         for k in (1, 2):  # V2, V3 geometry comes before V1's jitter draws: identical boxes
             assert torch.equal(a[k][1], b[k][1])
         d = (b[0][1] - a[0][1]).abs()
@@ -104,28 +105,28 @@ def test_colour_ops_match_torchvision():
     x = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8), (0, 0), 1.5)
     t = torch.from_numpy(x).permute(2, 0, 1)
     ref = lambda y: y.permute(1, 2, 0).numpy().astype(int)  # noqa: E731
-    cases = [(data._brightness, TF.adjust_brightness, 1.3, 1), (data._brightness, TF.adjust_brightness, 0.7, 1),
-             (data._contrast, TF.adjust_contrast, 1.4, 2), (data._contrast, TF.adjust_contrast, 0.6, 2),
-             (data._saturation, TF.adjust_saturation, 1.2, 1), (data._saturation, TF.adjust_saturation, 0.8, 1),
-             (data._hue, TF.adjust_hue, 0.1, 3), (data._hue, TF.adjust_hue, -0.07, 3)]
+    cases = [(augment._brightness, TF.adjust_brightness, 1.3, 1), (augment._brightness, TF.adjust_brightness, 0.7, 1),
+             (augment._contrast, TF.adjust_contrast, 1.4, 2), (augment._contrast, TF.adjust_contrast, 0.6, 2),
+             (augment._saturation, TF.adjust_saturation, 1.2, 1), (augment._saturation, TF.adjust_saturation, 0.8, 1),
+             (augment._hue, TF.adjust_hue, 0.1, 3), (augment._hue, TF.adjust_hue, -0.07, 3)]
     for ours, theirs, f, tol in cases:
         diff = np.abs(ours(x, f).astype(int) - ref(theirs(t, f)))
         assert diff.max() <= tol, (ours.__name__, f, diff.max())
         assert np.abs(ours(x, f).astype(int) - x).max() > tol  # the op did something
-    assert np.abs(data._gray3(x).astype(int) - ref(TF.rgb_to_grayscale(t, 3))).max() <= 1
+    assert np.abs(augment._gray3(x).astype(int) - ref(TF.rgb_to_grayscale(t, 3))).max() <= 1
     for sigma in (0.3, 1.0, 2.0):
         k = 2 * int(round(3 * sigma)) + 1
-        diff = np.abs(data._blur(x, sigma).astype(int) - ref(TF.gaussian_blur(t, [k, k], [sigma, sigma])))
+        diff = np.abs(augment._blur(x, sigma).astype(int) - ref(TF.gaussian_blur(t, [k, k], [sigma, sigma])))
         assert diff.max() <= 1, (sigma, diff.max())
-    solar = cv2.LUT(x, data.SOLARIZE_LUT)
+    solar = cv2.LUT(x, augment.SOLARIZE_LUT)
     assert np.array_equal(solar, ref(TF.solarize(t, 128)))
 
 
 def test_colour_changes_pixels_but_not_boxes():
     img = np.random.default_rng(2).integers(0, 255, (50, 60, 3), dtype=np.uint8)
     box = np.array([[5, 5, 40, 45]], np.float32)
-    plain = data.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=False)
-    col = data.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=True)
+    plain = augment.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=False)
+    col = augment.three_views(img, box, torch.Generator().manual_seed(5), 64, 32, color=True)
     assert any(not torch.equal(p[0], c[0]) for p, c in zip(plain, col))
     assert torch.equal(plain[1][1], col[1][1]) and torch.equal(plain[2][1], col[2][1])
     for v, b in col:
@@ -196,7 +197,7 @@ def test_boxes_visible_in_all_views_and_transforms(tmp_path):
             for k, size in ((1, 64), (2, 64), (3, 32)):
                 b = item[f"b{k}"]
                 assert b.shape == (4, 4) and (b >= 0).all() and (b <= size).all()
-                assert ((b[:, 2:] - b[:, :2]) >= data.MIN_BOX_SIDE).all()
+                assert ((b[:, 2:] - b[:, :2]) >= augment.MIN_BOX_SIDE).all()
             # the affine t maps original boxes onto the returned ones; recover the originals from V1
             sx, tx, sy, ty = item["t1"].double()
             b1 = item["b1"].double()
