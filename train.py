@@ -298,14 +298,17 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, seen, last_good = time.perf_counter(), 0, step
     bad = torch.zeros((), dtype=torch.bool, device=device)  # non-finite flag, read only when logging (no sync)
+    # One loader for the whole run: its workers persist across epochs (a fresh loader per epoch restarted them,
+    # which cost a batch's latency every epoch); EpochSampler hands each index to them with its epoch.
+    epochs = data.EpochSampler(sampler)
+    loader = DataLoader(dataset, args.batch_size, sampler=epochs, num_workers=args.workers, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        collate_fn=data.collate_channels_last if device.type == "cuda" else None)
     while step < total:
         epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.skip = (step % steps_per_epoch) * args.batch_size
-        loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                            pin_memory=device.type == "cuda",
-                            collate_fn=data.collate_channels_last if device.type == "cuda" else None)
+        epochs.set_epoch(epoch)  # also the DistributedSampler's shuffle
+        dataset.set_epoch(epoch)  # --workers 0: the dataset in this process
+        sampler.skip = (step % steps_per_epoch) * args.batch_size  # mid-epoch resume: read when the epoch starts
         for batch in loader:
             lr, tau = lr_at(step, total, warmup, peak_lr), byol.tau_schedule(step, total, args.tau_base)
             for g in opt.param_groups:

@@ -16,6 +16,9 @@ with torch's default_collate and with `collate_channels_last`, a candidate for d
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
 
+Last table: seconds per epoch of train.py's way of loading, a fresh DataLoader per epoch (worker start-up and an
+empty pipeline every epoch) against one loader with persistent workers (what train.py does now).
+
 Public: random_proposals, collate_channels_last, main(argv).
 """
 from __future__ import annotations
@@ -106,6 +109,20 @@ def run_loader(ds, workers: int, samples: int, batch: int, collate=None) -> dict
             "load_1m": os.getloadavg()[0]}
 
 
+def epochs_loader(ds, workers: int, epochs: int, batch: int, persistent: bool) -> float:
+    """Wall seconds for `epochs` passes over ds as train.py loads them: a fresh DataLoader per epoch (train.py before
+    2026-11-27) or one loader whose workers persist, the epoch handed to them by data.EpochSampler (train.py now)."""
+    sampler = data.EpochSampler(torch.utils.data.SequentialSampler(ds))
+    make = lambda: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, sampler=sampler,  # noqa
+                                               drop_last=True, persistent_workers=persistent)
+    loader, t0 = make() if persistent else None, time.perf_counter()
+    for e in range(epochs):
+        sampler.set_epoch(e)
+        for _ in (loader if persistent else make()):
+            pass
+    return time.perf_counter() - t0
+
+
 def per_sample(ds, n: int) -> list[dict]:
     """In this process, ms per sample: decode only; views without colour; the full item."""
     rows = []
@@ -146,6 +163,8 @@ def main(argv=None):
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--epoch-workers", type=int, default=2, help="workers of the per-epoch vs persistent comparison")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images)")
     p.add_argument("--small-size", type=int, default=112)
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # this process only orchestrates; workers get 1 thread from the DataLoader anyway
@@ -168,6 +187,14 @@ def main(argv=None):
                 for collate in (None, collate_channels_last)]
         print(report.table(rows, ["workers", "collate", "samples", "startup_s", "samples_per_s", "per_worker",
                                   "samples_per_cpu_s", "load_1m"]))
+        print()
+        rows = []
+        for persistent in (False, True, False, True):  # interleaved: load from other processes hits both alike
+            rows.append({"loader": "one, persistent workers" if persistent else "fresh per epoch",
+                         "workers": a.epoch_workers, "epochs": a.epochs, "steps_per_epoch": len(ds) // a.batch_size,
+                         "s_per_epoch": epochs_loader(ds, a.epoch_workers, a.epochs, a.batch_size, persistent)
+                         / a.epochs, "load_1m": os.getloadavg()[0]})
+        print(report.table(rows, ["loader", "workers", "epochs", "steps_per_epoch", "s_per_epoch", "load_1m"]))
     print(f"\nload average at end: {report.load_average()}; goal: >= 250 samples/s per worker")
 
 

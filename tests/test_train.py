@@ -84,6 +84,29 @@ def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_persistent_workers_cross_epochs_and_resume_like_in_process(pool, tmp_path, monkeypatch):
+    """One loader for the run (--workers 1, persistent): over an epoch boundary (4 steps per epoch here) and a
+    mid-epoch resume, the weights equal an in-process run's (--workers 0): the epoch reaches the worker."""
+    args = ["--mode", "joint", "--epochs", "2", "--max-steps", "6", "--ckpt-every", "2"]
+    train.main(tiny_args(pool, tmp_path / "a", *args))
+    real = train.lr_at
+
+    def crash(step, *a):
+        if step == 3:  # checkpoint of step 2 written, mid-epoch 0
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(pool, tmp_path / "b", *args, "--workers", "1"))
+    monkeypatch.setattr(train, "lr_at", real)
+    train.main(tiny_args(pool, tmp_path / "b", *args, "--workers", "1"))
+    a, b = load(tmp_path / "a" / "checkpoint.pth"), load(tmp_path / "b" / "checkpoint.pth")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pool, tmp_path, monkeypatch):
     real = train.model_lib.ADePT.forward
     calls = {"n": 0}
