@@ -22,6 +22,7 @@ Public
     sample_geometry(height, width, generator, ...) -> list of 3 view dicts (size, crop, flip, source, affine)
     map_boxes(boxes, view, clip) / visible(boxes, views) / common_region(views, H, W)      boxes through the views
     render_geometry(image, views) -> 3 x uint8 (S, S, 3);  color_augment(x, g, blur_p, solarize_p) -> uint8
+    render_views(image, boxes, views, g, color, jitter) -> [(uint8 (3, S, S), float32 (K, 4))] x 3   pixels + boxes
     jitter_boxes(boxes, g, size, p=0.5, ratio=0.1) -> (K, 4)         SoCo's box jitter (V1)
     three_views(image, boxes, generator, size=224, small_size=112, v3_mode="downsample", ...)
         -> [(view uint8 (3, S, S), boxes float32 (K, 4))] x 3
@@ -260,7 +261,7 @@ def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float =
     return out
 
 
-def _render(image, boxes, views, g, color: bool, jitter: bool):
+def render_views(image, boxes, views, g, color: bool, jitter: bool):
     """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3."""
     pixels = render_geometry(image, views)
     out = []
@@ -286,4 +287,4 @@ def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator
     """
     r = _draws(generator)
     views = sample_geometry(image.shape[0], image.shape[1], r, size, small_size, v3_mode, scale, ratio)
-    return _render(image, np.asarray(boxes, np.float32).reshape(-1, 4), views, r, color, jitter)
+    return render_views(image, np.asarray(boxes, np.float32).reshape(-1, 4), views, r, color, jitter)

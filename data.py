@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 # augment also turns off OpenCV's thread pool (cv2.setNumThreads(0)) on import: loader workers are the parallelism.
-from augment import MIN_VISIBLE, Draws, _render, common_region, sample_geometry, visible
+from augment import MIN_VISIBLE, Draws, common_region, render_views, sample_geometry, visible
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -210,7 +210,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             boxes = np.array([[0, 0, W, H]], np.float32)
         views, chosen, fallback = self._choose(boxes, H, W, g)
         out = {"index": index, "replaced": j != index, "fallback": fallback}
-        for k, (v, (px, b)) in enumerate(zip(views, _render(image, chosen, views, g, self.color, self.jitter)), 1):
+        for k, (v, (px, b)) in enumerate(zip(views, render_views(image, chosen, views, g, self.color, self.jitter)), 1):
             out[f"v{k}"], out[f"b{k}"] = px, b
             out[f"t{k}"] = torch.from_numpy(v["affine"].astype(np.float32))
         return out
