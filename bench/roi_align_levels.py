@@ -10,6 +10,8 @@ forward + backward.
               joint step made 18 there (bench/gpu_check.py, stage 1).
     sorted    one stable argsort by level, one read of the per-level counts, one gather back (the candidate that
               replaced per-level torch.nonzero, ~5 syncs per call, in roi_head).
+    counted   `sorted` with the counts from a comparison sum, not torch.bincount: 1 sync per call expected (candidate
+              for roi_head, to be counted on a GPU).
     gather    no sync at all: every box pooled on every level (4x the RoIAlign work, not the head's), the own
               level's result picked by advanced indexing. On one H100: 0 syncs but 2.5x the time of `sorted`.
 Both candidates build the RoIs with rois_from_boxes (no per-image launches) and the levels with
@@ -20,7 +22,8 @@ Symbols: B images, K boxes per image (N = B K RoIs), C = 256 channels, S view si
     python bench/roi_align_levels.py --threads 1      # CPU: B = 8, 32 at S = 224, K = 4
     python bench/roi_align_levels.py --device cuda     # B = 64, 128; also counts host syncs per call
 
-Public: multilevel_roi_align_sorted, multilevel_roi_align_gather, rois_from_boxes, assign_levels_scalar
+Public: multilevel_roi_align_sorted, multilevel_roi_align_counted, multilevel_roi_align_gather, rois_from_boxes,
+assign_levels_scalar
 (candidates for roi_head.py), main(argv).
 """
 from __future__ import annotations
@@ -87,6 +90,24 @@ def multilevel_roi_align_sorted(features, boxes, strides, output_size=7, samplin
     return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # (N, C, 7, 7) input order
 
 
+def multilevel_roi_align_counted(features, boxes, strides, output_size=7, sampling_ratio=0):
+    """`sorted` with the per-level counts from a comparison sum instead of torch.bincount (which on CUDA reads the
+    input's min and max on the host before it counts): one host sync per call, the read of the counts."""
+    ref, box_dtype, rois, levels = _prepare(features, boxes)
+    n = rois.shape[0]
+    if n == 0:
+        return ref.new_zeros((0, ref.shape[1], output_size, output_size))
+    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
+    L = len(features)
+    counts = (levels[:, None] == torch.arange(L, device=levels.device)).sum(0).tolist()  # (L,) -> host: 1 sync
+    pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
+                        sampling_ratio=sampling_ratio, aligned=True)
+              for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n, device=order.device)
+    return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # (N, C, 7, 7) input order
+
+
 def multilevel_roi_align_gather(features, boxes, strides, output_size=7, sampling_ratio=0):
     """Same contract; every box pooled on every level, its own level picked by indexing: no host sync."""
     ref, box_dtype, rois, levels = _prepare(features, boxes)
@@ -100,7 +121,7 @@ def multilevel_roi_align_gather(features, boxes, strides, output_size=7, samplin
 
 
 VARIANTS = {"current": roi_head.multilevel_roi_align, "sorted": multilevel_roi_align_sorted,
-            "gather": multilevel_roi_align_gather}
+            "counted": multilevel_roi_align_counted, "gather": multilevel_roi_align_gather}
 
 
 def make_case(B: int, K: int, S: int, device, seed: int = 0):
@@ -139,7 +160,7 @@ def check_same(feats, boxes) -> float:
         return float("inf")
     out_ref, grads_ref = fwd_bwd(VARIANTS["current"], feats, boxes)(), _grads(feats)
     diff = 0.0
-    for name in ("sorted", "gather"):
+    for name in ("sorted", "counted", "gather"):
         out = fwd_bwd(VARIANTS[name], feats, boxes)()
         diff = max([diff, float((out - out_ref).detach().abs().max())] +
                    [float((a - b).abs().max()) for a, b in zip(grads_ref, _grads(feats))])
