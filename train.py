@@ -306,8 +306,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
                         collate_fn=data.collate_channels_last if device.type == "cuda" else None)
     while step < total:
         epoch = step // steps_per_epoch
-        epochs.set_epoch(epoch)  # also the DistributedSampler's shuffle
-        dataset.set_epoch(epoch)  # --workers 0: the dataset in this process
+        epochs.set_epoch(epoch)  # also the DistributedSampler's shuffle; each item carries it, in or out of process
         sampler.skip = (step % steps_per_epoch) * args.batch_size  # mid-epoch resume: read when the epoch starts
         for batch in loader:
             lr, tau = lr_at(step, total, warmup, peak_lr), byol.tau_schedule(step, total, args.tau_base)

@@ -12,14 +12,14 @@ Source images (--source):
 Columns: wall samples/s after the first batch (worker start-up reported apart), the same per worker, and samples
 per CPU-second of all processes (load-independent: what one free core would give). Also a per-sample breakdown in
 this process: decode alone, geometry without colour, the full three_views, the collate. Each loader setting runs
-with torch's default_collate and with `collate_channels_last`, a candidate for data.py (same values, checked).
+with torch's default_collate and with data.collate_channels_last (what train.py uses on CUDA; same values, checked).
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
 
 Last table: seconds per epoch of train.py's way of loading, a fresh DataLoader per epoch (worker start-up and an
 empty pipeline every epoch) against one loader with persistent workers (what train.py does now).
 
-Public: random_proposals, collate_channels_last, main(argv).
+Public: random_proposals, main(argv).
 """
 from __future__ import annotations
 
@@ -59,21 +59,6 @@ def random_proposals(files: list[str], root: Path, n: int = 50, seed: int = 0) -
     return out
 
 
-VIEW_KEYS = ("v1", "v2", "v3")
-
-
-def collate_channels_last(items: list[dict]) -> dict:
-    """Candidate collate for data.py: the same batch as default_collate, but each view batch is stacked from the
-    (S, S, 3) arrays behind the (3, S, S) views (a plain copy instead of a transposing one) and returned as a
-    (B, 3, S, S) tensor with channels_last strides. Normalising it on the device keeps that layout, so the
-    channels_last model needs no transpose at all (train.to_device's .contiguous(channels_last) is then a no-op)."""
-    from torch.utils.data import default_collate
-
-    views = {k: torch.stack([it[k].permute(1, 2, 0) for it in items]).permute(0, 3, 1, 2) for k in VIEW_KEYS}
-    rest = default_collate([{k: v for k, v in it.items() if k not in VIEW_KEYS} for it in items])
-    return {**rest, **views}
-
-
 def write_jpegs(root: Path, n: int) -> None:
     import selective_search_speed
 
@@ -104,7 +89,7 @@ def run_loader(ds, workers: int, samples: int, batch: int, collate=None) -> dict
     del it, loader  # joins the workers: their CPU time lands in RUSAGE_CHILDREN
     cpu = time.process_time() - c0 + _cpu_children() - ch0
     total = first["v1"].shape[0] + n
-    return {"workers": workers, "collate": "channels_last (candidate)" if collate else "default", "samples": total, "startup_s": t1 - t0, "samples_per_s": n / (t2 - t1),
+    return {"workers": workers, "collate": "channels_last" if collate else "default", "samples": total, "startup_s": t1 - t0, "samples_per_s": n / (t2 - t1),
             "per_worker": n / (t2 - t1) / max(workers, 1), "samples_per_cpu_s": total / cpu,
             "load_1m": os.getloadavg()[0]}
 
@@ -142,10 +127,10 @@ def per_sample(ds, n: int) -> list[dict]:
     from torch.utils.data import default_collate
 
     items = [ds[i % len(ds)] for i in range(32)]
-    a, b = default_collate(items), collate_channels_last(items)
-    assert all(torch.equal(a[k], b[k]) for k in a), "the candidate collate changes the batch"
+    a, b = default_collate(items), data.collate_channels_last(items)
+    assert all(torch.equal(a[k], b[k]) for k in a), "collate_channels_last changes the batch"
     for name, fn in (("default_collate, per sample of a batch of 32", default_collate),
-                     ("collate_channels_last (candidate), per sample", collate_channels_last)):
+                     ("collate_channels_last, per sample", data.collate_channels_last)):
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(5):
             fn(items)
@@ -184,7 +169,7 @@ def main(argv=None):
         print(report.table(per_sample(ds, min(64, a.samples)), ["part", "cpu_ms", "wall_ms"]))
         print()
         rows = [run_loader(ds, int(w), a.samples, a.batch_size, collate) for w in a.workers.split(",")
-                for collate in (None, collate_channels_last)]
+                for collate in (None, data.collate_channels_last)]
         print(report.table(rows, ["workers", "collate", "samples", "startup_s", "samples_per_s", "per_worker",
                                   "samples_per_cpu_s", "load_1m"]))
         print()

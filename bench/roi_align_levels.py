@@ -74,38 +74,34 @@ def _prepare(features, boxes):
     return ref, box_dtype, rois, assign_levels_scalar(rois[:, 1:], num_levels=len(features))
 
 
-def multilevel_roi_align_sorted(features, boxes, strides, output_size=7, sampling_ratio=0):
-    """Same contract as roi_head.multilevel_roi_align (mode "soco"); RoIs grouped by level with one argsort."""
+def _pool_grouped(features, boxes, strides, output_size, sampling_ratio, level_counts):
+    """`sorted` and `counted`: RoIs grouped by level with one stable argsort, each group pooled on its level, then
+    gathered back; level_counts(levels (N,), L) -> L ints is where the two differ (its read is the host sync)."""
     ref, box_dtype, rois, levels = _prepare(features, boxes)
     n = rois.shape[0]
     if n == 0:
         return ref.new_zeros((0, ref.shape[1], output_size, output_size))
     order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
-    counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one host sync
+    counts = level_counts(levels, len(features))
     pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
                         sampling_ratio=sampling_ratio, aligned=True)
               for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
     return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # (N, C, 7, 7) input order
+
+
+def multilevel_roi_align_sorted(features, boxes, strides, output_size=7, sampling_ratio=0):
+    """Same contract as roi_head.multilevel_roi_align (mode "soco"); per-level counts from torch.bincount."""
+    return _pool_grouped(features, boxes, strides, output_size, sampling_ratio,
+                         lambda levels, L: torch.bincount(levels, minlength=L).tolist())
 
 
 def multilevel_roi_align_counted(features, boxes, strides, output_size=7, sampling_ratio=0):
     """`sorted` with the per-level counts from a comparison sum instead of torch.bincount (which on CUDA reads the
     input's min and max on the host before it counts): one host sync per call, the read of the counts."""
-    ref, box_dtype, rois, levels = _prepare(features, boxes)
-    n = rois.shape[0]
-    if n == 0:
-        return ref.new_zeros((0, ref.shape[1], output_size, output_size))
-    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
-    L = len(features)
-    counts = (levels[:, None] == torch.arange(L, device=levels.device)).sum(0).tolist()  # (L,) -> host: 1 sync
-    pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
-                        sampling_ratio=sampling_ratio, aligned=True)
-              for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n, device=order.device)
-    return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # (N, C, 7, 7) input order
+    return _pool_grouped(features, boxes, strides, output_size, sampling_ratio,
+                         lambda levels, L: (levels[:, None] == torch.arange(L, device=levels.device)).sum(0).tolist())
 
 
 def multilevel_roi_align_gather(features, boxes, strides, output_size=7, sampling_ratio=0):
