@@ -22,8 +22,8 @@ Public functions
 ----------------
 - ``assign_levels(boxes, mode="soco", num_levels=4, thresholds=(48, 96, 192), k0=4, canonical_size=224)``
   -> (N,) int64 level index (0 = P2).
-- ``multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio=0, mode="soco")``
-  -> (sum K_i, C, 7, 7), in input box order.
+- ``multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio=0, mode="soco", sync_free=None)``
+  -> (sum K_i, C, 7, 7), in input box order; without a host sync on an accelerator.
 - ``class BoxHead(in_channels=256, resolution=7, kind="4conv1fc", conv_dim=256, fc_dim=1024, norm="bn")``: g.
   ``BoxHead.torchvision_key_map()`` maps its state_dict keys onto torchvision's ``FastRCNNConvFCHead``.
 """
@@ -34,6 +34,9 @@ from torchvision.ops import roi_align
 
 # SoCo's scale-aware ranges, in the view's own pixels: sqrt(wh) <= 48 -> P2, <= 96 -> P3, <= 192 -> P4, else P5.
 SOCO_THRESHOLDS = (48, 96, 192)
+# Where multilevel_roi_align parks a box on the levels it does not belong to (view pixels): any point left of and
+# above -1 map pixel after scaling makes RoIAlign return 0 before reading the map.
+OFF_MAP = -1.0e4
 GN_GROUPS = 32  # GroupNorm groups, the detectron2 / torchvision default for 256-channel heads
 
 
@@ -89,7 +92,7 @@ def _boxes_to_rois(boxes):
     return torch.cat(rois, dim=0)
 
 
-def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio=0, mode="soco"):
+def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio=0, mode="soco", sync_free=None):
     # Eqs. 2-4: RoIAlign(f(V), b_i)
     """RoIAlign over the FPN pyramid, each box pooled on its own FPN level only.
 
@@ -99,6 +102,9 @@ def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio
     sampling_ratio: 0 = adaptive, ceil(roi size / output size) samples per bin, detectron2's ROIAlignV2
         default (torchvision's MultiScaleRoIAlign uses 2).
     mode: level assignment, see ``assign_levels``.
+    sync_free: None = by device: True on an accelerator (``_pool_masked``: no host sync), False on the CPU
+        (``_pool_grouped``: a sync costs nothing there and it does ~1/L of the RoIAlign loop work). The two give the
+        same values bit for bit; only a level without boxes differs: a zero gradient (masked) or none (grouped).
     Returns (sum K_i, C, output_size, output_size) in input order (image 0's boxes first).
     """
     if len(features) != len(strides):
@@ -110,20 +116,43 @@ def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio
     # Boxes stay float32 (float64 with float64 maps): in bf16 a coordinate near 224 px is off by up to 1 px.
     box_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     boxes = [b.to(device=ref.device, dtype=box_dtype) for b in boxes]
-    n = sum(b.shape[0] for b in boxes)
-    if n == 0:
+    if sum(b.shape[0] for b in boxes) == 0:
         return ref.new_zeros((0, C, output_size, output_size))
-    rois = _boxes_to_rois(boxes)  # (N, 5)
+    rois = _boxes_to_rois(boxes)  # (N, 5) = (image index, x1, y1, x2, y2)
     levels = assign_levels(rois[:, 1:], mode=mode, num_levels=len(features))  # (N,)
-    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
-    counts = torch.bincount(levels, minlength=len(features)).tolist()  # boxes per level: the one host sync
     # Low-precision maps are pooled in float32, as torchvision's autocast rule for roi_align does.
-    pooled = [roi_align(feat.to(box_dtype), r, output_size, spatial_scale=1.0 / stride,
-                        sampling_ratio=sampling_ratio, aligned=True)  # (N_l, C, 7, 7)
-              for feat, stride, r, k in zip(features, strides, rois[order].split(counts), counts) if k]
+    maps = [(feat.to(box_dtype), 1.0 / stride) for feat, stride in zip(features, strides)]
+    pool = _pool_masked if (ref.device.type != "cpu" if sync_free is None else sync_free) else _pool_grouped
+    return pool(maps, rois, levels, output_size, sampling_ratio).to(ref.dtype)
+
+
+def _pool_masked(maps, rois, levels, output_size, sampling_ratio):
+    """No host sync: each level's RoIAlign gets all N RoIs, those of the other levels parked at OFF_MAP.
+
+    A box far outside the map pools exactly 0 and back-propagates nothing, at no memory traffic (0 samples per bin
+    with sampling_ratio 0; otherwise every sample returns 0 before reading the map), so the L results add up to each
+    box's own-level result bit for bit. On one H100 the grouped version cost 3 syncs per call, 18 per joint step
+    (bench/RESULTS.md). maps: L (map (B, C, H_l, W_l), spatial scale); rois (N, 5); levels (N,).
+    """
+    pooled = None
+    for level, (feat, scale) in enumerate(maps):
+        xyxy = torch.where((levels == level)[:, None], rois[:, 1:], OFF_MAP)  # (N, 4), other levels' boxes parked
+        out = roi_align(feat, torch.cat([rois[:, :1], xyxy], dim=1), output_size, spatial_scale=scale,
+                        sampling_ratio=sampling_ratio, aligned=True)  # (N, C, 7, 7)
+        pooled = out if pooled is None else pooled + out  # exact: the other levels add zeros
+    return pooled
+
+
+def _pool_grouped(maps, rois, levels, output_size, sampling_ratio):
+    """One host sync: RoIs sorted by level, each level's group pooled alone, then put back in input order."""
+    n = rois.shape[0]
+    order = torch.argsort(levels, stable=True)  # (N,) level-major, input order inside a level
+    counts = torch.bincount(levels, minlength=len(maps)).tolist()  # boxes per level: the host sync
+    pooled = [roi_align(feat, r, output_size, spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=True)
+              for (feat, scale), r, k in zip(maps, rois[order].split(counts), counts) if k]  # (N_l, C, 7, 7)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n, device=order.device)
-    return torch.cat(pooled).index_select(0, inverse).to(ref.dtype)  # back to input order; autograd to every level
+    return torch.cat(pooled).index_select(0, inverse)  # back to input order; autograd to every used level
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ import report  # noqa: E402
 
 sys.path.insert(0, str(report.repo_root()))
 from detector import Detector, DetectorConfig  # noqa: E402
+sys.path.insert(0, str(report.repo_root() / "tests"))
+from sync_ops import SyncOpCounter  # noqa: E402
 
 NUM_CLASSES = 80  # COCO
 
@@ -200,6 +202,10 @@ def profile(fns: dict, device, top: int = 12) -> None:
         key = "self_device_time_total"
     for name, fn in fns.items():
         fn()  # warm (allocator, cuDNN choices)
+        with SyncOpCounter() as counter:
+            fn()
+        print(f"\n{name}: {counter.total} ops that make a GPU wait for the host (tests/sync_ops.py) in one train step: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counter.counts.items(), key=lambda kv: -kv[1])))
         if device.type == "cuda":
             torch.cuda.synchronize()
             print(f"\n{name}: host syncs in one train step: {pretrain_step.count_syncs(fn)}")

@@ -16,7 +16,7 @@ Stages (each one's failure is printed and the next stage still runs; exit status
     2. joint step, the issue's table: bench/pretrain_step.py, ResNet-50, 224/112, batch 64 and 128, bf16 +
        channels_last: images/s, ratio to the bare convnet, GFLOP/image, MFU against 790 TFLOP/s, peak memory.
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
-    4. bench/roi_align_levels.py: per-level nonzero vs sort-based RoI pooling (syncs, time), batch 64 and 128.
+    4. bench/roi_align_levels.py: sync-free (masked) vs grouped RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
        each train step by operator and its host syncs (the H100 run found ours at 0.77x torchvision's speed).
     6. --compile (if budget is left): the joint step with torch.compile'd feature extractors, batch 128.

@@ -141,3 +141,27 @@ def test_anchor_sizes_and_width_flags_reach_the_rpn():
     boxes = [big.repeat(2, 4, 1), big.repeat(2, 4, 1), small.repeat(2, 4, 1)]  # (B, K, 4) per view
     out = net(views, boxes)
     assert torch.isfinite(out["loss"]) and out["loss_rpn"] > 0
+
+
+@pytest.mark.parametrize("mode", model.MODES)
+def test_pretraining_step_makes_no_host_sync(mode, monkeypatch):
+    # Issue 7 (fast path): forward, backward, LARS and the EMA of a whole pre-training step contain no operation
+    # whose result the host must wait for (tests/sync_ops.py; on one H100 the joint step made 18 before), with the
+    # RoI pooling an accelerator uses (the CPU's groups boxes by level with one sync: free on a CPU).
+    import functools
+
+    import byol
+    import roi_head
+    import train
+    from sync_ops import SyncOpCounter
+
+    monkeypatch.setattr(roi_head, "multilevel_roi_align",
+                        functools.partial(roi_head.multilevel_roi_align, sync_free=True))
+    net = model.ADePT(mode, depth=18)
+    opt = train.LARS(train.param_groups(net), lr=0.01)
+    views, boxes = views_and_boxes(size=64)
+    with SyncOpCounter() as counter:
+        net(views, boxes)["loss"].backward()
+        opt.step()
+        byol.ema_update(net.online, net.target, 0.99)
+    assert counter.counts == {}

@@ -5,6 +5,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import roi_align
 
 from roi_head import BoxHead, assign_levels, multilevel_roi_align
+from sync_ops import SyncOpCounter
 
 STRIDES = (4, 8, 16, 32)
 
@@ -109,12 +110,62 @@ def test_multilevel_zero_boxes_total():
     assert out.shape == (0, 8, 7, 7) and out.dtype == feats[0].dtype
 
 
-def test_multilevel_gradient_reaches_used_levels_only():
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_multilevel_gradient_reaches_used_levels_only(sync_free):
     feats = [f.requires_grad_(True) for f in random_features(batch=1, seed=4)]
     boxes = [square_boxes([30, 150])]  # P2 and P4
-    multilevel_roi_align(feats, boxes, STRIDES).sum().backward()
+    multilevel_roi_align(feats, boxes, STRIDES, sync_free=sync_free).sum().backward()
     used = [f.grad is not None and bool(f.grad.abs().sum() > 0) for f in feats]
     assert used == [True, False, True, False]
+    # an unused level: a zero gradient on the sync-free path (it is in the graph), none on the grouped one
+    assert [f.grad is None for f in feats] == [False, not sync_free, False, not sync_free]
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_bitwise_box_by_box_with_gradients_and_edge_boxes(sampling_ratio, sync_free):
+    # Boxes on every level, on the map's edges and partly outside the view (224 px): the other levels' copies of a
+    # box, parked off the map, must add exactly 0 to its output and to the gradients.
+    feats = [f.requires_grad_(True) for f in random_features(seed=5)]
+    boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [200.0, 190.0, 236.0, 230.0], [-8.0, -4.0, 52.0, 60.0]]),
+             torch.tensor([[180.0, 0.0, 224.0, 44.0], [0.0, 100.0, 120.0, 224.0], [30.0, 30.5, 130.0, 131.0]])]
+    assert set(assign_levels(torch.cat(boxes)).tolist()) == {0, 1, 2, 3}
+    out = multilevel_roi_align(feats, boxes, STRIDES, sampling_ratio=sampling_ratio, sync_free=sync_free)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, feats, g)
+    ref = expected_box_by_box(feats, boxes, sampling_ratio)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, want in zip(grads, torch.autograd.grad(ref, feats, g)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the same sums, in another order
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_sync_free_path_makes_no_host_sync(sampling_ratio):
+    # Issue 7 (fast path): no op whose result the host must wait for (counted on CPU; a CUDA sync each on a GPU).
+    feats = [f.requires_grad_(True) for f in random_features(seed=6)]
+    boxes = [square_boxes([30, 70, 150, 210]), square_boxes([40, 100])]
+    with SyncOpCounter() as counter:
+        multilevel_roi_align(feats, boxes, STRIDES, sampling_ratio=sampling_ratio, sync_free=True).sum().backward()
+        multilevel_roi_align(feats, boxes, STRIDES, mode="fpn", sync_free=True).sum().backward()
+    assert counter.counts == {}
+    with SyncOpCounter() as counter:  # the CPU default groups by level: its one read of the counts is counted
+        multilevel_roi_align(feats, boxes, STRIDES, sampling_ratio=sampling_ratio)
+    assert counter.counts == {"aten::bincount": 1, "Tensor.tolist": 1}
+
+
+def test_sync_counter_counts_what_waits_for_the_device():
+    x = torch.arange(6.0)
+    with SyncOpCounter() as counter:
+        x[1].item()
+        x.tolist()
+        x[x > 2]
+        torch.where(x > 1)
+        torch.bincount(x.long())
+        x.repeat_interleave(torch.ones(6, dtype=torch.long))
+        x * 2 + torch.where(x > 1, x, 0.0)  # elementwise work, no sync
+    assert counter.counts == {"aten::_local_scalar_dense": 1, "Tensor.tolist": 1, "aten::index(bool mask)": 1,
+                              "aten::nonzero": 1, "aten::bincount": 1, "aten::repeat_interleave(tensor repeats)": 1}
+    assert counter.total == 6 and torch.Tensor.tolist is not None and x.tolist()[2] == 2.0  # tolist restored
 
 
 def test_multilevel_rejects_mismatched_inputs():
