@@ -139,16 +139,15 @@ class Detector(nn.Module):
         return batch, sizes, scales
 
     def anchors(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return rpn.make_anchors([f.shape[-2:] for f in feats], self.extractor.strides, self.cfg.anchor_sizes,
-                                self.cfg.anchor_ratios, device=feats[0].device)
+        return list(rpn.cached_anchors(tuple(tuple(f.shape[-2:]) for f in feats), tuple(self.extractor.strides),
+                                       tuple(self.cfg.anchor_sizes), tuple(self.cfg.anchor_ratios), feats[0].device))
 
     def proposals(self, logits, deltas, anchors, sizes) -> list[torch.Tensor]:
         """RPN proposals per image (B tensors (k_i, 4) in resized pixels; no gradient)."""
         cfg = self.cfg
         pre, post = ((cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train) if self.training
                      else (cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test))
-        return [rpn.generate_proposals(logits[i:i + 1], deltas[i:i + 1], anchors, size, pre, post, cfg.rpn_nms)[0][0]
-                for i, size in enumerate(sizes)]
+        return [b for b, _ in rpn.generate_proposals(logits, deltas, anchors, list(sizes), pre, post, cfg.rpn_nms)]
 
     def pool(self, feats, boxes: list[torch.Tensor], size: int = 7) -> torch.Tensor:
         """RoIAlign of boxes (B tensors (K_i, 4)) on P2..P5, one FPN level per box -> (sum K_i, 256, size, size)."""

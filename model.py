@@ -261,7 +261,8 @@ class ADePT(nn.Module):
         """
         B, K, _ = boxes[0].shape
         logits, deltas = self.rpn([x.detach() for x in feats1])
-        anchors = rpn.make_anchors([x.shape[-2:] for x in feats1], sizes=self.anchor_sizes, device=logits.device)
+        anchors = rpn.cached_anchors(tuple(tuple(x.shape[-2:]) for x in feats1), sizes=tuple(self.anchor_sizes),
+                                     device=logits.device)
         props = rpn.generate_proposals(logits, deltas, anchors, tuple(views[0].shape[-2:]), pre_nms_top_n=64,
                                        post_nms_top_n=K)
         p1 = boxes[0].clone()  # (B, K, 4) V1 pixels; an image with fewer than K proposals keeps its SS boxes there

@@ -18,6 +18,7 @@ Symbols (paper -> code)
 
 Public
     make_anchors(feature_sizes, strides, sizes, ratios, device, dtype) -> list of (H_l*W_l*A, 4)
+    cached_anchors(feature_sizes, strides, sizes, ratios, device) -> the same as a tuple, built once per key
     match_anchors(anchors, boxes, valid, pos_thresh, neg_thresh) -> labels (B, N), matched (B, N)
     sample_anchors(labels, batch_size_per_image, positive_fraction, generator) -> labels (B, N)
     encode_boxes(boxes, anchors, weights) / decode_boxes(deltas, anchors, weights, clamp)
@@ -28,6 +29,7 @@ Public
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,6 +42,9 @@ BBOX_CLAMP = math.log(1000.0 / 16)
 
 
 PRETRAIN_ANCHOR_SIZES = (24, 48, 96, 192)  # 4.1.3: one anchor side per level P2..P5 for 224 px views
+# Anchor sets kept by cached_anchors: fine-tuning pads images to multiples of 32, so a multi-scale schedule sees a
+# few dozen feature sizes at most; 32 sets of ~270k anchors at 1333 x 800 are ~140 MB.
+ANCHOR_CACHE_SIZE = 32
 
 
 def make_anchors(feature_sizes, strides=(4, 8, 16, 32), sizes=PRETRAIN_ANCHOR_SIZES, ratios=(0.5, 1.0, 2.0),
@@ -65,6 +70,16 @@ def make_anchors(feature_sizes, strides=(4, 8, 16, 32), sizes=PRETRAIN_ANCHOR_SI
         shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
         out.append((shifts + base[None]).reshape(-1, 4))  # (H*W*A, 4)
     return out
+
+
+@functools.lru_cache(maxsize=ANCHOR_CACHE_SIZE)
+def cached_anchors(feature_sizes: tuple, strides: tuple = (4, 8, 16, 32), sizes: tuple = PRETRAIN_ANCHOR_SIZES,
+                   ratios: tuple = (0.5, 1.0, 2.0), device=None) -> tuple:
+    """make_anchors, built once per (feature sizes, strides, sizes, ratios, device) and shared: do not modify.
+
+    The anchors never change for a feature size, and building them costs ~100 small ops and a host -> device copy of
+    the ratios (a synchronising copy on CUDA) per step. Arguments must be hashable (tuples, torch.device)."""
+    return tuple(make_anchors(feature_sizes, strides, sizes, ratios, device=device))
 
 
 def pairwise_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -242,7 +257,8 @@ class RPNHead(nn.Module):
 def generate_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor], image_size,
                        pre_nms_top_n: int = 64, post_nms_top_n: int = 4, nms_thresh: float = 0.7,
                        min_size: float = 1e-3):
-    """RPN proposals: logits (B, N), deltas (B, N, 4), anchors list of (N_l, 4), image_size (H, W).
+    """RPN proposals: logits (B, N), deltas (B, N, 4), anchors list of (N_l, 4), image_size (H, W) for every image or
+    a list of B (H, W).
 
     Per image: the top pre_nms_top_n anchors by objectness on each level, decode, clip to the image, drop boxes
     with a side < min_size, NMS at nms_thresh per level (torchvision batched_nms, level as the group), then the top
@@ -253,24 +269,25 @@ def generate_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: list
     """
     B, N = logits.shape
     dev = logits.device
-    H, W = int(image_size[0]), int(image_size[1])
-    top_logits, top_boxes, top_levels = [], [], []
+    top_logits, top_deltas, top_anchors, top_levels = [], [], [], []
     start = 0
     for lvl, anc in enumerate(anchors):
         n_l = anc.shape[0]
         k = min(pre_nms_top_n, n_l)
         lg, idx = logits[:, start:start + n_l].topk(k, dim=1)  # (B, k)
-        dl = torch.gather(deltas[:, start:start + n_l], 1, idx[..., None].expand(-1, -1, 4))  # (B, k, 4)
         top_logits.append(lg)
-        top_boxes.append(decode_boxes(dl, anc[idx]))  # (B, k, 4)
+        top_deltas.append(torch.gather(deltas[:, start:start + n_l], 1, idx[..., None].expand(-1, -1, 4)))
+        top_anchors.append(anc[idx])  # (B, k, 4)
         top_levels.append(torch.full((B, k), lvl, dtype=torch.long, device=dev))
         start += n_l
     if start != N:
         raise ValueError(f"anchors cover {start} positions, logits {N}")
     scores = torch.sigmoid(torch.cat(top_logits, dim=1).float())  # (B, T)
-    boxes = torch.cat(top_boxes, dim=1)  # (B, T, 4)
-    boxes = torch.stack([boxes[..., 0].clamp(0, W), boxes[..., 1].clamp(0, H),
-                         boxes[..., 2].clamp(0, W), boxes[..., 3].clamp(0, H)], dim=-1)
+    boxes = decode_boxes(torch.cat(top_deltas, dim=1), torch.cat(top_anchors, dim=1)).clamp_(min=0)  # (B, T, 4)
+    per_image = not (len(image_size) == 2 and all(isinstance(v, (int, float)) for v in image_size))
+    for rows, (H, W) in (zip(boxes, image_size) if per_image else [(boxes, image_size)]):
+        rows[..., 0::2].clamp_(max=float(W))  # clip to the image (Python bounds: no host -> device copy)
+        rows[..., 1::2].clamp_(max=float(H))
     T = boxes.shape[1]
     image_id = torch.arange(B, device=dev)[:, None].expand(B, T)
     groups = (image_id * len(anchors) + torch.cat(top_levels, dim=1)).reshape(-1)  # NMS per image and level

@@ -255,6 +255,28 @@ def test_proposals_defaults_on_real_anchors():
         assert (scores[:-1] >= scores[1:]).all()
 
 
+def test_proposals_per_image_sizes_equal_one_call_per_image():
+    # The detector passes each image's own (H, W) in one call; it must equal calling per image.
+    anchors = rpn.make_anchors(FEATS_64, STRIDES, SIZES)
+    N = sum(a.shape[0] for a in anchors)
+    g = torch.Generator().manual_seed(5)
+    logits, deltas = torch.randn(3, N, generator=g), 0.3 * torch.randn(3, N, 4, generator=g)
+    sizes = [(64, 48), (40, 64), (64, 64)]
+    out = rpn.generate_proposals(logits, deltas, anchors, sizes, pre_nms_top_n=50, post_nms_top_n=20)
+    for i, (h, w) in enumerate(sizes):
+        boxes, scores = rpn.generate_proposals(logits[i:i + 1], deltas[i:i + 1], anchors, (h, w), 50, 20)[0]
+        assert torch.equal(out[i][0], boxes) and torch.equal(out[i][1], scores)
+        assert out[i][0][:, 2].max() <= w and out[i][0][:, 3].max() <= h and len(boxes) > 5
+
+
+def test_cached_anchors_equal_make_anchors_and_are_built_once():
+    key = (((16, 16), (8, 8), (4, 4), (2, 2)), STRIDES, SIZES, (0.5, 1.0, 2.0), torch.device("cpu"))
+    first = rpn.cached_anchors(*key)
+    for got, want in zip(first, rpn.make_anchors(*key[:4], device=key[4])):
+        assert torch.equal(got, want)
+    assert all(a is b for a, b in zip(rpn.cached_anchors(*key), first))
+
+
 # ---------------------------------------------------------------- head
 def test_rpn_head_shapes_layout_init_and_gradients():
     torch.manual_seed(0)
