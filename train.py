@@ -121,7 +121,10 @@ class LARS(torch.optim.Optimizer):
                 trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
                 trust = torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
                 torch._foreach_mul_(d, list(trust.unbind()))  # no .item(): no host sync
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:  # created once (setdefault would build, and throw away, a zeros_like every step)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, d)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])

@@ -181,6 +181,33 @@ def test_lars_foreach_step_matches_the_per_parameter_equation():
     assert torch.equal(frozen, frozen_before)
 
 
+def test_lars_step_launches_a_constant_number_of_ops():
+    # Issue 7 (fast path): after the first step (momentum buffers created), a step is a fixed handful of foreach ops
+    # whatever the number of parameters (each op is a kernel launch on a GPU; it used to allocate a zeros_like per
+    # parameter every step).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n_params in (10, 200):
+        ps = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(n_params)]
+        opt = train.LARS([{"params": ps}], lr=0.1)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        Count.n = 0
+        with Count():
+            opt.step()
+        counts.append(Count.n)
+    assert counts[0] == counts[1] < 30, counts
+
+
 def test_lr_schedule():
     assert train.lr_at(0, 100, 10, 1.0) == pytest.approx(0.01)
     assert train.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
