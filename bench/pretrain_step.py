@@ -67,7 +67,9 @@ class LoopLARS(train.LARS):
                     p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
                     d = d * torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                if "momentum_buffer" not in self.state[p]:  # once (the H100 timing built one every step)
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
 
