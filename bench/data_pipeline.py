@@ -149,7 +149,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--epoch-workers", type=int, default=2, help="workers of the per-epoch vs persistent comparison")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images); 0 skips it")
     p.add_argument("--small-size", type=int, default=112)
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # this process only orchestrates; workers get 1 thread from the DataLoader anyway
@@ -174,12 +174,13 @@ def main(argv=None):
                                   "samples_per_cpu_s", "load_1m"]))
         print()
         rows = []
-        for persistent in (False, True, False, True):  # interleaved: load from other processes hits both alike
+        for persistent in (False, True, False, True) if a.epochs > 0 else ():  # --epochs 0 skips the comparison  # interleaved: load from other processes hits both alike
             rows.append({"loader": "one, persistent workers" if persistent else "fresh per epoch",
                          "workers": a.epoch_workers, "epochs": a.epochs, "steps_per_epoch": len(ds) // a.batch_size,
                          "s_per_epoch": epochs_loader(ds, a.epoch_workers, a.epochs, a.batch_size, persistent)
                          / a.epochs, "load_1m": os.getloadavg()[0]})
-        print(report.table(rows, ["loader", "workers", "epochs", "steps_per_epoch", "s_per_epoch", "load_1m"]))
+        if rows:
+            print(report.table(rows, ["loader", "workers", "epochs", "steps_per_epoch", "s_per_epoch", "load_1m"]))
     print(f"\nload average at end: {report.load_average()}; goal: >= 250 samples/s per worker")
 
 
