@@ -55,24 +55,25 @@ def _bins(nbins: int, scale: int = 1) -> np.ndarray:
     return (np.arange(256) * nbins // 256 * scale).astype(np.uint8)
 
 
-def _gradients(image: np.ndarray) -> list[np.ndarray]:
-    """image uint8 (H, W, C) -> 4 float32 (H, W, C): Scharr d/dx, d/dy, and d/dx, d/dy of the image rotated by 45
-    degrees (bilinear, zero border, into its bounding box), rotated back and cropped (OpenCV's texture maps)."""
+def _gradients(image: np.ndarray) -> list[list[np.ndarray]]:
+    """image uint8 (H, W, C) -> per channel 4 float32 (H, W) maps: Scharr d/dx, d/dy, and d/dx, d/dy of the image
+    rotated by 45 degrees (bilinear, zero border, into its bounding box) and rotated back (OpenCV's texture maps)."""
     H, W = image.shape[:2]
     centre = (W / 2.0, H / 2.0)
     rot = cv2.getRotationMatrix2D(centre, 45.0, 1.0)
     _, _, bw, bh = cv2.RotatedRect(centre, (W, H), 45.0).boundingRect()
     rot[0, 2] += bw / 2.0 - centre[0]
     rot[1, 2] += bh / 2.0 - centre[1]
-    turned = cv2.warpAffine(image, rot, (bw, bh))  # (bh, bw, C) uint8
     back = cv2.getRotationMatrix2D((float(bw // 2), float(bh // 2)), -45.0, 1.0)
     back[:, 2] -= ((bw - W) // 2, (bh - H) // 2)  # OpenCV rotates back into (bh, bw), then crops (H, W) from there
     # DEVIATION: we rotate back straight into the crop (2.5x fewer pixels); warpAffine's fixed-point coordinates then
     # round differently: the rotated maps differ by up to ~0.2 (of +/-4080), a few pixels change texture bin.
-    out = [cv2.Scharr(image, cv2.CV_32F, 1, 0), cv2.Scharr(image, cv2.CV_32F, 0, 1)]
-    for dx, dy in ((1, 0), (0, 1)):
-        out.append(cv2.warpAffine(cv2.Scharr(turned, cv2.CV_32F, dx, dy), back, (W, H)))
-    return [g.reshape(H, W, -1) for g in out]
+    out = []
+    for plane, turned in zip(cv2.split(image), cv2.split(cv2.warpAffine(image, rot, (bw, bh)).reshape(bh, bw, -1))):
+        maps = [cv2.Scharr(plane, cv2.CV_32F, 1, 0), cv2.Scharr(plane, cv2.CV_32F, 0, 1)]
+        maps += [cv2.warpAffine(cv2.Scharr(turned, cv2.CV_32F, dx, dy), back, (W, H)) for dx, dy in ((1, 0), (0, 1))]
+        out.append(maps)
+    return out
 
 
 def _texture_codes(image: np.ndarray) -> list[np.ndarray]:
@@ -80,19 +81,15 @@ def _texture_codes(image: np.ndarray) -> list[np.ndarray]:
     gradient map in OpenCV's order (channel, then d/dx, d/dy, rotated d/dx, rotated d/dy).
 
     Each part (THRESH_TOZERO / THRESH_TOZERO_INV at 0) is min-max scaled to uint8 (cv2.normalize = convertTo with
-    OpenCV's scale and shift), then binned into 10 bins of 25.6.
+    OpenCV's scale and shift; a constant part gives 0 there as in OpenCV), then binned into 10 bins of 25.6.
     """
     hi, lo = _bins(TEXTURE_BINS, TEXTURE_BINS), _bins(TEXTURE_BINS)
-    maps = [cv2.split(g) for g in _gradients(image)]  # [derivative][channel] (H, W) float32
     codes = []
-    for p in range(image.shape[2]):
-        for d in range(len(maps)):
-            g = maps[d][p]
-            pos = cv2.normalize(cv2.threshold(g, 0, 0, cv2.THRESH_TOZERO)[1], None, 0, 255, cv2.NORM_MINMAX,
-                                cv2.CV_8U)
-            neg = cv2.normalize(cv2.threshold(g, 0, 0, cv2.THRESH_TOZERO_INV)[1], None, 0, 255, cv2.NORM_MINMAX,
-                                cv2.CV_8U)
-            codes.append(cv2.add(cv2.LUT(pos, hi), cv2.LUT(neg, lo)))
+    for g in (g for maps in _gradients(image) for g in maps):  # (H, W) float32
+        pos = cv2.normalize(cv2.threshold(g, 0, 0, cv2.THRESH_TOZERO)[1], None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
+        neg = cv2.normalize(cv2.threshold(g, 0, 0, cv2.THRESH_TOZERO_INV)[1], None, 0, 255, cv2.NORM_MINMAX,
+                            cv2.CV_8U)
+        codes.append(cv2.add(cv2.LUT(pos, hi), cv2.LUT(neg, lo)))
     return codes
 
 
@@ -152,54 +149,51 @@ def neighbour_pairs(labels: np.ndarray) -> np.ndarray:
     return np.stack(np.divmod(keys, n), axis=1)
 
 
-def _similarity(f_a: np.ndarray, f_b: np.ndarray, r_a: np.ndarray, r_b: np.ndarray, area: int,
-                ncolor: int) -> np.ndarray:
-    """Similarities of k pairs -> (k,) float32: (colour + texture + size + fill) / 4, each term in [0, 1].
+def _cost(f_a: np.ndarray, f_b: np.ndarray, b_a: np.ndarray, b_b: np.ndarray, area: int) -> np.ndarray:
+    """Merge costs of k pairs -> (k,) float64; the lower, the more similar: cost = 2 - 4 * similarity.
 
-    f_* (k, D) or (D,) float32 features (colour bins first, ncolor of them); r_* (k, 5) or (5,) float64 rows
-    (size, x1, y1, -x2, -y2) (x2, y2 exclusive; integers, exact in float64); area: image size in pixels.
-    # DEVIATION: numpy sums the histogram minima pairwise, OpenCV bin by bin (float32): the similarities may differ
-    # in the last bits, which could reorder two merges of near-equal similarity (not seen: bench/RESULTS.md).
+    f_* (k, D) or (D,) float32 features (colour | texture histograms); b_* (k, 4) or (4,) float64 boxes as
+    x1, y1, -x2, -y2 (x2, y2 exclusive). similarity = (colour + texture + size + fill) / 4 with
+    size + fill = (1 - (s_a + s_b) / A) + (1 - (BB_ab - s_a - s_b) / A) = 2 - BB_ab / A: the sizes cancel, so
+    cost = BB_ab / A - sum_k min(f_a^k, f_b^k), which orders the pairs as the similarity does.
+    # DEVIATION: OpenCV adds the four float32 terms, each histogram bin by bin; we sum the minima pairwise (numpy)
+    # in float32 and the rest in float64: the order of two pairs whose similarities differ in the last float32 bits
+    # may differ from OpenCV's (never seen: bench/RESULTS.md section 3b).
     """
-    terms = np.empty((len(f_b), 4), np.float32)  # colour, texture, size, fill
-    terms[:, :2] = np.add.reduceat(np.minimum(f_a, f_b), (0, ncolor), axis=1)
-    box = np.minimum(r_a[..., 1:], r_b[..., 1:])  # (k, 4) the enclosing box as x1, y1, -x2, -y2
-    wh = box[:, 2:] + box[:, :2]  # (k, 2) -width, -height
-    terms[:, 2] = both = r_a[..., 0] + r_b[..., 0]  # summed sizes
-    terms[:, 3] = wh[:, 0] * wh[:, 1] - both  # >= 0: both regions lie inside their box
-    terms[:, 2:] = np.float32(1) - terms[:, 2:] / np.float32(area)  # already in [0, 1]: OpenCV's clamp is a no-op
-    return terms.sum(axis=1) * WEIGHT
+    box = np.minimum(b_a, b_b)  # (k, 4) the enclosing box as x1, y1, -x2, -y2
+    wh = box[:, :2] + box[:, 2:]  # (k, 2) minus width, minus height
+    return wh[:, 0] * wh[:, 1] / area - np.minimum(f_a, f_b).sum(axis=1)
 
 
 class _Hierarchy:
     """The growing hierarchy: node t's features, size and box (initial regions first), neighbours, liveness."""
 
-    def __init__(self, feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int,
-                 ncolor: int):
+    def __init__(self, feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int):
         n, D = feats.shape
         self.feats = np.concatenate([feats, np.empty((n, D), feats.dtype)])  # (2n, D) float32
-        rows = np.concatenate([sizes[:, None], boxes[:, :2], -boxes[:, 2:]], axis=1).astype(np.float64)  # (n, 5)
-        self.rows = np.concatenate([rows, np.zeros((n, 5))])  # (2n, 5) size, x1, y1, -x2, -y2
-        self.rows_py = [tuple(r) for r in rows.astype(np.int64).tolist()]  # the same as Python ints, for merges
-        self.area, self.ncolor, self.t = area, ncolor, n  # t: the next node's index
+        signed = np.concatenate([boxes[:, :2], -boxes[:, 2:]], axis=1).astype(np.float64)  # x1, y1, -x2, -y2
+        self.boxes = np.concatenate([signed, np.zeros((n, 4))])  # (2n, 4) float64, exact integers
+        self.boxes_py = signed.tolist()  # the same as Python floats, for the merges
+        self.sizes = sizes.tolist()  # Python ints, appended per merge
+        self.area, self.t = area, n  # t: the next node's index
         self.alive = [True] * n + [False] * n
         self.adj = [set() for _ in range(2 * n)]  # neighbours of each live node
         for i, j in pairs.tolist():
             self.adj[i].add(j)
             self.adj[j].add(i)
 
-    def similarity(self, a, b) -> np.ndarray:
-        """Node indices a, b: (k,) each, or an int and (k,) -> (k,) float32 similarities."""
-        return _similarity(self.feats[a], self.feats[b], self.rows[a], self.rows[b], self.area, self.ncolor)
+    def cost(self, a, b) -> np.ndarray:
+        """Node indices a, b: (k,) each, or an int and (k,) -> (k,) float64 merge costs."""
+        return _cost(self.feats[a], self.feats[b], self.boxes[a], self.boxes[b], self.area)
 
     def merge(self, i: int, j: int) -> tuple[int, list[int]]:
         """Merge live nodes i, j into the new node t -> (t, t's neighbours: the union of i's and j's)."""
-        t, f = self.t, self.feats
-        (s_i, *b_i), (s_j, *b_j) = self.rows_py[i], self.rows_py[j]
-        f[t] = (f[i] * s_i + f[j] * s_j) / (s_i + s_j)  # float32 (NEP 50), OpenCV's size-weighted mean
-        row = (s_i + s_j, *map(min, b_i, b_j))  # size, x1, y1, -x2, -y2 of the union
-        self.rows_py.append(row)
-        self.rows[t] = row
+        t, f, s = self.t, self.feats, self.sizes
+        f[t] = (f[i] * s[i] + f[j] * s[j]) / (s[i] + s[j])  # float32 (NEP 50), OpenCV's size-weighted mean
+        s.append(s[i] + s[j])
+        box = list(map(min, self.boxes_py[i], self.boxes_py[j]))  # x1, y1, -x2, -y2 of the union
+        self.boxes_py.append(box)
+        self.boxes[t] = box
         self.alive[i] = self.alive[j] = False
         self.alive[t] = True
         adj = self.adj
@@ -212,24 +206,23 @@ class _Hierarchy:
         self.t += 1
         return t, near
 
-    def boxes(self) -> np.ndarray:
+    def node_boxes(self) -> np.ndarray:
         """(t, 4) int64 x1, y1, x2, y2 (exclusive) of all nodes so far."""
-        r = self.rows[:self.t].astype(np.int64)
-        return np.concatenate([r[:, 1:3], -r[:, 3:]], axis=1)
+        b = self.boxes[:self.t].astype(np.int64)
+        return np.concatenate([b[:, :2], -b[:, 2:]], axis=1)
 
 
-def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int,
-          ncolor: int = 3 * COLOR_BINS) -> np.ndarray:
+def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int) -> np.ndarray:
     """Hierarchical grouping of [20] (Alg. 1): merge the most similar neighbouring pair until none is left.
 
-    feats (n, D) float32 (colour bins first, ncolor of them), sizes (n,) int64, boxes (n, 4) int64 x1, y1, x2, y2
+    feats (n, D) float32 (colour | texture histograms), sizes (n,) int64, boxes (n, 4) int64 x1, y1, x2, y2
     (exclusive) of the n initial regions; pairs (E, 2) neighbouring regions; area: image size in pixels
     -> (n + merges, 4) int64 boxes of all nodes, in node order (initial regions, then one per merge).
-    Heap of (-similarity, i, j); pairs of a node merged since are skipped when popped (lazy invalidation).
+    Heap of (cost, i, j); pairs of a node merged since are skipped when popped (lazy invalidation).
     """
-    h = _Hierarchy(feats, sizes, boxes, pairs, area, ncolor)
+    h = _Hierarchy(feats, sizes, boxes, pairs, area)
     a, b = pairs[:, 0], pairs[:, 1]
-    heap = list(zip((-h.similarity(a, b)).tolist(), a.tolist(), b.tolist()))
+    heap = list(zip(h.cost(a, b).tolist(), a.tolist(), b.tolist()))
     heapq.heapify(heap)
     alive, pop, push = h.alive, heapq.heappop, heapq.heappush
     while heap:
@@ -237,16 +230,15 @@ def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.nda
         if alive[i] and alive[j]:
             t, near = h.merge(i, j)
             if near:
-                for s, k in zip((-h.similarity(t, np.array(near))).tolist(), near):
-                    push(heap, (s, t, k))
-    return h.boxes()
+                for c, k in zip(h.cost(t, np.array(near)).tolist(), near):
+                    push(heap, (c, t, k))
+    return h.node_boxes()
 
 
 def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """image uint8 (H, W, C) (the image that was segmented), labels int32 (H, W) of the graph segmentation
     -> (M, 4) int32 unique (x, y, w, h) boxes of all hierarchy nodes, sorted (the set OpenCV's process() returns)."""
     feats, sizes, boxes = region_features(image, labels)
-    C = image.size // labels.size  # channels
-    nodes = group(feats, sizes, boxes, neighbour_pairs(labels), labels.size, COLOR_BINS * C)  # (n + merges, 4)
+    nodes = group(feats, sizes, boxes, neighbour_pairs(labels), labels.size)  # (n + merges, 4)
     xywh = np.concatenate([nodes[:, :2], nodes[:, 2:] - nodes[:, :2]], axis=1)
     return np.unique(xywh, axis=0).astype(np.int32)

@@ -315,7 +315,7 @@ def test_group_merges_most_similar_colour_first():
     labels = np.repeat(np.array([[0, 0, 1, 1, 2, 2]], np.int32), 3, axis=0)
     pairs = ss_grouping.neighbour_pairs(labels)
     sizes = np.bincount(labels.ravel()).astype(np.int64)
-    nodes = ss_grouping.group(one_hot_feats([0, 0, 3]), sizes, boxes_of(labels), pairs, labels.size, ncolor=4)
+    nodes = ss_grouping.group(one_hot_feats([0, 0, 3]), sizes, boxes_of(labels), pairs, labels.size)
     assert nodes.tolist() == [[0, 0, 2, 3], [2, 0, 4, 3], [4, 0, 6, 3],  # A, B, C
                               [0, 0, 4, 3], [0, 0, 6, 3]]  # A+B, then (A+B)+C
 
@@ -327,7 +327,7 @@ def test_group_size_term_merges_small_regions_first():
     labels = np.repeat(np.array([[0, 1, 2, 2, 2, 2, 3]], np.int32), 2, axis=0)
     sizes = np.bincount(labels.ravel()).astype(np.int64)
     nodes = ss_grouping.group(one_hot_feats([1, 1, 1, 1]), sizes, boxes_of(labels),
-                              ss_grouping.neighbour_pairs(labels), labels.size, ncolor=4)
+                              ss_grouping.neighbour_pairs(labels), labels.size)
     assert nodes[4:].tolist() == [[0, 0, 2, 2], [2, 0, 7, 2], [0, 0, 7, 2]]
 
 
@@ -340,7 +340,7 @@ def test_group_fill_term_prefers_the_compact_pair():
                        [3, 3, 3, 0, 0, 3]], np.int32)  # A = 2, B = 1, C = 0: on a tie the heap would take B+C
     sizes = np.bincount(labels.ravel()).astype(np.int64)
     nodes = ss_grouping.group(one_hot_feats([0, 0, 0, 3]), sizes, boxes_of(labels),
-                              ss_grouping.neighbour_pairs(labels), labels.size, ncolor=4)
+                              ss_grouping.neighbour_pairs(labels), labels.size)
     assert nodes[4:].tolist() == [[0, 0, 4, 2], [0, 0, 5, 4], [0, 0, 6, 4]]  # A+B, (A+B)+C, all
 
 
@@ -348,7 +348,7 @@ def test_group_disconnected_parts_and_single_region():
     """Two parts that never touch end as two roots (n + merges = 2n - 2 nodes); one region: no merge."""
     labels = np.array([[0, 1]], np.int32)
     feats, sizes = one_hot_feats([0, 0]), np.array([1, 1], np.int64)
-    nodes = ss_grouping.group(feats, sizes, boxes_of(labels), np.zeros((0, 2), np.int64), 2, ncolor=4)
+    nodes = ss_grouping.group(feats, sizes, boxes_of(labels), np.zeros((0, 2), np.int64), 2)
     assert nodes.tolist() == [[0, 0, 1, 1], [1, 0, 2, 1]]
     flat = np.full((5, 4, 3), 90, np.uint8)
     assert ss_grouping.hierarchical_grouping(flat, np.zeros((5, 4), np.int32)).tolist() == [[0, 0, 4, 5]]
