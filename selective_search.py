@@ -4,8 +4,9 @@ Section 3.2: boxes from selective search [20], pre-computed before training and 
 elongated ones, are the RPN's regression targets and the head's K boxes. Section 4.1.1: graph segmentation with
 min_size = 10, scale k = 500, sigma = 0.9; keep 1/3 <= w/h <= 3 and 0.3 <= sqrt(wh) / sqrt(WH) <= 0.8.
 OpenCV's ximgproc implements it: createGraphSegmentation(sigma=0.9, k=500, min_size=10) on the HSV image with the
-strategy Multiple(Color, Texture, Size, Fill) (reference.md). grouping="numpy" keeps OpenCV's segmentation and does
-the hierarchical grouping in numpy (ss_grouping.py): the same boxes on every image measured, less CPU time.
+strategy Multiple(Color, Texture, Size, Fill) (reference.md). The default grouping ("auto" = "numpy" for the presets
+paper and soco) keeps OpenCV's segmentation and does the hierarchical grouping in numpy (ss_grouping.py): the same
+boxes as OpenCV's grouping on every image measured, in about half the CPU time (bench/RESULTS.md section 3b).
 
 Symbols (paper -> code)
     W, H        image width / height in pixels         width, height
@@ -54,7 +55,7 @@ MAX_RATIO = 3.0  # 4.1.1: 1/3 <= w/h <= 3
 SCALE_RANGE = (0.3, 0.8)  # 4.1.1: 0.3 <= sqrt(wh)/sqrt(WH) <= 0.8
 SOCO_MIN_SIDE = 32  # SoCo's extra w >= 32 and h >= 32 (off by default: min_side=0)
 DEFAULT_CHUNK = 256  # images per part file: a kill loses at most one chunk per worker
-GROUPINGS = ("opencv", "numpy")  # who merges the segmentation's regions: OpenCV's ximgproc, or ss_grouping.py
+GROUPINGS = ("auto", "opencv", "numpy")  # who merges the regions: ximgproc, ss_grouping.py; auto: numpy if it can
 
 
 def _seg():
@@ -70,6 +71,16 @@ def _strategy():
     return SEG.createSelectiveSearchSegmentationStrategyMultiple(
         SEG.createSelectiveSearchSegmentationStrategyColor(), SEG.createSelectiveSearchSegmentationStrategyTexture(),
         SEG.createSelectiveSearchSegmentationStrategySize(), SEG.createSelectiveSearchSegmentationStrategyFill())
+
+
+def _grouping(preset: str, grouping: str) -> str:
+    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality."""
+    if preset not in PRESETS or grouping not in GROUPINGS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, grouping one of {GROUPINGS}; got {preset!r}, "
+                         f"{grouping!r}")
+    if grouping == "auto":
+        return "opencv" if preset in ("fast", "quality") else "numpy"
+    return grouping
 
 
 def _raw_search(image_rgb: np.ndarray, preset: str, grouping: str = "opencv") -> np.ndarray:
@@ -100,16 +111,14 @@ def _raw_search(image_rgb: np.ndarray, preset: str, grouping: str = "opencv") ->
 
 
 def selective_search(image_rgb: np.ndarray, preset: str = "paper", max_side: int | None = None,
-                     grouping: str = "opencv") -> np.ndarray:
+                     grouping: str = "auto") -> np.ndarray:
     """Section 4.1.1. image_rgb uint8 (H, W, 3) -> (N, 4) float32 xyxy in original pixels, lexicographically sorted.
 
     max_side: if set, the image is first resized (INTER_AREA) so that its long side <= max_side; boxes are scaled
-    back to the original pixels and clipped to [0, W] x [0, H]. grouping: "opencv" (ximgproc) or "numpy"
-    (ss_grouping.py, presets paper and soco only).
+    back to the original pixels and clipped to [0, W] x [0, H]. grouping: "opencv" (ximgproc), "numpy"
+    (ss_grouping.py, presets paper and soco only) or "auto" (numpy where it can).
     """
-    if preset not in PRESETS or grouping not in GROUPINGS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, grouping one of {GROUPINGS}; got {preset!r}, "
-                         f"{grouping!r}")
+    grouping = _grouping(preset, grouping)
     H, W = image_rgb.shape[:2]
     small = image_rgb
     if max_side is not None and max(H, W) > max_side:
@@ -300,7 +309,7 @@ def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
 def precompute(image_root, out_path, preset: str = "paper", workers: int | None = os.cpu_count(),
                shard: tuple[int, int] = (0, 1), max_side: int | None = None, min_side: float = 0,
                chunk_size: int = DEFAULT_CHUNK, keep_parts: bool = False, progress: bool = True,
-               grouping: str = "opencv") -> dict:
+               grouping: str = "auto") -> dict:
     """Selective search + 4.1.1 filter for every image of shard (i, n) of image_root -> shard_path(out_path, shard).
 
     Resumable: each chunk of chunk_size images is written atomically to '<out>.parts/partNNNNNN.npz'; a rerun only
@@ -308,11 +317,13 @@ def precompute(image_root, out_path, preset: str = "paper", workers: int | None 
     output (and the parts are deleted unless keep_parts). Returns the summary dict that is also printed.
     workers > 1 uses a 'spawn' Pool: a calling script needs the `if __name__ == "__main__":` guard. Run one
     precompute per output file at a time (under torchrun: rank 0 only, then a barrier). grouping: see
-    selective_search; it enters the file's config only when not "opencv" (older files stay complete).
+    selective_search; resolved, it enters the file's config when not "opencv" (files made by OpenCV's grouping
+    before this option existed have no such key).
     """
     i, n = shard
-    if not (0 <= i < n) or preset not in PRESETS or chunk_size < 1 or grouping not in GROUPINGS:
-        raise ValueError(f"bad shard {shard}, preset {preset!r}, chunk_size {chunk_size} or grouping {grouping!r}")
+    grouping = _grouping(preset, grouping)
+    if not (0 <= i < n) or chunk_size < 1:
+        raise ValueError(f"bad shard {shard} or chunk_size {chunk_size}")
     all_rels = find_images(image_root)
     if not all_rels:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {image_root}")
@@ -403,9 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"SoCo's extra filter w, h >= MIN_SIDE (SoCo: {SOCO_MIN_SIDE}; the paper, sec. 4.1.1: 0)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="images per resumable part file")
     p.add_argument("--keep-parts", action="store_true", help="keep the part files after merging")
-    p.add_argument("--grouping", default="opencv", choices=GROUPINGS,
+    p.add_argument("--grouping", default="auto", choices=GROUPINGS,
                    help="opencv: ximgproc's grouping; numpy: ss_grouping.py on the same segmentation (the same "
-                   "boxes, less CPU time; presets paper and soco)")
+                   "boxes, about half the CPU time; presets paper and soco); auto: numpy where it can")
     a = p.parse_args(argv)
     i, n = (int(v) for v in a.shard.split("/"))
     return precompute(a.image_root, a.out, a.preset, a.workers, (i, n), a.max_side, a.min_side, a.chunk_size,

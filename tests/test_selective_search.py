@@ -363,6 +363,9 @@ def test_numpy_grouping_api():
         ss.selective_search(img, "fast", grouping="numpy")
     with pytest.raises(ValueError):
         ss.selective_search(img, grouping="scipy")
+    np.testing.assert_array_equal(ss.selective_search(img), ours)  # auto: numpy for the paper preset
+    np.testing.assert_array_equal(ss.selective_search(img, "fast", grouping="auto"),
+                                  ss.selective_search(img, "fast", grouping="opencv"))  # auto: OpenCV's for fast
 
 
 def test_precompute_grouping_flag(image_root, tmp_path):
@@ -370,9 +373,12 @@ def test_precompute_grouping_flag(image_root, tmp_path):
     ss.main([str(image_root), str(out), "--workers", "1", "--grouping", "numpy"])
     with np.load(out, allow_pickle=False) as z:
         assert json.loads(str(z["config"]))["grouping"] == "numpy"
-    ss.precompute(image_root, tmp_path / "o.npz", workers=1, progress=False)
+    ss.precompute(image_root, tmp_path / "a.npz", workers=1, progress=False)  # default: auto -> numpy
+    assert_same_file(out, tmp_path / "a.npz")
+    ss.precompute(image_root, tmp_path / "o.npz", workers=1, progress=False, grouping="opencv")
     with np.load(tmp_path / "o.npz", allow_pickle=False) as z:
-        assert "grouping" not in json.loads(str(z["config"]))  # files made before the flag stay complete
+        assert "grouping" not in json.loads(str(z["config"]))  # as in files made before the option existed
+    assert ss.load_proposals(tmp_path / "o.npz").keys() == ss.load_proposals(out).keys()
 
 
 def iou_recall(ref: np.ndarray, got: np.ndarray, thresh: float = 0.7) -> float:
