@@ -10,7 +10,9 @@ is the mean of four terms, each in [0, 1] (OpenCV's Multiple(Color, Texture, Siz
                                        min-max scaled to 0..255, 10 bins each; L1-normalised (240 bins)
     size     1 - (size_i + size_j) / size_im
     fill     1 - (size(BB_ij) - size_i - size_j) / size_im      BB_ij: the box around both regions
-A merged region's histograms are the size-weighted means of its parts', its neighbours the union of theirs.
+A merged region's histograms are the size-weighted means of its parts', its neighbours the union of theirs. With
+equal weights, size + fill = 2 - size(BB_ij) / size_im: the regions' sizes cancel, so the merge order is that of
+the cost size(BB_ij) / size_im - colour - texture (= 2 - 4 x similarity), lowest first.
 
 This follows OpenCV's SelectiveSearchSegmentation (opencv_contrib ximgproc) definitions so that the boxes come out
 the same: histogram bins, the gradient maps, float32 histograms and similarity terms, neighbours taken from the left,
@@ -18,14 +20,15 @@ upper and upper-left pixel of every pixel outside the first row and column, incl
 once (the caller sorts them: OpenCV's order, level x random, carries no information). What differs is how:
 histograms in one pass over the pixels (np.bincount on the label image) instead of one masked pass per region, a heap
 with lazy invalidation instead of re-sorting all pairs after each merge, and the new region's similarity to all its
-neighbours in one numpy expression. Two shortcuts change last bits (DEVIATION, see _similarity and _gradients): the
-histogram minima are summed pairwise, not bin by bin, and the rotated gradients are rotated back straight into the
-image's frame. Either could reorder two merges of near-equal similarity, as could ties (OpenCV's std::sort is not
-stable); on the 60+ images measured the box sets are identical to OpenCV's (bench/RESULTS.md section 3b).
+neighbours in one numpy expression. Two shortcuts change last bits (DEVIATION, see _cost and _gradients): the cost
+above instead of OpenCV's float32 sum of four terms, each histogram summed bin by bin, and the rotated gradients
+rotated back straight into the image's frame. Either could reorder two merges of near-equal similarity, as could
+ties (OpenCV's std::sort is not stable); on the 70+ images measured the box sets are identical to OpenCV's
+(bench/RESULTS.md section 3b).
 
 Symbols (paper / [20] -> code)
     r_i           a region of the hierarchy              node index (initial regions 0..n-1 = segmentation labels)
-    c_i, t_i      colour / texture histogram             feats[:, :75], feats[:, 75:] (float32, L1-normalised)
+    c_i, t_i      colour / texture histogram             feats[:, :25C], feats[:, 25C:] (float32, L1-normalised)
     size(r_i)     region size in pixels                  sizes (int64)
     BB_ij         box around r_i and r_j                 x1, y1, x2, y2 (x2, y2 exclusive; OpenCV's x + w)
     size_im       image size in pixels                   area
@@ -33,7 +36,7 @@ Symbols (paper / [20] -> code)
 Public
     region_features(image, labels) -> (feats (n, 105 C) float32, sizes (n,) int64, boxes (n, 4) int64)
     neighbour_pairs(labels)        -> (E, 2) int64 pairs i < j of touching regions
-    group(feats, sizes, boxes, pairs, area, ncolor) -> (n + merges, 4) int64 boxes of every node, node order
+    group(feats, sizes, boxes, pairs, area) -> (n + merges, 4) int64 boxes of every node, in node order
     hierarchical_grouping(image, labels) -> (M, 4) int32 unique (x, y, w, h) boxes: the set OpenCV's process() gives
 """
 from __future__ import annotations
@@ -45,7 +48,6 @@ import numpy as np
 
 COLOR_BINS = 25  # per channel, over 0..255
 TEXTURE_BINS = 10  # per gradient map, over 0..255
-WEIGHT = np.float32(0.25)  # Multiple(Color, Texture, Size, Fill): equal weights, summing to 1
 
 
 def _bins(nbins: int, scale: int = 1) -> np.ndarray:
@@ -149,31 +151,31 @@ def neighbour_pairs(labels: np.ndarray) -> np.ndarray:
     return np.stack(np.divmod(keys, n), axis=1)
 
 
-def _cost(f_a: np.ndarray, f_b: np.ndarray, b_a: np.ndarray, b_b: np.ndarray, area: int) -> np.ndarray:
+def _cost(rows_a: np.ndarray, rows_b: np.ndarray, area: int) -> np.ndarray:
     """Merge costs of k pairs -> (k,) float64; the lower, the more similar: cost = 2 - 4 * similarity.
 
-    f_* (k, D) or (D,) float32 features (colour | texture histograms); b_* (k, 4) or (4,) float64 boxes as
-    x1, y1, -x2, -y2 (x2, y2 exclusive). similarity = (colour + texture + size + fill) / 4 with
+    rows_* (k, D + 4) or (D + 4,) float32: features (colour | texture histograms), then the box as x1, y1, -x2, -y2
+    (x2, y2 exclusive; integers, exact below 2^24). similarity = (colour + texture + size + fill) / 4 with
     size + fill = (1 - (s_a + s_b) / A) + (1 - (BB_ab - s_a - s_b) / A) = 2 - BB_ab / A: the sizes cancel, so
     cost = BB_ab / A - sum_k min(f_a^k, f_b^k), which orders the pairs as the similarity does.
     # DEVIATION: OpenCV adds the four float32 terms, each histogram bin by bin; we sum the minima pairwise (numpy)
     # in float32 and the rest in float64: the order of two pairs whose similarities differ in the last float32 bits
     # may differ from OpenCV's (never seen: bench/RESULTS.md section 3b).
     """
-    box = np.minimum(b_a, b_b)  # (k, 4) the enclosing box as x1, y1, -x2, -y2
-    wh = box[:, :2] + box[:, 2:]  # (k, 2) minus width, minus height
-    return wh[:, 0] * wh[:, 1] / area - np.minimum(f_a, f_b).sum(axis=1)
+    m = np.minimum(rows_a, rows_b)  # (k, D + 4): bin-wise minima, then the enclosing box
+    wh = m[:, -4:-2] + m[:, -2:]  # (k, 2) minus width, minus height
+    return np.multiply(wh[:, 0], wh[:, 1], dtype=np.float64) / area - np.add.reduce(m[:, :-4], axis=1)
 
 
 class _Hierarchy:
-    """The growing hierarchy: node t's features, size and box (initial regions first), neighbours, liveness."""
+    """The growing hierarchy: node t's features and box, size (initial regions first), neighbours, liveness."""
 
     def __init__(self, feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int):
         n, D = feats.shape
-        self.feats = np.concatenate([feats, np.empty((n, D), feats.dtype)])  # (2n, D) float32
-        signed = np.concatenate([boxes[:, :2], -boxes[:, 2:]], axis=1).astype(np.float64)  # x1, y1, -x2, -y2
-        self.boxes = np.concatenate([signed, np.zeros((n, 4))])  # (2n, 4) float64, exact integers
-        self.boxes_py = signed.tolist()  # the same as Python floats, for the merges
+        signed = np.concatenate([boxes[:, :2], -boxes[:, 2:]], axis=1)  # (n, 4) x1, y1, -x2, -y2
+        self.rows = np.zeros((2 * n, D + 4), np.float32)  # node t: features, then its signed box
+        self.rows[:n, :D], self.rows[:n, D:] = feats, signed
+        self.boxes_py = signed.tolist()  # the boxes as Python ints, for the merges
         self.sizes = sizes.tolist()  # Python ints, appended per merge
         self.area, self.t = area, n  # t: the next node's index
         self.alive = [True] * n + [False] * n
@@ -184,16 +186,16 @@ class _Hierarchy:
 
     def cost(self, a, b) -> np.ndarray:
         """Node indices a, b: (k,) each, or an int and (k,) -> (k,) float64 merge costs."""
-        return _cost(self.feats[a], self.feats[b], self.boxes[a], self.boxes[b], self.area)
+        return _cost(self.rows[a], self.rows[b], self.area)
 
     def merge(self, i: int, j: int) -> tuple[int, list[int]]:
         """Merge live nodes i, j into the new node t -> (t, t's neighbours: the union of i's and j's)."""
-        t, f, s = self.t, self.feats, self.sizes
-        f[t] = (f[i] * s[i] + f[j] * s[j]) / (s[i] + s[j])  # float32 (NEP 50), OpenCV's size-weighted mean
+        t, r, s = self.t, self.rows, self.sizes
+        r[t, :-4] = (r[i, :-4] * s[i] + r[j, :-4] * s[j]) / (s[i] + s[j])  # float32 (NEP 50), OpenCV's weighted mean
         s.append(s[i] + s[j])
         box = list(map(min, self.boxes_py[i], self.boxes_py[j]))  # x1, y1, -x2, -y2 of the union
         self.boxes_py.append(box)
-        self.boxes[t] = box
+        r[t, -4:] = box
         self.alive[i] = self.alive[j] = False
         self.alive[t] = True
         adj = self.adj
@@ -208,7 +210,7 @@ class _Hierarchy:
 
     def node_boxes(self) -> np.ndarray:
         """(t, 4) int64 x1, y1, x2, y2 (exclusive) of all nodes so far."""
-        b = self.boxes[:self.t].astype(np.int64)
+        b = np.array(self.boxes_py, np.int64)
         return np.concatenate([b[:, :2], -b[:, 2:]], axis=1)
 
 
@@ -236,9 +238,13 @@ def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.nda
 
 
 def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """image uint8 (H, W, C) (the image that was segmented), labels int32 (H, W) of the graph segmentation
-    -> (M, 4) int32 unique (x, y, w, h) boxes of all hierarchy nodes, sorted (the set OpenCV's process() returns)."""
+    """image uint8 (H, W, C) (the image that was segmented), labels int32 (H, W) of the graph segmentation, sides
+    < 65536 -> (M, 4) int32 unique (x, y, w, h) boxes of all hierarchy nodes, sorted (the set OpenCV's process()
+    returns)."""
+    if max(labels.shape) >= 1 << 16:
+        raise ValueError(f"image sides must be < 65536, got {labels.shape}")
     feats, sizes, boxes = region_features(image, labels)
     nodes = group(feats, sizes, boxes, neighbour_pairs(labels), labels.size)  # (n + merges, 4)
-    xywh = np.concatenate([nodes[:, :2], nodes[:, 2:] - nodes[:, :2]], axis=1)
-    return np.unique(xywh, axis=0).astype(np.int32)
+    xywh = np.concatenate([nodes[:, :2], nodes[:, 2:] - nodes[:, :2]], axis=1)  # (n + merges, 4) int64 < 2^16
+    keys = np.unique(((xywh[:, 0] << 16 | xywh[:, 1]) << 16 | xywh[:, 2]) << 16 | xywh[:, 3])  # 1-D: ~10x faster
+    return np.stack([keys >> 48, keys >> 32 & 0xFFFF, keys >> 16 & 0xFFFF, keys & 0xFFFF], axis=1).astype(np.int32)
