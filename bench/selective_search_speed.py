@@ -101,6 +101,8 @@ def per_core(images, python_images: int, repeat: int = 1) -> list[dict]:
         rows.append({"implementation": name, "images": len(images), "cpu_s_per_img": cpu / len(images),
                      "img_per_cpu_s": len(images) / cpu, "img_per_wall_s": len(images) / wall,
                      "boxes_per_img": float(np.mean([len(r) for r in res]))})
+    if python_images < 1:
+        return rows
     try:
         import selectivesearch
     except ImportError:
@@ -122,14 +124,14 @@ def per_core(images, python_images: int, repeat: int = 1) -> list[dict]:
     return rows
 
 
-def equivalence(images) -> list[dict]:
+def equivalence(images, preset: str = "paper") -> list[dict]:
     """Table 1b: grouping="numpy" against OpenCV's on each image: box counts (all, 4.1.1-filtered), identical sets,
     the share of OpenCV's filtered boxes ours finds at IoU >= 0.7 (recall) and of ours that OpenCV's finds."""
     cv2.setNumThreads(1)
     rows = []
     for k, im in enumerate(images):
         H, W = im.shape[:2]
-        ref, ours = (ss.selective_search(im, "paper", grouping=g) for g in ("opencv", "numpy"))
+        ref, ours = (ss.selective_search(im, preset, grouping=g) for g in ("opencv", "numpy"))
         fr, fo = ss.filter_boxes(ref, W, H), ss.filter_boxes(ours, W, H)
         same = {tuple(b) for b in ref.tolist()} & {tuple(b) for b in ours.tolist()}
         rows.append({"image": k, "size": f"{W} x {H}", "boxes_opencv": len(ref), "boxes_numpy": len(ours),
@@ -268,6 +270,9 @@ def main(argv=None):
     p.add_argument("--scaling-images", type=int, default=16, help="images for the workers table")
     p.add_argument("--breakdown", action="store_true", help="table 3: where the time goes")
     p.add_argument("--repeat", type=int, default=1, help="table 1: best of this many passes over the images")
+    p.add_argument("--equivalence-extra", type=int, default=0, metavar="N",
+                   help="table 1c: totals of table 1b over N more variants (seed 1), their grayscale copies, "
+                   "250-px copies, and the soco preset")
     a = p.parse_args(argv)
     print(report.header("selective search speed, paper preset (bench/selective_search_speed.py)"))
     print(f"OpenCV {cv2.__version__}; images: {a.images} variants of grace_hopper.jpg at 500 x 375 / 375 x 500\n")
@@ -278,9 +283,20 @@ def main(argv=None):
                         "boxes_per_img", "speedup_vs_python"]))
     print(f"\nload average: {report.load_average()}; goals: >= 8 images/s per core, >= 5x the pure-Python package")
     print("\n### 1b. grouping='numpy' against OpenCV's grouping (same images, paper preset)\n")
-    print(report.table(equivalence(images[:a.images]),
-                       ["image", "size", "boxes_opencv", "boxes_numpy", "boxes_in_both", "identical",
-                        "filtered_opencv", "filtered_numpy", "recall_of_opencv", "recall_of_numpy"]))
+    columns = ["image", "size", "boxes_opencv", "boxes_numpy", "boxes_in_both", "identical", "filtered_opencv",
+               "filtered_numpy", "recall_of_opencv", "recall_of_numpy"]
+    print(report.table(equivalence(images[:a.images]), columns))
+    if a.equivalence_extra:
+        more = sample_images(a.equivalence_extra, seed=1)
+        sets = {"variants (seed 1), paper": (more, "paper"),
+                "their grayscale copies, paper": ([np.repeat(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+                                                   for im in more], "paper"),
+                "their 250-px copies, paper": ([cv2.resize(im, (im.shape[1] // 2, im.shape[0] // 2),
+                                                           interpolation=cv2.INTER_AREA) for im in more], "paper"),
+                "variants (seed 1), soco preset": (more, "soco")}
+        print(f"\n### 1c. the same, totals over more images ({a.equivalence_extra} variants of seed 1)\n")
+        print(report.table([{**equivalence(ims, preset)[-1], "image": name} for name, (ims, preset) in sets.items()],
+                           columns))
     print("\n### 2. scaling over worker processes (precompute, JPEG decode included)\n")
     print(report.table(scaling(images[:a.scaling_images], a.max_workers),
                        ["grouping", "workers", "images", "wall_s", "img_per_s", "img_per_s_per_worker",
