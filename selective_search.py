@@ -4,7 +4,9 @@ Section 3.2: boxes from selective search [20], pre-computed before training and 
 elongated ones, are the RPN's regression targets and the head's K boxes. Section 4.1.1: graph segmentation with
 min_size = 10, scale k = 500, sigma = 0.9; keep 1/3 <= w/h <= 3 and 0.3 <= sqrt(wh) / sqrt(WH) <= 0.8.
 OpenCV's ximgproc implements it: createGraphSegmentation(sigma=0.9, k=500, min_size=10) on the HSV image with the
-strategy Multiple(Color, Texture, Size, Fill) (reference.md).
+strategy Multiple(Color, Texture, Size, Fill) (reference.md). The default grouping ("auto" = "numpy" for the presets
+paper and soco) keeps OpenCV's segmentation and does the hierarchical grouping in numpy (ss_grouping.py): the same
+boxes as OpenCV's grouping on every image measured, in about half the CPU time (bench/RESULTS.md section 3b).
 
 Symbols (paper -> code)
     W, H        image width / height in pixels         width, height
@@ -18,7 +20,7 @@ Proposals file (one per shard; loadable with np.load(..., allow_pickle=False)): 
     entry (it is listed in `unreadable`); the dataset then reports it as missing.
 
 Public
-    selective_search(image_rgb, preset, max_side)          -> (N, 4) float32 xyxy, sorted
+    selective_search(image_rgb, preset, max_side, grouping) -> (N, 4) float32 xyxy, sorted
     filter_boxes(boxes, width, height, min_side)           -> (M, 4) the 4.1.1 filter
     filter_with_fallback(boxes, width, height, min_side)   -> (boxes, level), level in LEVELS
     decode_image(data) -> RGB uint8 (H, W, 3) or None;   find_images(root) -> sorted relative paths
@@ -53,6 +55,7 @@ MAX_RATIO = 3.0  # 4.1.1: 1/3 <= w/h <= 3
 SCALE_RANGE = (0.3, 0.8)  # 4.1.1: 0.3 <= sqrt(wh)/sqrt(WH) <= 0.8
 SOCO_MIN_SIDE = 32  # SoCo's extra w >= 32 and h >= 32 (off by default: min_side=0)
 DEFAULT_CHUNK = 256  # images per part file: a kill loses at most one chunk per worker
+GROUPINGS = ("auto", "opencv", "numpy")  # who merges the regions: ximgproc, ss_grouping.py; auto: numpy if it can
 
 
 def _seg():
@@ -70,9 +73,28 @@ def _strategy():
         SEG.createSelectiveSearchSegmentationStrategySize(), SEG.createSelectiveSearchSegmentationStrategyFill())
 
 
-def _raw_search(image_rgb: np.ndarray, preset: str) -> np.ndarray:
-    """OpenCV selective search -> (N, 4) int (x, y, w, h), in OpenCV's (varying) order."""
+def _grouping(preset: str, grouping: str) -> str:
+    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality."""
+    if preset not in PRESETS or grouping not in GROUPINGS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, grouping one of {GROUPINGS}; got {preset!r}, "
+                         f"{grouping!r}")
+    if grouping == "auto":
+        return "opencv" if preset in ("fast", "quality") else "numpy"
+    return grouping
+
+
+def _raw_search(image_rgb: np.ndarray, preset: str, grouping: str = "opencv") -> np.ndarray:
+    """OpenCV selective search -> (N, 4) float32 (x, y, w, h), in OpenCV's (varying) order; grouping="numpy": the
+    same graph segmentation, grouped by ss_grouping.py (sorted)."""
     SEG = _seg()
+    if grouping == "numpy":
+        if preset in ("fast", "quality"):
+            raise ValueError(f"grouping='numpy' implements the single-strategy presets, not {preset!r}")
+        import ss_grouping
+
+        p, hsv = PRESETS[preset], cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV)
+        labels = SEG.createGraphSegmentation(sigma=p["sigma"], k=p["k"], min_size=p["min_size"]).processImage(hsv)
+        return ss_grouping.hierarchical_grouping(hsv, labels).astype(np.float32)
     ss = SEG.createSelectiveSearchSegmentation()
     if preset in ("fast", "quality"):
         ss.setBaseImage(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))  # OpenCV converts from BGR itself
@@ -88,21 +110,22 @@ def _raw_search(image_rgb: np.ndarray, preset: str) -> np.ndarray:
     return np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)
 
 
-def selective_search(image_rgb: np.ndarray, preset: str = "paper", max_side: int | None = None) -> np.ndarray:
+def selective_search(image_rgb: np.ndarray, preset: str = "paper", max_side: int | None = None,
+                     grouping: str = "auto") -> np.ndarray:
     """Section 4.1.1. image_rgb uint8 (H, W, 3) -> (N, 4) float32 xyxy in original pixels, lexicographically sorted.
 
     max_side: if set, the image is first resized (INTER_AREA) so that its long side <= max_side; boxes are scaled
-    back to the original pixels and clipped to [0, W] x [0, H].
+    back to the original pixels and clipped to [0, W] x [0, H]. grouping: "opencv" (ximgproc), "numpy"
+    (ss_grouping.py, presets paper and soco only) or "auto" (numpy where it can).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    grouping = _grouping(preset, grouping)
     H, W = image_rgb.shape[:2]
     small = image_rgb
     if max_side is not None and max(H, W) > max_side:
         s = max_side / max(H, W)
         small = cv2.resize(image_rgb, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
     h_s, w_s = small.shape[:2]
-    xywh = _raw_search(np.ascontiguousarray(small), preset)  # (N, 4) x, y, w, h in resized pixels
+    xywh = _raw_search(np.ascontiguousarray(small), preset, grouping)  # (N, 4) x, y, w, h in resized pixels
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (N, 4) xyxy
     if (h_s, w_s) != (H, W):
         boxes *= np.array([W / w_s, H / h_s, W / w_s, H / h_s], dtype=np.float32)
@@ -208,7 +231,7 @@ def _process_image(root: str, rel: str, cfg: dict):
         image = decode_image(np.fromfile(os.path.join(root, rel), dtype=np.uint8))
         if image is None:
             return "cannot decode"
-        boxes = selective_search(image, cfg["preset"], cfg["max_side"])
+        boxes = selective_search(image, cfg["preset"], cfg["max_side"], cfg.get("grouping", "opencv"))
         H, W = image.shape[:2]
         return (*filter_with_fallback(boxes, W, H, cfg["min_side"]), (W, H))
     except (OSError, cv2.error, ValueError, MemoryError) as e:  # never fatal: listed in the summary
@@ -285,23 +308,29 @@ def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
 
 def precompute(image_root, out_path, preset: str = "paper", workers: int | None = os.cpu_count(),
                shard: tuple[int, int] = (0, 1), max_side: int | None = None, min_side: float = 0,
-               chunk_size: int = DEFAULT_CHUNK, keep_parts: bool = False, progress: bool = True) -> dict:
+               chunk_size: int = DEFAULT_CHUNK, keep_parts: bool = False, progress: bool = True,
+               grouping: str = "auto") -> dict:
     """Selective search + 4.1.1 filter for every image of shard (i, n) of image_root -> shard_path(out_path, shard).
 
     Resumable: each chunk of chunk_size images is written atomically to '<out>.parts/partNNNNNN.npz'; a rerun only
     computes the chunks whose part is missing or stale; when all are there they are merged atomically into the
     output (and the parts are deleted unless keep_parts). Returns the summary dict that is also printed.
     workers > 1 uses a 'spawn' Pool: a calling script needs the `if __name__ == "__main__":` guard. Run one
-    precompute per output file at a time (under torchrun: rank 0 only, then a barrier).
+    precompute per output file at a time (under torchrun: rank 0 only, then a barrier). grouping: see
+    selective_search; resolved, it enters the file's config when not "opencv" (files made by OpenCV's grouping
+    before this option existed have no such key).
     """
     i, n = shard
-    if not (0 <= i < n) or preset not in PRESETS or chunk_size < 1:
-        raise ValueError(f"bad shard {shard}, preset {preset!r} or chunk_size {chunk_size}")
+    grouping = _grouping(preset, grouping)
+    if not (0 <= i < n) or chunk_size < 1:
+        raise ValueError(f"bad shard {shard} or chunk_size {chunk_size}")
     all_rels = find_images(image_root)
     if not all_rels:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {image_root}")
     rels = all_rels[len(all_rels) * i // n: len(all_rels) * (i + 1) // n]  # contiguous shard
     cfg = {"preset": preset, "max_side": max_side, "min_side": min_side}
+    if grouping != "opencv":
+        cfg["grouping"] = grouping
     out = shard_path(out_path, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(out.name + ".parts")
@@ -385,10 +414,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"SoCo's extra filter w, h >= MIN_SIDE (SoCo: {SOCO_MIN_SIDE}; the paper, sec. 4.1.1: 0)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="images per resumable part file")
     p.add_argument("--keep-parts", action="store_true", help="keep the part files after merging")
+    p.add_argument("--grouping", default="auto", choices=GROUPINGS,
+                   help="opencv: ximgproc's grouping; numpy: ss_grouping.py on the same segmentation (the same "
+                   "boxes, about half the CPU time; presets paper and soco); auto: numpy where it can")
     a = p.parse_args(argv)
     i, n = (int(v) for v in a.shard.split("/"))
     return precompute(a.image_root, a.out, a.preset, a.workers, (i, n), a.max_side, a.min_side, a.chunk_size,
-                      a.keep_parts)
+                      a.keep_parts, grouping=a.grouping)
 
 
 if __name__ == "__main__":

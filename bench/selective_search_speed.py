@@ -1,15 +1,19 @@
 """Benchmark: selective search at the paper preset (section 4.1.1) on ~500 x 375 photos (issue 7, item 3).
 
 Tables
-    1. per core: selective_search.selective_search(preset="paper") in this process with cv2.setNumThreads(1):
-       images per CPU-second (time.process_time) and per wall second; the pure-Python `selectivesearch` package
-       (AlpacaDB; benchmark-only dependency, bench/requirements.txt) at the same parameters (scale = k = 500,
-       sigma = 0.9, min_size = 10) on the first --python-images images; speed ratio in CPU time.
+    1. per core: selective_search.selective_search(preset="paper") in this process with cv2.setNumThreads(1), with
+       grouping="opencv" (ximgproc) and grouping="numpy" (ss_grouping.py): images per CPU-second
+       (time.process_time) and per wall second; the pure-Python `selectivesearch` package (AlpacaDB;
+       benchmark-only dependency, bench/requirements.txt) at the same parameters (scale = k = 500, sigma = 0.9,
+       min_size = 10) on the first --python-images images; speed ratio in CPU time.
+    1b. equivalence of grouping="numpy" with OpenCV's on the same images: box counts, identical box sets, and the
+       share of OpenCV's 4.1.1-filtered boxes that ours finds at IoU >= 0.7 and vice versa.
     2. scaling: selective_search.precompute(workers=w) for w = 1..N over JPEG files (decode included), wall images/s
        and images per CPU-second (RUSAGE_CHILDREN for the spawn pool); pool start-up is inside the wall time.
     3. --breakdown: where the time goes: RGB -> HSV, graph segmentation alone, each similarity strategy alone,
        cv2 threads, and smaller images (max_side) with the share of the full-size filtered boxes still found
-       (IoU >= 0.7).
+       (IoU >= 0.7); then grouping="numpy" part by part (gradients, texture codes, histograms, boxes, neighbour
+       pairs, the merge loop).
 Goals: >= 8 images/s per core; >= 5x the pure-Python package.
 
 Images: matplotlib's sample photo grace_hopper.jpg (600 x 512), cut into --images deterministic variants (crops at
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import resource
@@ -81,13 +86,23 @@ def _cpu_wall(fn, repeat: int = 1):
     return best, res
 
 
-def per_core(images, python_images: int) -> list[dict]:
-    """Table 1: OpenCV (ours) and the pure-Python package, one thread, CPU and wall time per image."""
+GROUPING_NAMES = {"opencv": "selective_search.py grouping=opencv (ximgproc), paper preset",
+                  "numpy": "selective_search.py grouping=numpy (ss_grouping.py), paper preset"}
+
+
+def per_core(images, python_images: int, repeat: int = 1) -> list[dict]:
+    """Table 1: OpenCV, our numpy grouping and the pure-Python package, one thread, CPU and wall time per image
+    (best of `repeat` passes over the images for the first two)."""
     cv2.setNumThreads(1)
-    (cpu, wall), _ = _cpu_wall(lambda: [ss.selective_search(im, "paper") for im in images])
-    rows = [{"implementation": "selective_search.py (OpenCV ximgproc), paper preset", "images": len(images),
-             "cpu_s_per_img": cpu / len(images), "img_per_cpu_s": len(images) / cpu, "img_per_wall_s": len(images) / wall,
-             "boxes_per_img": float(np.mean([len(ss.selective_search(im, "paper")) for im in images[:2]]))}]
+    rows = []
+    for grouping, name in GROUPING_NAMES.items():
+        (cpu, wall), res = _cpu_wall(lambda g=grouping: [ss.selective_search(im, "paper", grouping=g) for im in images],
+                                     repeat)
+        rows.append({"implementation": name, "images": len(images), "cpu_s_per_img": cpu / len(images),
+                     "img_per_cpu_s": len(images) / cpu, "img_per_wall_s": len(images) / wall,
+                     "boxes_per_img": float(np.mean([len(r) for r in res]))})
+    if python_images < 1:
+        return rows
     try:
         import selectivesearch
     except ImportError:
@@ -104,31 +119,55 @@ def per_core(images, python_images: int) -> list[dict]:
     rows.append({"implementation": "selectivesearch (pure Python, AlpacaDB), same parameters", "images": len(sub),
                  "cpu_s_per_img": cpu_p / len(sub), "img_per_cpu_s": len(sub) / cpu_p,
                  "img_per_wall_s": len(sub) / wall_p, "boxes_per_img": float(np.mean([len(r) for r in res]))})
-    rows[0]["speedup_vs_python"] = rows[1]["cpu_s_per_img"] / rows[0]["cpu_s_per_img"]
+    for row in rows[:2]:
+        row["speedup_vs_python"] = rows[-1]["cpu_s_per_img"] / row["cpu_s_per_img"]
+    return rows
+
+
+def equivalence(images, preset: str = "paper") -> list[dict]:
+    """Table 1b: grouping="numpy" against OpenCV's on each image: box counts (all, 4.1.1-filtered), identical sets,
+    the share of OpenCV's filtered boxes ours finds at IoU >= 0.7 (recall) and of ours that OpenCV's finds."""
+    cv2.setNumThreads(1)
+    rows = []
+    for k, im in enumerate(images):
+        H, W = im.shape[:2]
+        ref, ours = (ss.selective_search(im, preset, grouping=g) for g in ("opencv", "numpy"))
+        fr, fo = ss.filter_boxes(ref, W, H), ss.filter_boxes(ours, W, H)
+        same = {tuple(b) for b in ref.tolist()} & {tuple(b) for b in ours.tolist()}
+        rows.append({"image": k, "size": f"{W} x {H}", "boxes_opencv": len(ref), "boxes_numpy": len(ours),
+                     "boxes_in_both": len(same), "identical": len(same) == len(ref) == len(ours),
+                     "filtered_opencv": len(fr), "filtered_numpy": len(fo), "recall_of_opencv": _recall(fr, fo),
+                     "recall_of_numpy": _recall(fo, fr)})
+    total = {key: sum(r[key] for r in rows) for key in ("boxes_opencv", "boxes_numpy", "boxes_in_both",
+                                                          "filtered_opencv", "filtered_numpy")}
+    rows.append({"image": "all", "size": "-", **total, "identical": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
+                 "recall_of_opencv": float(np.mean([r["recall_of_opencv"] for r in rows])),
+                 "recall_of_numpy": float(np.mean([r["recall_of_numpy"] for r in rows]))})
     return rows
 
 
 def scaling(images, max_workers: int) -> list[dict]:
-    """Table 2: precompute over JPEG files with workers = 1..max_workers."""
+    """Table 2: precompute over JPEG files with workers = 1..max_workers, for each grouping."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         root.mkdir()
         for i, im in enumerate(images):
             cv2.imwrite(str(root / f"{i:04d}.jpg"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        for w in range(1, max_workers + 1):
+        for grouping, w in [(g, w) for g in GROUPING_NAMES for w in range(1, max_workers + 1)]:
             cv2.setNumThreads(1)
-            out = Path(tmp) / f"props_w{w}.npz"
+            out = Path(tmp) / f"props_{grouping}_w{w}.npz"
             ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             c0, t0 = time.process_time(), time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # precompute prints its own summary line
-                ss.precompute(root, out, preset="paper", workers=w, chunk_size=-(-len(images) // w), progress=False)
+                ss.precompute(root, out, preset="paper", workers=w, chunk_size=-(-len(images) // w), progress=False,
+                              grouping=grouping)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu += (ch1.ru_utime - ch0.ru_utime) + (ch1.ru_stime - ch0.ru_stime)
-            rows.append({"workers": w, "images": len(images), "wall_s": wall, "img_per_s": len(images) / wall,
-                         "img_per_s_per_worker": len(images) / wall / w, "img_per_cpu_s": len(images) / cpu,
-                         "load_1m": os.getloadavg()[0]})
+            rows.append({"grouping": grouping, "workers": w, "images": len(images), "wall_s": wall,
+                         "img_per_s": len(images) / wall, "img_per_s_per_worker": len(images) / wall / w,
+                         "img_per_cpu_s": len(images) / cpu, "load_1m": os.getloadavg()[0]})
     return rows
 
 
@@ -177,20 +216,49 @@ def breakdown(images) -> list[dict]:
         add(f"segmentation + grouping, strategy {name} only", lambda mk=mk: [_search(h, mk()) for h in hsv])
     add("segmentation + grouping, Multiple(C, T, S, F) = paper", lambda: [_search(h, ss._strategy()) for h in hsv])
     cv2.setNumThreads(os.cpu_count() or 1)
-    add(f"paper preset, cv2 threads = {os.cpu_count()}", lambda: [ss.selective_search(im, "paper") for im in images],
+    search = functools.partial(ss.selective_search, preset="paper", grouping="opencv")  # this table: OpenCV's
+    add(f"paper preset (OpenCV grouping), cv2 threads = {os.cpu_count()}", lambda: [search(im) for im in images],
         note="CPU time summed over threads")
     cv2.setNumThreads(1)
-    full = [ss.filter_boxes(ss.selective_search(im, "paper"), im.shape[1], im.shape[0]) for im in images]
+    full = [ss.filter_boxes(search(im), im.shape[1], im.shape[0]) for im in images]
     for side in (400, 300, 250):
-        (cpu, wall), res = _cpu_wall(lambda side=side: [ss.selective_search(im, "paper", max_side=side)
-                                                        for im in images])
+        (cpu, wall), res = _cpu_wall(lambda side=side: [search(im, max_side=side) for im in images])
         kept = [ss.filter_boxes(b, im.shape[1], im.shape[0]) for b, im in zip(res, images)]
         rec = float(np.nanmean([_recall(f, k) for f, k in zip(full, kept)]))
-        rows.append({"part": f"paper preset, max_side={side}", "cpu_ms_per_img": 1e3 * cpu / n,
+        rows.append({"part": f"paper preset (OpenCV grouping), max_side={side}", "cpu_ms_per_img": 1e3 * cpu / n,
                      "wall_ms_per_img": 1e3 * wall / n, "boxes_per_img": float(np.mean([len(r) for r in res])),
                      "note": f"{100 * rec:.0f} % of the full-size filtered boxes found at IoU >= 0.7 "
                              f"({np.mean([len(k) for k in kept]):.0f} vs {np.mean([len(f) for f in full]):.0f} "
                              f"filtered boxes)"})
+    return rows + numpy_breakdown(hsv, segs)
+
+
+def numpy_breakdown(hsv, segs, repeat: int = 3) -> list[dict]:
+    """Table 3, continued: grouping="numpy" part by part on the HSV images and their segmentations (best of
+    `repeat` passes; the segmentation itself is the row above)."""
+    import ss_grouping as sg
+
+    n, rows = len(hsv), []
+    flats = [s.reshape(-1).astype(np.intp) for s in segs]
+    feats = [sg.region_features(h, s) for h, s in zip(hsv, segs)]
+    pairs = [sg.neighbour_pairs(s) for s in segs]
+    parts = [("gradients (Scharr, 45-degree rotations)", lambda: [sg._gradients(h) for h in hsv]),
+             ("  + texture codes (min-max to uint8, bins)", lambda: [sg._texture_codes(h) for h in hsv]),
+             ("region_features (all histograms, sizes, boxes)", lambda: [sg.region_features(h, s)
+                                                                       for h, s in zip(hsv, segs)]),
+             ("  of which region boxes (np.minimum.at)", lambda: [sg._boxes(f, s.max() + 1, s.shape[1])
+                                                                for f, s in zip(flats, segs)]),
+             ("neighbour_pairs", lambda: [sg.neighbour_pairs(s) for s in segs]),
+             ("group (merge loop: heap, similarities)", lambda: [sg.group(*f, p, s.size)
+                                                                 for f, p, s in zip(feats, pairs, segs)]),
+             ("hierarchical_grouping (all of the above)", lambda: [sg.hierarchical_grouping(h, s)
+                                                                  for h, s in zip(hsv, segs)])]
+    for name, fn in parts:
+        (cpu, wall), _ = _cpu_wall(fn, repeat)
+        rows.append({"part": f"numpy grouping: {name}", "cpu_ms_per_img": 1e3 * cpu / n,
+                     "wall_ms_per_img": 1e3 * wall / n, "boxes_per_img": "-",
+                     "note": f"{np.mean([len(p) for p in pairs]):.0f} neighbour pairs" if name == "neighbour_pairs"
+                     else ""})
     return rows
 
 
@@ -201,19 +269,38 @@ def main(argv=None):
     p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--scaling-images", type=int, default=16, help="images for the workers table")
     p.add_argument("--breakdown", action="store_true", help="table 3: where the time goes")
+    p.add_argument("--repeat", type=int, default=1, help="table 1: best of this many passes over the images")
+    p.add_argument("--equivalence-extra", type=int, default=0, metavar="N",
+                   help="table 1c: totals of table 1b over N more variants (seed 1), their grayscale copies, "
+                   "250-px copies, and the soco preset")
     a = p.parse_args(argv)
     print(report.header("selective search speed, paper preset (bench/selective_search_speed.py)"))
     print(f"OpenCV {cv2.__version__}; images: {a.images} variants of grace_hopper.jpg at 500 x 375 / 375 x 500\n")
     images = sample_images(max(a.images, a.scaling_images))
     print("### 1. per core (one thread)\n")
-    print(report.table(per_core(images[:a.images], a.python_images),
+    print(report.table(per_core(images[:a.images], a.python_images, a.repeat),
                        ["implementation", "images", "cpu_s_per_img", "img_per_cpu_s", "img_per_wall_s",
                         "boxes_per_img", "speedup_vs_python"]))
     print(f"\nload average: {report.load_average()}; goals: >= 8 images/s per core, >= 5x the pure-Python package")
+    print("\n### 1b. grouping='numpy' against OpenCV's grouping (same images, paper preset)\n")
+    columns = ["image", "size", "boxes_opencv", "boxes_numpy", "boxes_in_both", "identical", "filtered_opencv",
+               "filtered_numpy", "recall_of_opencv", "recall_of_numpy"]
+    print(report.table(equivalence(images[:a.images]), columns))
+    if a.equivalence_extra:
+        more = sample_images(a.equivalence_extra, seed=1)
+        sets = {"variants (seed 1), paper": (more, "paper"),
+                "their grayscale copies, paper": ([np.repeat(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+                                                   for im in more], "paper"),
+                "their 250-px copies, paper": ([cv2.resize(im, (im.shape[1] // 2, im.shape[0] // 2),
+                                                           interpolation=cv2.INTER_AREA) for im in more], "paper"),
+                "variants (seed 1), soco preset": (more, "soco")}
+        print(f"\n### 1c. the same, totals over more images ({a.equivalence_extra} variants of seed 1)\n")
+        print(report.table([{**equivalence(ims, preset)[-1], "image": name} for name, (ims, preset) in sets.items()],
+                           columns))
     print("\n### 2. scaling over worker processes (precompute, JPEG decode included)\n")
     print(report.table(scaling(images[:a.scaling_images], a.max_workers),
-                       ["workers", "images", "wall_s", "img_per_s", "img_per_s_per_worker", "img_per_cpu_s",
-                        "load_1m"]))
+                       ["grouping", "workers", "images", "wall_s", "img_per_s", "img_per_s_per_worker",
+                        "img_per_cpu_s", "load_1m"]))
     if a.breakdown:
         print(f"\n### 3. where the time goes ({a.images} images, CPU time per image)\n")
         print(report.table(breakdown(images[:a.images]),
