@@ -268,10 +268,16 @@ def _arrays(paths, counts, boxes, levels, sizes, bad, reasons, cfg) -> dict:
 
 
 def _is_complete(path: Path, rels: list[str], cfg: dict) -> bool:
-    """True when the file at path exists, was made with cfg and covers exactly the images rels."""
+    """True when the file at path exists, was made with cfg and covers exactly the images rels.
+
+    The grouping is provenance, not part of the comparison: both give the same boxes (bench/RESULTS.md 3b), so a
+    file made with either stays valid (recomputing ImageNet's would cost ~50-130 core-hours)."""
+    def key(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k != "grouping"}
+
     try:
         with np.load(path, allow_pickle=False) as z:
-            same_cfg = json.loads(str(z["config"])) == json.loads(json.dumps(cfg))
+            same_cfg = key(json.loads(str(z["config"]))) == key(json.loads(json.dumps(cfg)))
             return same_cfg and sorted(z["paths"].tolist() + z["unreadable"].tolist()) == rels
     except (OSError, KeyError, ValueError):
         return False
@@ -318,7 +324,8 @@ def precompute(image_root, out_path, preset: str = "paper", workers: int | None 
     workers > 1 uses a 'spawn' Pool: a calling script needs the `if __name__ == "__main__":` guard. Run one
     precompute per output file at a time (under torchrun: rank 0 only, then a barrier). grouping: see
     selective_search; resolved, it enters the file's config when not "opencv" (files made by OpenCV's grouping
-    before this option existed have no such key).
+    before this option existed have no such key). It is recorded only: an existing file made with the other
+    grouping is kept (the same boxes), not recomputed.
     """
     i, n = shard
     grouping = _grouping(preset, grouping)

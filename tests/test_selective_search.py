@@ -379,6 +379,8 @@ def test_precompute_grouping_flag(image_root, tmp_path):
     with np.load(tmp_path / "o.npz", allow_pickle=False) as z:
         assert "grouping" not in json.loads(str(z["config"]))  # as in files made before the option existed
     assert ss.load_proposals(tmp_path / "o.npz").keys() == ss.load_proposals(out).keys()
+    # a file made with OpenCV's grouping stays valid for the default (the same boxes): nothing is recomputed
+    assert ss.precompute(image_root, tmp_path / "o.npz", workers=1, progress=False)["computed"] == 0
 
 
 def iou_recall(ref: np.ndarray, got: np.ndarray, thresh: float = 0.7) -> float:
