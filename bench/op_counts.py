@@ -1,0 +1,134 @@
+"""Benchmark: operators dispatched per training step, and the ones that make a GPU wait (issue 7, the fast path).
+
+On a GPU a step whose kernels are small is bound by the host: each dispatched operator costs a few microseconds to
+launch whatever the batch, and each sync stops the host from running ahead. On one H100 the joint step had ~105 ms
+per step that did not grow with the batch (bench/RESULTS.md). Both counts are the same on every device, so this
+measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
+    joint      one pre-training step by phase: forward, backward, train.LARS, byol.ema_update
+    bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
+    finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
+Counted with a TorchDispatchMode: the aten operators below autograd, forward and backward (a composite operator
+counts as the ones it runs). Syncs: tests/sync_ops.py.
+
+    python bench/op_counts.py              # ResNet-50 pre-training at 64 px, ResNet-18 Mask R-CNN at 160 px
+
+Public: count_ops(fn) -> (ops, sync ops), main(argv).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
+sys.path.insert(0, str(report.repo_root()))
+sys.path.insert(0, str(report.repo_root() / "tests"))
+import byol  # noqa: E402
+import model as model_lib  # noqa: E402
+import roi_head  # noqa: E402
+import train  # noqa: E402
+from sync_ops import SyncOpCounter  # noqa: E402
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> tuple[int, int]:
+    """(aten operators dispatched, ops that make a GPU wait) in one call of fn (run twice: the first warms up)."""
+    fn()
+    with SyncOpCounter() as syncs, _OpCounter() as ops:
+        fn()
+    return ops.n, syncs.total
+
+
+def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
+    torch.manual_seed(0)
+    net = model_lib.ADePT("joint", depth=depth)
+    opt = train.LARS(train.param_groups(net), lr=0.01)
+    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
+    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]  # (K,) every FPN level gets boxes
+    boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
+             for s in (size, size, size // 2)]  # (B, K, 4) xyxy
+    state = {}
+
+    def forward():
+        state["loss"] = net(views, boxes)["loss"]
+
+    def backward():
+        forward()
+        opt.zero_grad(set_to_none=True)
+        state["loss"].backward()
+
+    rows = []
+    for phase, fn in [("forward", forward), ("backward", backward), ("LARS step", opt.step),
+                      ("EMA", lambda: byol.ema_update(net.online, net.target, 0.99))]:
+        ops, syncs = count_ops(fn)
+        rows.append({"step": "joint", "phase": phase, "ops": ops, "sync_ops": syncs})
+    rows[1]["ops"] -= rows[0]["ops"]  # backward() ran a forward too
+    rows[1]["sync_ops"] -= rows[0]["sync_ops"]
+    rows.append({"step": "joint", "phase": "total", "ops": sum(r["ops"] for r in rows),
+                 "sync_ops": sum(r["sync_ops"] for r in rows)})
+
+    def bare():
+        feats = [net.online.extractor(v) for v in views]
+        loss = sum(f.float().mean() for fs in feats for f in fs)
+        with torch.no_grad():
+            for v in views:
+                net.target.extractor(v)
+        net.online.zero_grad(set_to_none=True)
+        loss.backward()
+
+    ops, syncs = count_ops(bare)
+    rows.append({"step": "bare convnet", "phase": "total", "ops": ops, "sync_ops": syncs})
+    return rows
+
+
+def finetune_rows(size: int) -> list[dict]:
+    import finetune_step
+
+    args = finetune_step.parse_args(["--size", str(size), "--device", "cpu", "--depth", "18"])
+    torch.manual_seed(0)
+    ours, theirs = finetune_step.build_ours(args).train(), finetune_step.build_torchvision(args).train()
+    images, targets = finetune_step.make_inputs(2, size, args.objects, torch.device("cpu"))
+    rows = []
+    for name, net, loss_of in (("ours", ours, ours.losses), ("torchvision", theirs, theirs)):
+        ops, syncs = count_ops(finetune_step.train_fn(net, loss_of, images, targets, args))
+        rows.append({"step": f"Mask R-CNN train, {name}", "phase": "total", "ops": ops, "sync_ops": syncs})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=50, help="ResNet depth of the pre-training step")
+    p.add_argument("--size", type=int, default=64, help="V1/V2 side of the pre-training step (counts do not depend on it)")
+    p.add_argument("--finetune-size", type=int, default=160, help="short side of the Mask R-CNN images; 0 skips")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(report.header("operators per training step (bench/op_counts.py)", torch.device("cpu")))
+    original = roi_head.multilevel_roi_align
+    roi_head.multilevel_roi_align = functools.partial(original, sync_free=True)  # the path a GPU takes
+    try:
+        rows = pretrain_rows(a.depth, a.size) + (finetune_rows(a.finetune_size) if a.finetune_size else [])
+    finally:
+        roi_head.multilevel_roi_align = original
+    print(f"settings: pre-training ResNet-{a.depth}, batch 2, {a.size} px, K = 4; Mask R-CNN ResNet-18, 2 images, "
+          f"short side {a.finetune_size}; RoI pooling sync_free=True (the GPU path)\n")
+    print(report.table(rows, ["step", "phase", "ops", "sync_ops"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
