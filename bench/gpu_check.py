@@ -19,6 +19,8 @@ Stages (each one's failure is printed and the next stage still runs; exit status
     4. bench/roi_align_levels.py: sync-free (masked) vs grouped RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
        each train step by operator and its host syncs (the H100 run found ours at 0.77x torchvision's speed).
+    5b. bench/data_pipeline.py on this machine's CPU cores: three-view samples/s with 0, 1 and 4 loader workers (the
+       2-core development VM measured 240-270 in-process but 130-190 through a worker, goal 250 per worker).
     6. --compile (if budget is left): the joint step with torch.compile'd feature extractors, batch 128.
 
 Public: main(argv).
@@ -159,6 +161,7 @@ def check_sync_bn(base, views, boxes, device) -> None:
 
 def stages(a, device) -> list:
     """(name, minimum seconds of budget it needs, callable) in order."""
+    import data_pipeline
     import finetune_step
     import pretrain_step
     import roi_align_levels
@@ -172,7 +175,9 @@ def stages(a, device) -> list:
                 ("4. RoI pooling", 0, lambda: roi_align_levels.main(["--batch-size", "2", "--steps", "2"])),
                 ("5. fine-tuning", 0, lambda: finetune_step.main(["--depth", "18", "--size", "96", "--steps", "1",
                                                                   "--rounds", "1", "--warmup", "1", "--threads",
-                                                                  "1", "--objects", "3"]))]
+                                                                  "1", "--objects", "3"])),
+                ("5b. data pipeline", 0, lambda: data_pipeline.main(["--workers", "0", "--samples", "16", "--images",
+                                                                     "8", "--batch-size", "8", "--epochs", "0"]))]
     r50 = dev + ["--depth", "50", "--size", "224", "--steps", "12", "--rounds", "3", "--warmup", "3"]
     return [
         ("1. CUDA path", 0, lambda: check_cuda_path(a, device)),
@@ -185,6 +190,8 @@ def stages(a, device) -> list:
         ("5. fine-tuning Mask R-CNN R50", 90,
          lambda: finetune_step.main(dev + ["--depth", "50", "--size", "800", "--batch-size", "2", "--amp",
                                            "--steps", "6", "--rounds", "2", "--warmup", "2", "--profile"])),
+        ("5b. data pipeline (this machine's CPU)", 40,
+         lambda: data_pipeline.main(["--workers", "0,1,4", "--samples", "640", "--epochs", "0"])),
         ("6. torch.compile", 150 if a.compile else 10**9,
          lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compile",
                                            "--no-bare"])),
