@@ -120,8 +120,10 @@ def multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio
         return ref.new_zeros((0, C, output_size, output_size))
     rois = _boxes_to_rois(boxes)  # (N, 5) = (image index, x1, y1, x2, y2)
     levels = assign_levels(rois[:, 1:], mode=mode, num_levels=len(features))  # (N,)
-    # Low-precision maps are pooled in float32, as torchvision's autocast rule for roi_align does.
-    maps = [(feat.to(box_dtype), 1.0 / stride) for feat, stride in zip(features, strides)]
+    # Low-precision maps are pooled in float32, as torchvision's autocast rule for roi_align does; made contiguous in
+    # the same copy (roi_align would copy a channels_last map once more to make it contiguous).
+    maps = [(feat.to(box_dtype, memory_format=torch.contiguous_format), 1.0 / stride)
+            for feat, stride in zip(features, strides)]
     pool = _pool_masked if (ref.device.type != "cpu" if sync_free is None else sync_free) else _pool_grouped
     return pool(maps, rois, levels, output_size, sampling_ratio).to(ref.dtype)
 
