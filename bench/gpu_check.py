@@ -19,7 +19,8 @@ Stages (each one's failure is printed and the next stage still runs; exit status
     4. bench/roi_align_levels.py: per-level nonzero vs sort-based RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
        each train step by operator and its host syncs (the H100 run found ours at 0.77x torchvision's speed).
-    6. --compile (if budget is left): the joint step with torch.compile'd feature extractors, batch 128.
+    6. --compile (if budget is left): the joint step eager vs with torch.compile'd feature extractors
+       (train.compile_extractors, train.py --compile), batch 128, interleaved in one run (--compare-compile).
 
 Public: main(argv).
 """
@@ -186,7 +187,7 @@ def stages(a, device) -> list:
          lambda: finetune_step.main(dev + ["--depth", "50", "--size", "800", "--batch-size", "2", "--amp",
                                            "--steps", "6", "--rounds", "2", "--warmup", "2", "--profile"])),
         ("6. torch.compile", 150 if a.compile else 10**9,
-         lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compile",
+         lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
                                            "--no-bare"])),
     ]
 
