@@ -13,7 +13,8 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, setup_distributed, save_atomic, exit_distributed, main.
+Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, setup_distributed, save_atomic,
+exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DEVIATION (SoCo): export the online branch instead of the target branch (3)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="issue 7: torch.compile the online and target feature extractors f (backbone + FPN, 3; the\n"
+                        "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
+                        "measured gain on CPU beyond the noise (ResNet-18; compiling takes ~5 min on 2 cores with a\n"
+                        "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -207,7 +213,27 @@ def build_model(args, device) -> model_lib.ADePT:
     net = model_lib.maybe_sync_bn(net, device).to(device)
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
+        compile_extractors(net)
     return net
+
+
+def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
+    """--compile (issue 7): torch.compile the feature extractor f of both branches in place (nn.Module.compile).
+
+    Only f = backbone + FPN, the part of the step with static shapes (RoIAlign, the RPN's sampling and the losses
+    stay eager). In place: the module tree, its parameters (shared with LARS and byol.ema_update) and its
+    state_dict keys are unchanged (no `_orig_mod.` prefix), so checkpoints load with or without --compile. The
+    byol mode runs the backbone alone (Encoder.forward), so that is what it compiles.
+
+    dynamic: torch.compile's. False (default): static shapes, 4 graphs: 2 view sides (V1/V2, V3) x 2 grad modes
+    (online with grad, target under no_grad); the two branches share them (the weights are graph inputs). None
+    recompiles V3 with symbolic sizes: 3 graphs, but slower to compile on CPU (501 s vs 323 s with a cold cache,
+    ResNet-18, bench/RESULTS.md section 8) and no faster per step.
+    """
+    for branch in (net.online, net.target):
+        f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
+        f.compile(dynamic=dynamic)
 
 
 def load_init(net: model_lib.ADePT, path: str) -> None:

@@ -8,7 +8,8 @@ Public
     machine_info(device=None) -> dict        cpu, cores, torch, cuda device, date, commit, load average
     header(title, device=None) -> str        a block naming the machine, to print above a table
     table(rows, columns) -> str              a Markdown table of dict rows (floats rounded to 3 significant digits)
-    sync(device); time_rounds(fns, steps, rounds, warmup, device) -> {name: median s per call}   interleaved timing
+    sync(device); time_rounds(fns, steps, rounds, warmup, device, per_round=None) -> {name: median s per call}
+                                             interleaved timing
     load_average() -> str                    os.getloadavg() as "1m/5m/15m"
 """
 from __future__ import annotations
@@ -104,9 +105,10 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rounds(fns: dict, steps: int, rounds: int, warmup: int, device) -> dict:
+def time_rounds(fns: dict, steps: int, rounds: int, warmup: int, device, per_round: dict | None = None) -> dict:
     """Interleaved timing of several callables: `warmup` untimed calls of each, then per round ceil(steps / rounds)
-    calls of each fn in turn (load from other processes hits all alike) -> {name: median seconds per call}."""
+    calls of each fn in turn (load from other processes hits all alike) -> {name: median seconds per call}.
+    per_round, if given, receives {name: [seconds per call in each round]} (the spread behind the median)."""
     import math
     import statistics
     import time
@@ -124,4 +126,6 @@ def time_rounds(fns: dict, steps: int, rounds: int, warmup: int, device) -> dict
                 fn()
             sync(device)
             times[name].append((time.perf_counter() - t0) / per)
+    if per_round is not None:
+        per_round.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
