@@ -284,7 +284,7 @@ def generate_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: list
         raise ValueError(f"anchors cover {start} positions, logits {N}")
     scores = torch.sigmoid(torch.cat(top_logits, dim=1).float())  # (B, T)
     boxes = decode_boxes(torch.cat(top_deltas, dim=1), torch.cat(top_anchors, dim=1)).clamp_(min=0)  # (B, T, 4)
-    per_image = not (len(image_size) == 2 and all(isinstance(v, (int, float)) for v in image_size))
+    per_image = isinstance(image_size[0], (tuple, list, torch.Size))  # [(H, W), ...] rather than one (H, W)
     for rows, (H, W) in (zip(boxes, image_size) if per_image else [(boxes, image_size)]):
         rows[..., 0::2].clamp_(max=float(W))  # clip to the image (Python bounds: no host -> device copy)
         rows[..., 1::2].clamp_(max=float(H))
