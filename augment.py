@@ -21,8 +21,10 @@ Public
     Draws(generator)                                                uniforms from a torch.Generator, 64 per call
     sample_geometry(height, width, generator, ...) -> list of 3 view dicts (size, crop, flip, source, affine)
     map_boxes(boxes, view, clip) / visible(boxes, views) / common_region(views, H, W)      boxes through the views
+    map_boxes_views(boxes, views) -> (full, clipped) (V, N, 4);  visible_mapped(full, clipped) -> (N,) bool
+                                                                    the same for all views in one call
     render_geometry(image, views) -> 3 x uint8 (S, S, 3);  color_augment(x, g, blur_p, solarize_p) -> uint8
-    render_views(image, boxes, views, g, color, jitter) -> [(uint8 (3, S, S), float32 (K, 4))] x 3   pixels + boxes
+    render_views(image, boxes, views, g, color, jitter, mapped=None) -> [(uint8 (3, S, S), float32 (K, 4))] x 3
     jitter_boxes(boxes, g, size, p=0.5, ratio=0.1) -> (K, 4)         SoCo's box jitter (V1)
     three_views(image, boxes, generator, size=224, small_size=112, v3_mode="downsample", ...)
         -> [(view uint8 (3, S, S), boxes float32 (K, 4))] x 3
@@ -139,16 +141,34 @@ def map_boxes(boxes: np.ndarray, view: dict, clip: bool = True) -> np.ndarray:
     return np.clip(out, 0, view["size"]) if clip else out
 
 
+XYXY_SCALE, XYXY_SHIFT = [0, 2, 0, 2], [1, 3, 1, 3]  # affine (sx, tx, sy, ty) -> per-coordinate scale / shift
+FLIP_ORDER = [2, 1, 0, 3]  # a flipped view swaps x1 and x2
+
+
+def map_boxes_views(boxes: np.ndarray, views: list) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) xyxy original pixels -> (full, clipped), each float64 (V, N, 4) xyxy in every view's pixels: map_boxes
+    of all views in one numpy call (the same element-wise operations, so the same values)."""
+    aff = np.stack([v["affine"] for v in views])  # (V, 4) sx, tx, sy, ty
+    full = boxes * aff[:, None, XYXY_SCALE] + aff[:, None, XYXY_SHIFT]  # (V, N, 4)
+    flip = aff[:, 0] < 0  # (V,)
+    if flip.any():
+        full[flip] = full[flip][..., FLIP_ORDER]
+    sizes = np.array([v["size"] for v in views], np.float64)[:, None, None]  # (V, 1, 1)
+    return full, np.clip(full, 0, sizes)
+
+
+def visible_mapped(full: np.ndarray, clipped: np.ndarray, min_fraction: float = MIN_VISIBLE,
+                   min_side: float = MIN_BOX_SIDE) -> np.ndarray:
+    """map_boxes_views' (full, clipped) (V, N, 4) -> (N,) bool: visible (see MIN_VISIBLE) in every view."""
+    wh = clipped[..., 2:] - clipped[..., :2]  # (V, N, 2)
+    area_full = (full[..., 2] - full[..., 0]) * (full[..., 3] - full[..., 1])  # (V, N)
+    ok = (wh.min(-1) >= min_side) & (wh[..., 0] * wh[..., 1] >= min_fraction * area_full)  # (V, N)
+    return ok.all(0)
+
+
 def visible(boxes: np.ndarray, views: list, min_fraction: float = MIN_VISIBLE, min_side: float = MIN_BOX_SIDE):
     """(N, 4) original pixels -> (N,) bool: visible (see MIN_VISIBLE) in every view."""
-    ok = np.ones(len(boxes), bool)
-    for v in views:
-        full = map_boxes(boxes, v, clip=False)
-        clipped = np.clip(full, 0, v["size"])
-        wh = clipped[:, 2:] - clipped[:, :2]
-        area_full = (full[:, 2] - full[:, 0]) * (full[:, 3] - full[:, 1])
-        ok &= (wh.min(1) >= min_side) & (wh[:, 0] * wh[:, 1] >= min_fraction * area_full)
-    return ok
+    return visible_mapped(*map_boxes_views(boxes, views), min_fraction, min_side)
 
 
 def common_region(views: list, height: int, width: int) -> np.ndarray:
@@ -250,30 +270,37 @@ def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
 
 def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float = 0.1):
     """SoCo's box jitter (V1 only): with probability p per box, each coordinate moves by U(-ratio, ratio) x the box
-    width (x1, x2) or height (y1, y2); clipped to the size x size view."""
+    width (x1, x2) or height (y1, y2); clipped to the size x size view. The draws come box by box (a coin, then its
+    4 moves if it came up), the moves are applied in one numpy call."""
     r, out = _draws(g), boxes.copy()
+    rows, moves = [], []
     for k in range(len(boxes)):
         if r() < p:
-            wh = np.tile(boxes[k, 2:] - boxes[k, :2], 2)
-            out[k] += np.array([r(-ratio, ratio) for _ in range(4)]) * wh
+            rows.append(k)
+            moves.append([r(-ratio, ratio) for _ in range(4)])
+    if rows:
+        wh = np.tile(boxes[rows, 2:] - boxes[rows, :2], 2)  # (J, 4) w, h, w, h of the moved boxes
+        out[rows] += np.array(moves) * wh
     out = np.clip(out, 0, size)
     out[:, 2:] = np.maximum(out[:, 2:], out[:, :2])
     return out
 
 
-def render_views(image, boxes, views, g, color: bool, jitter: bool):
-    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3."""
+def render_views(image, boxes, views, g, color: bool, jitter: bool, mapped: np.ndarray | None = None):
+    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3. mapped: the
+    boxes already in every view's pixels, clipped (V, K, 4) (map_boxes_views' second output), else computed here."""
     pixels = render_geometry(image, views)
-    out = []
+    if mapped is None:
+        mapped = map_boxes_views(boxes, views)[1]  # (V, K, 4) xyxy view pixels, float64
     for j, (px, v) in enumerate(zip(pixels, views)):
         if color:  # V1: blur always, no solarize; V2, V3: blur p 0.1, solarize p 0.2 (BYOL's asymmetric pair)
-            px = color_augment(px, g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
-        b = map_boxes(boxes, v)
-        if j == 0 and jitter:
-            b = jitter_boxes(b, g, v["size"])
-        # (3, S, S) as a view of the (S, S, 3) array: the collate's stack makes the contiguous batch copy
-        out.append((torch.from_numpy(px).permute(2, 0, 1), torch.from_numpy(b.astype(np.float32))))
-    return out
+            pixels[j] = color_augment(px, g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
+        if j == 0 and jitter:  # its draws come between V1's and V2's colour draws
+            mapped = mapped.copy()
+            mapped[0] = jitter_boxes(mapped[0], g, v["size"])
+    boxes32 = mapped.astype(np.float32)  # (V, K, 4)
+    # (3, S, S) as a view of the (S, S, 3) array: the collate's stack makes the contiguous batch copy
+    return [(torch.from_numpy(px.transpose(2, 0, 1)), torch.from_numpy(b)) for px, b in zip(pixels, boxes32)]
 
 
 def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator, size: int = 224,
