@@ -186,6 +186,8 @@ def _resize(img: np.ndarray, out: int) -> np.ndarray:
     multiples of 2^k, see _trim), then bilinear. One area resize at a non-integer ratio costs ~10x more."""
     for _ in range(_halvings(img.shape[0], img.shape[1], out)):
         img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] == (out, out):  # e.g. V3 = V2 halved: cv2.resize to the same size is a plain copy
+        return img
     return cv2.resize(img, (out, out), interpolation=cv2.INTER_LINEAR)
 
 
@@ -213,6 +215,7 @@ def render_geometry(image: np.ndarray, views: list) -> list[np.ndarray]:
 # truncates instead, and our hue has 256 steps per turn: they differ by 1-3 levels, see the tests).
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL / torchvision
 GRAY_MATRIX = np.tile(LUMA, (3, 1))  # every output channel = the luma
+EYE3 = np.eye(3)  # float64 identity of the blend matrices (made once: np.eye per call cost ~5 us)
 
 
 def _gray3(x: np.ndarray) -> np.ndarray:
@@ -226,11 +229,13 @@ def _brightness(x: np.ndarray, f: float) -> np.ndarray:  # x * f
 
 def _contrast(x: np.ndarray, f: float) -> np.ndarray:  # blend with the mean luma: f x + (1 - f) mean
     mean = float(LUMA @ np.array(cv2.mean(x)[:3], np.float32))
-    return cv2.transform(x, np.hstack([f * np.eye(3), np.full((3, 1), (1 - f) * mean)]).astype(np.float32))
+    m = np.empty((3, 4))  # float64 [f I | (1 - f) mean], then float32 as before
+    m[:, :3], m[:, 3] = f * EYE3, (1 - f) * mean
+    return cv2.transform(x, m.astype(np.float32))
 
 
 def _saturation(x: np.ndarray, f: float) -> np.ndarray:  # blend with the luma image: f x + (1 - f) gray
-    return cv2.transform(x, (f * np.eye(3) + (1 - f) * GRAY_MATRIX).astype(np.float32))
+    return cv2.transform(x, (f * EYE3 + (1 - f) * GRAY_MATRIX).astype(np.float32))
 
 
 def _hue(x: np.ndarray, f: float) -> np.ndarray:  # rotate the hue by f turns; 8-bit hue (256 steps per turn)
@@ -257,7 +262,8 @@ def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
     if r() < jitter_p:
         b, c, s, h = jitter
         factors = [r(1 - b, 1 + b), r(1 - c, 1 + c), r(1 - s, 1 + s), r(-h, h)]
-        for i in np.argsort([r() for _ in range(4)]):  # a random order of the four operations
+        keys = [r() for _ in range(4)]  # a random order of the four operations: argsort of 4 uniforms
+        for i in sorted(range(4), key=keys.__getitem__):  # (np.argsort's order; ties have probability ~2^-50)
             x = (_brightness, _contrast, _saturation, _hue)[i](x, factors[i])
     if r() < gray_p:
         x = _gray3(x)
