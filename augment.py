@@ -141,18 +141,19 @@ def map_boxes(boxes: np.ndarray, view: dict, clip: bool = True) -> np.ndarray:
     return np.clip(out, 0, view["size"]) if clip else out
 
 
-XYXY_SCALE, XYXY_SHIFT = [0, 2, 0, 2], [1, 3, 1, 3]  # affine (sx, tx, sy, ty) -> per-coordinate scale / shift
-FLIP_ORDER = [2, 1, 0, 3]  # a flipped view swaps x1 and x2
+# affine (sx, tx, sy, ty) -> per-coordinate scale (sx, sy, sx, sy) and shift (tx, ty, tx, ty)
+XYXY_SCALE, XYXY_SHIFT = np.array([0, 2, 0, 2]), np.array([1, 3, 1, 3])
+XYXY_COLS = np.array([[0, 1, 2, 3], [2, 1, 0, 3]])  # original coordinates read by a view: plain / flipped (x2, x1)
 
 
 def map_boxes_views(boxes: np.ndarray, views: list) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) xyxy original pixels -> (full, clipped), each float64 (V, N, 4) xyxy in every view's pixels: map_boxes
-    of all views in one numpy call (the same element-wise operations, so the same values)."""
-    aff = np.stack([v["affine"] for v in views])  # (V, 4) sx, tx, sy, ty
-    full = boxes * aff[:, None, XYXY_SCALE] + aff[:, None, XYXY_SHIFT]  # (V, N, 4)
-    flip = aff[:, 0] < 0  # (V,)
-    if flip.any():
-        full[flip] = full[flip][..., FLIP_ORDER]
+    of all views in one numpy call (each coordinate is the same product and sum, so the same values). A flipped view
+    reads x2 as its x1 and x1 as its x2 (the scale and shift are the same for both)."""
+    aff = np.array([v["affine"] for v in views])  # (V, 4) sx, tx, sy, ty
+    cols = XYXY_COLS[(aff[:, 0] < 0).astype(np.intp)]  # (V, 4)
+    full = np.multiply(boxes[:, cols].transpose(1, 0, 2), aff[:, None, XYXY_SCALE], order="C")  # (V, N, 4)
+    full += aff[:, None, XYXY_SHIFT]
     sizes = np.array([v["size"] for v in views], np.float64)[:, None, None]  # (V, 1, 1)
     return full, np.clip(full, 0, sizes)
 
@@ -160,9 +161,9 @@ def map_boxes_views(boxes: np.ndarray, views: list) -> tuple[np.ndarray, np.ndar
 def visible_mapped(full: np.ndarray, clipped: np.ndarray, min_fraction: float = MIN_VISIBLE,
                    min_side: float = MIN_BOX_SIDE) -> np.ndarray:
     """map_boxes_views' (full, clipped) (V, N, 4) -> (N,) bool: visible (see MIN_VISIBLE) in every view."""
-    wh = clipped[..., 2:] - clipped[..., :2]  # (V, N, 2)
+    w, h = clipped[..., 2] - clipped[..., 0], clipped[..., 3] - clipped[..., 1]  # (V, N) each
     area_full = (full[..., 2] - full[..., 0]) * (full[..., 3] - full[..., 1])  # (V, N)
-    ok = (wh.min(-1) >= min_side) & (wh[..., 0] * wh[..., 1] >= min_fraction * area_full)  # (V, N)
+    ok = (np.minimum(w, h) >= min_side) & (w * h >= min_fraction * area_full)  # (V, N)
     return ok.all(0)
 
 
@@ -288,7 +289,8 @@ def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float =
             rows.append(k)
             moves.append([r(-ratio, ratio) for _ in range(4)])
     if rows:
-        wh = np.tile(boxes[rows, 2:] - boxes[rows, :2], 2)  # (J, 4) w, h, w, h of the moved boxes
+        wh = boxes[rows, 2:] - boxes[rows, :2]  # (J, 2)
+        wh = np.concatenate([wh, wh], 1)  # (J, 4) w, h, w, h of the moved boxes (np.tile's result, 5x cheaper)
         out[rows] += np.array(moves) * wh
     out = np.clip(out, 0, size)
     out[:, 2:] = np.maximum(out[:, 2:], out[:, :2])
