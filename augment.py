@@ -21,8 +21,10 @@ Public
     Draws(generator)                                                uniforms from a torch.Generator, 64 per call
     sample_geometry(height, width, generator, ...) -> list of 3 view dicts (size, crop, flip, source, affine)
     map_boxes(boxes, view, clip) / visible(boxes, views) / common_region(views, H, W)      boxes through the views
+    map_boxes_views(boxes, views) -> (full, clipped) (V, N, 4);  visible_mapped(full, clipped) -> (N,) bool
+                                                                    the same for all views in one call
     render_geometry(image, views) -> 3 x uint8 (S, S, 3);  color_augment(x, g, blur_p, solarize_p) -> uint8
-    render_views(image, boxes, views, g, color, jitter) -> [(uint8 (3, S, S), float32 (K, 4))] x 3   pixels + boxes
+    render_views(image, boxes, views, g, color, jitter, mapped=None) -> [(uint8 (3, S, S), float32 (K, 4))] x 3
     jitter_boxes(boxes, g, size, p=0.5, ratio=0.1) -> (K, 4)         SoCo's box jitter (V1)
     three_views(image, boxes, generator, size=224, small_size=112, v3_mode="downsample", ...)
         -> [(view uint8 (3, S, S), boxes float32 (K, 4))] x 3
@@ -139,16 +141,35 @@ def map_boxes(boxes: np.ndarray, view: dict, clip: bool = True) -> np.ndarray:
     return np.clip(out, 0, view["size"]) if clip else out
 
 
+# affine (sx, tx, sy, ty) -> per-coordinate scale (sx, sy, sx, sy) and shift (tx, ty, tx, ty)
+XYXY_SCALE, XYXY_SHIFT = np.array([0, 2, 0, 2]), np.array([1, 3, 1, 3])
+XYXY_COLS = np.array([[0, 1, 2, 3], [2, 1, 0, 3]])  # original coordinates read by a view: plain / flipped (x2, x1)
+
+
+def map_boxes_views(boxes: np.ndarray, views: list) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) xyxy original pixels -> (full, clipped), each float64 (V, N, 4) xyxy in every view's pixels: map_boxes
+    of all views in one numpy call (each coordinate is the same product and sum, so the same values). A flipped view
+    reads x2 as its x1 and x1 as its x2 (the scale and shift are the same for both)."""
+    aff = np.array([v["affine"] for v in views])  # (V, 4) sx, tx, sy, ty
+    cols = XYXY_COLS[(aff[:, 0] < 0).astype(np.intp)]  # (V, 4)
+    full = np.multiply(boxes[:, cols].transpose(1, 0, 2), aff[:, None, XYXY_SCALE], order="C")  # (V, N, 4)
+    full += aff[:, None, XYXY_SHIFT]
+    sizes = np.array([v["size"] for v in views], np.float64)[:, None, None]  # (V, 1, 1)
+    return full, np.clip(full, 0, sizes)
+
+
+def visible_mapped(full: np.ndarray, clipped: np.ndarray, min_fraction: float = MIN_VISIBLE,
+                   min_side: float = MIN_BOX_SIDE) -> np.ndarray:
+    """map_boxes_views' (full, clipped) (V, N, 4) -> (N,) bool: visible (see MIN_VISIBLE) in every view."""
+    w, h = clipped[..., 2] - clipped[..., 0], clipped[..., 3] - clipped[..., 1]  # (V, N) each
+    area_full = (full[..., 2] - full[..., 0]) * (full[..., 3] - full[..., 1])  # (V, N)
+    ok = (np.minimum(w, h) >= min_side) & (w * h >= min_fraction * area_full)  # (V, N)
+    return ok.all(0)
+
+
 def visible(boxes: np.ndarray, views: list, min_fraction: float = MIN_VISIBLE, min_side: float = MIN_BOX_SIDE):
     """(N, 4) original pixels -> (N,) bool: visible (see MIN_VISIBLE) in every view."""
-    ok = np.ones(len(boxes), bool)
-    for v in views:
-        full = map_boxes(boxes, v, clip=False)
-        clipped = np.clip(full, 0, v["size"])
-        wh = clipped[:, 2:] - clipped[:, :2]
-        area_full = (full[:, 2] - full[:, 0]) * (full[:, 3] - full[:, 1])
-        ok &= (wh.min(1) >= min_side) & (wh[:, 0] * wh[:, 1] >= min_fraction * area_full)
-    return ok
+    return visible_mapped(*map_boxes_views(boxes, views), min_fraction, min_side)
 
 
 def common_region(views: list, height: int, width: int) -> np.ndarray:
@@ -166,6 +187,8 @@ def _resize(img: np.ndarray, out: int) -> np.ndarray:
     multiples of 2^k, see _trim), then bilinear. One area resize at a non-integer ratio costs ~10x more."""
     for _ in range(_halvings(img.shape[0], img.shape[1], out)):
         img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] == (out, out):  # e.g. V3 = V2 halved: cv2.resize to the same size is a plain copy
+        return img
     return cv2.resize(img, (out, out), interpolation=cv2.INTER_LINEAR)
 
 
@@ -193,6 +216,7 @@ def render_geometry(image: np.ndarray, views: list) -> list[np.ndarray]:
 # truncates instead, and our hue has 256 steps per turn: they differ by 1-3 levels, see the tests).
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL / torchvision
 GRAY_MATRIX = np.tile(LUMA, (3, 1))  # every output channel = the luma
+EYE3 = np.eye(3)  # float64 identity of the blend matrices (made once: np.eye per call cost ~5 us)
 
 
 def _gray3(x: np.ndarray) -> np.ndarray:
@@ -206,16 +230,21 @@ def _brightness(x: np.ndarray, f: float) -> np.ndarray:  # x * f
 
 def _contrast(x: np.ndarray, f: float) -> np.ndarray:  # blend with the mean luma: f x + (1 - f) mean
     mean = float(LUMA @ np.array(cv2.mean(x)[:3], np.float32))
-    return cv2.transform(x, np.hstack([f * np.eye(3), np.full((3, 1), (1 - f) * mean)]).astype(np.float32))
+    m = np.empty((3, 4))  # float64 [f I | (1 - f) mean], then float32 as before
+    m[:, :3], m[:, 3] = f * EYE3, (1 - f) * mean
+    return cv2.transform(x, m.astype(np.float32))
 
 
 def _saturation(x: np.ndarray, f: float) -> np.ndarray:  # blend with the luma image: f x + (1 - f) gray
-    return cv2.transform(x, (f * np.eye(3) + (1 - f) * GRAY_MATRIX).astype(np.float32))
+    return cv2.transform(x, (f * EYE3 + (1 - f) * GRAY_MATRIX).astype(np.float32))
 
 
 def _hue(x: np.ndarray, f: float) -> np.ndarray:  # rotate the hue by f turns; 8-bit hue (256 steps per turn)
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.uint8(round(f * 256) % 256)  # uint8 addition wraps around the hue circle
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)  # (h, w, 3) contiguous
+    shift = np.zeros(hsv.shape[1] * 3, np.uint8)  # one row of pixels: (dh, 0, 0) each
+    shift[0::3] = round(f * 256) % 256
+    rows = hsv.reshape(hsv.shape[0], -1)  # (h, w * 3) view: a contiguous add, 2x faster than hsv[..., 0] += dh
+    rows += shift  # uint8 addition wraps around the hue circle; S and V + 0
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
@@ -237,7 +266,8 @@ def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
     if r() < jitter_p:
         b, c, s, h = jitter
         factors = [r(1 - b, 1 + b), r(1 - c, 1 + c), r(1 - s, 1 + s), r(-h, h)]
-        for i in np.argsort([r() for _ in range(4)]):  # a random order of the four operations
+        keys = [r() for _ in range(4)]  # a random order of the four operations: argsort of 4 uniforms
+        for i in sorted(range(4), key=keys.__getitem__):  # (np.argsort's order; ties have probability ~2^-50)
             x = (_brightness, _contrast, _saturation, _hue)[i](x, factors[i])
     if r() < gray_p:
         x = _gray3(x)
@@ -250,30 +280,38 @@ def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
 
 def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float = 0.1):
     """SoCo's box jitter (V1 only): with probability p per box, each coordinate moves by U(-ratio, ratio) x the box
-    width (x1, x2) or height (y1, y2); clipped to the size x size view."""
+    width (x1, x2) or height (y1, y2); clipped to the size x size view. The draws come box by box (a coin, then its
+    4 moves if it came up), the moves are applied in one numpy call."""
     r, out = _draws(g), boxes.copy()
+    rows, moves = [], []
     for k in range(len(boxes)):
         if r() < p:
-            wh = np.tile(boxes[k, 2:] - boxes[k, :2], 2)
-            out[k] += np.array([r(-ratio, ratio) for _ in range(4)]) * wh
+            rows.append(k)
+            moves.append([r(-ratio, ratio) for _ in range(4)])
+    if rows:
+        wh = boxes[rows, 2:] - boxes[rows, :2]  # (J, 2)
+        wh = np.concatenate([wh, wh], 1)  # (J, 4) w, h, w, h of the moved boxes (np.tile's result, 5x cheaper)
+        out[rows] += np.array(moves) * wh
     out = np.clip(out, 0, size)
     out[:, 2:] = np.maximum(out[:, 2:], out[:, :2])
     return out
 
 
-def render_views(image, boxes, views, g, color: bool, jitter: bool):
-    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3."""
+def render_views(image, boxes, views, g, color: bool, jitter: bool, mapped: np.ndarray | None = None):
+    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3. mapped: the
+    boxes already in every view's pixels, clipped (V, K, 4) (map_boxes_views' second output), else computed here."""
     pixels = render_geometry(image, views)
-    out = []
+    if mapped is None:
+        mapped = map_boxes_views(boxes, views)[1]  # (V, K, 4) xyxy view pixels, float64
     for j, (px, v) in enumerate(zip(pixels, views)):
         if color:  # V1: blur always, no solarize; V2, V3: blur p 0.1, solarize p 0.2 (BYOL's asymmetric pair)
-            px = color_augment(px, g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
-        b = map_boxes(boxes, v)
-        if j == 0 and jitter:
-            b = jitter_boxes(b, g, v["size"])
-        # (3, S, S) as a view of the (S, S, 3) array: the collate's stack makes the contiguous batch copy
-        out.append((torch.from_numpy(px).permute(2, 0, 1), torch.from_numpy(b.astype(np.float32))))
-    return out
+            pixels[j] = color_augment(px, g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
+        if j == 0 and jitter:  # its draws come between V1's and V2's colour draws
+            mapped = mapped.copy()
+            mapped[0] = jitter_boxes(mapped[0], g, v["size"])
+    boxes32 = mapped.astype(np.float32)  # (V, K, 4)
+    # (3, S, S) as a view of the (S, S, 3) array: the collate's stack makes the contiguous batch copy
+    return [(torch.from_numpy(px.transpose(2, 0, 1)), torch.from_numpy(b)) for px, b in zip(pixels, boxes32)]
 
 
 def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator, size: int = 224,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 # augment also turns off OpenCV's thread pool (cv2.setNumThreads(0)) on import: loader workers are the parallelism.
-from augment import MIN_VISIBLE, Draws, common_region, render_views, sample_geometry, visible
+from augment import MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry, visible_mapped
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -186,16 +186,19 @@ class PretrainDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.root}: {MAX_REPLACE} unreadable images in a row near index {index}")
 
     def _choose(self, boxes: np.ndarray, H: int, W: int, g: torch.Generator):
-        """Geometry and K boxes visible in all views: up to MAX_TRIES geometries (SoCo), padded by repetition."""
+        """Geometry and K boxes visible in all views: up to MAX_TRIES geometries (SoCo), padded by repetition.
+        -> (views, boxes (K, 4) original pixels, their clipped view boxes (3, K, 4) or None, fallback)."""
         for _ in range(MAX_TRIES):
             views = sample_geometry(H, W, g, self.size, self.small_size, self.v3_mode)
-            idx = np.flatnonzero(visible(boxes, views, self.min_visible))
+            full, clipped = map_boxes_views(boxes, views)  # (3, N, 4) xyxy view pixels, float64
+            idx = np.flatnonzero(visible_mapped(full, clipped, self.min_visible))
             if len(idx):
                 break
         if not len(idx):  # nothing visible after MAX_TRIES: the region every view shows
-            return views, np.repeat(common_region(views, H, W), self.K, 0), True
+            return views, np.repeat(common_region(views, H, W), self.K, 0), None, True
         order = idx[torch.randperm(len(idx), generator=g.g).numpy()][: self.K]
-        return views, boxes[order[np.arange(self.K) % len(order)]], False
+        pick = order[np.arange(self.K) % len(order)]  # (K,) padded by repetition
+        return views, boxes[pick], clipped[:, pick], False
 
     def __getitem__(self, item) -> dict:
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
@@ -208,9 +211,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
         if not len(boxes):  # no proposal: the whole image (SoCo)
             boxes = np.array([[0, 0, W, H]], np.float32)
-        views, chosen, fallback = self._choose(boxes, H, W, g)
+        views, chosen, mapped, fallback = self._choose(boxes, H, W, g)
         out = {"index": index, "replaced": j != index, "fallback": fallback}
-        for k, (v, (px, b)) in enumerate(zip(views, render_views(image, chosen, views, g, self.color, self.jitter)), 1):
+        rendered = render_views(image, chosen, views, g, self.color, self.jitter, mapped)
+        for k, (v, (px, b)) in enumerate(zip(views, rendered), 1):
             out[f"v{k}"], out[f"b{k}"] = px, b
             out[f"t{k}"] = torch.from_numpy(v["affine"].astype(np.float32))
         return out

@@ -101,6 +101,44 @@ def test_box_jitter_only_on_v1_and_bounded():
     assert 5 < moved < 25  # p = 0.5 per box
 
 
+def per_box_jitter(boxes, r, size, p=0.5, ratio=0.1):
+    """augment.jitter_boxes as first written (one numpy call per box): the reference of the vectorised one."""
+    out = boxes.copy()
+    for k in range(len(boxes)):
+        if r() < p:
+            wh = np.tile(boxes[k, 2:] - boxes[k, :2], 2)
+            out[k] += np.array([r(-ratio, ratio) for _ in range(4)]) * wh
+    out = np.clip(out, 0, size)
+    out[:, 2:] = np.maximum(out[:, 2:], out[:, :2])
+    return out
+
+
+@pytest.mark.parametrize("v3_mode", ["downsample", "independent"])
+def test_vectorised_box_path_equals_per_view_one(v3_mode):
+    """map_boxes_views / visible_mapped / jitter_boxes (one numpy call for all views or boxes) give exactly the
+    values of map_boxes per view, the per-view visibility loop and a per-box jitter, and consume the same draws."""
+    rng, flips = np.random.default_rng(4), set()
+    for seed in range(60):
+        H, W = int(rng.integers(30, 600)), int(rng.integers(30, 600))
+        xy = rng.uniform(-10, [W, H], (40, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(0.5, 0.6 * max(H, W), (40, 2))]).astype(np.float32)  # (N, 4)
+        views = augment.sample_geometry(H, W, torch.Generator().manual_seed(seed), 96, 48, v3_mode)
+        flips |= {bool(v["affine"][0] < 0) for v in views}
+        full, clipped = augment.map_boxes_views(boxes, views)  # (3, N, 4)
+        ok = np.ones(len(boxes), bool)
+        for j, v in enumerate(views):
+            assert np.array_equal(full[j], augment.map_boxes(boxes, v, clip=False))
+            assert np.array_equal(clipped[j], augment.map_boxes(boxes, v))
+            wh = clipped[j][:, 2:] - clipped[j][:, :2]
+            area = (full[j][:, 2] - full[j][:, 0]) * (full[j][:, 3] - full[j][:, 1])
+            ok &= (wh.min(1) >= augment.MIN_BOX_SIDE) & (wh[:, 0] * wh[:, 1] >= augment.MIN_VISIBLE * area)
+        assert np.array_equal(augment.visible(boxes, views), ok)
+        a, b = (augment.Draws(torch.Generator().manual_seed(seed)) for _ in range(2))
+        assert np.array_equal(augment.jitter_boxes(clipped[0], a, 96), per_box_jitter(clipped[0], b, 96))
+        assert a() == b()  # the same number of draws consumed
+    assert flips == {True, False}
+
+
 def test_colour_ops_match_torchvision():
     x = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8), (0, 0), 1.5)
     t = torch.from_numpy(x).permute(2, 0, 1)
