@@ -14,7 +14,7 @@ Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
 Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, setup_distributed, save_atomic,
-exit_distributed, main.
+make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -306,6 +306,38 @@ def main(argv=None) -> None:
         log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; weights for fine-tuning {out / 'pretrained.pth'}")
 
 
+def make_loader(dataset, sampler, args, device) -> DataLoader:
+    """One loader for the whole run (workers persist across epochs); pinned memory and channels_last batches on CUDA."""
+    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                      pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                      collate_fn=data.collate_channels_last if device.type == "cuda" else None)
+
+
+def train_step(ddp, net, opt, batch: dict, args, device, tau: float) -> dict:
+    """One optimisation step of Eq. 8 (or its baseline's loss): forward under bf16 autocast on CUDA if --amp,
+    backward, LARS, then the target's EMA xi <- tau xi + (1 - tau) theta (3.3). No host sync. Returns the losses."""
+    views, boxes, transforms = to_device(batch, device, args.channels_last)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        losses = ddp(views, boxes, transforms)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    opt.step()
+    if args.mode != "separate":
+        byol.ema_update(net.online, net.target, tau)
+    return losses
+
+
+def log_step(path: Path | None, bar, losses: dict, **fields) -> None:
+    """One log.jsonl line (path None: not rank 0) and the progress bar: fields + the losses, read from the device here
+    (the .item() calls are the run's only host syncs, every --log-every steps)."""
+    rec = {**{k: fields[k] for k in ("step", "epoch")}, **{k: round(v.item(), 5) for k, v in losses.items()},
+           **{k: v for k, v in fields.items() if k not in ("step", "epoch")}}
+    bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     """Steps until the end (or --max-steps); checkpoints and logs on rank 0. Returns the last step."""
     out = Path(args.out)
@@ -320,8 +352,9 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
         step = load_checkpoint(out / "checkpoint.pth", net, opt)
         log(f"resumed from {out / 'checkpoint.pth'} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
-    # find_unused_parameters: a batch whose boxes all fall on some FPN levels leaves those levels' output convs
-    # without gradient (the RPN trains on detached features by default).
+    # find_unused_parameters: with the CPU's grouped RoI pooling (roi_head.multilevel_roi_align), a batch whose boxes
+    # all fall on some FPN levels leaves those levels' output convs without gradient (the RPN trains on detached
+    # features by default); byol mode never uses the FPN.
     ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
     peak_lr, warmup = args.base_lr * args.batch_size * world / 256, int(args.warmup_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -330,9 +363,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     # One loader for the whole run: its workers persist across epochs (a fresh loader per epoch restarted them,
     # which cost a batch's latency every epoch); EpochSampler hands each index to them with its epoch.
     epochs = data.EpochSampler(sampler)
-    loader = DataLoader(dataset, args.batch_size, sampler=epochs, num_workers=args.workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                        collate_fn=data.collate_channels_last if device.type == "cuda" else None)
+    loader = make_loader(dataset, epochs, args, device)
     while step < total:
         epoch = step // steps_per_epoch
         epochs.set_epoch(epoch)  # also the DistributedSampler's shuffle; each item carries it, in or out of process
@@ -342,25 +373,14 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)  # anchor sampling: resume-exact
-            views, boxes, transforms = to_device(batch, device, args.channels_last)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                losses = ddp(views, boxes, transforms)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            if args.mode != "separate":
-                byol.ema_update(net.online, net.target, tau)  # xi <- tau xi + (1 - tau) theta
+            losses = train_step(ddp, net, opt, batch, args, device, tau)
             bad |= ~torch.isfinite(losses["loss"].detach())
             step, seen = step + 1, seen + args.batch_size * world
             bar.update(1)
             if step % args.log_every == 0 or step == total:
                 check_finite(bad, step, last_good, out)
-                rec = {"step": step, "epoch": epoch, **{k: round(v.item(), 5) for k, v in losses.items()},
-                       "lr": lr, "tau": tau, "images_per_s": round(seen / (time.perf_counter() - t0), 2)}
-                bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
-                if rank == 0:
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                log_step(out / "log.jsonl" if rank == 0 else None, bar, losses, step=step, epoch=epoch, lr=lr,
+                         tau=tau, images_per_s=round(seen / (time.perf_counter() - t0), 2))
             if step % args.ckpt_every == 0 or step == total:
                 check_finite(bad, step, last_good, out)
                 if rank == 0:
