@@ -6,7 +6,7 @@
 #     bash bench/gpu_run.sh                        # $OUT/gpu_check.md, $OUT/e2e_log.jsonl, $OUT/run.log
 # Environment knobs (seconds / study.py flags):
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
-#     CHECK_S     gpu_check.py's --budget-s, default 250 (stages 1-5 took 46 s on one H100, stage 6 needs 150);
+#     CHECK_S     gpu_check.py's --budget-s, default 270 (stages 1-5 took 46 s on one H100, 5b ~40 s, stage 6 needs 150);
 #                 0 skips gpu_check
 #     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 120;
 #                 0 skips it
@@ -25,7 +25,7 @@ set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_run}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
-CHECK_S=${CHECK_S:-250}
+CHECK_S=${CHECK_S:-270}
 E2E_S=${E2E_S:-120}
 STUDY_ARGS=${STUDY_ARGS:-}
 START=$(date +%s)
