@@ -56,6 +56,7 @@ SCALE_RANGE = (0.3, 0.8)  # 4.1.1: 0.3 <= sqrt(wh)/sqrt(WH) <= 0.8
 SOCO_MIN_SIDE = 32  # SoCo's extra w >= 32 and h >= 32 (off by default: min_side=0)
 DEFAULT_CHUNK = 256  # images per part file: a kill loses at most one chunk per worker
 GROUPINGS = ("auto", "opencv", "numpy")  # who merges the regions: ximgproc, ss_grouping.py; auto: numpy if it can
+MULTI_STRATEGY = ("fast", "quality")  # OpenCV's own presets (several colour spaces and strategies): its grouping only
 
 
 def _seg():
@@ -74,12 +75,15 @@ def _strategy():
 
 
 def _grouping(preset: str, grouping: str) -> str:
-    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality."""
+    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality.
+    Bad combinations fail here, before any image is read."""
     if preset not in PRESETS or grouping not in GROUPINGS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, grouping one of {GROUPINGS}; got {preset!r}, "
                          f"{grouping!r}")
+    if grouping == "numpy" and preset in MULTI_STRATEGY:
+        raise ValueError(f"grouping='numpy' implements the single-strategy presets, not {preset!r}")
     if grouping == "auto":
-        return "opencv" if preset in ("fast", "quality") else "numpy"
+        return "opencv" if preset in MULTI_STRATEGY else "numpy"
     return grouping
 
 
@@ -87,16 +91,14 @@ def _raw_search(image_rgb: np.ndarray, preset: str, grouping: str = "opencv") ->
     """OpenCV selective search -> (N, 4) float32 (x, y, w, h), in OpenCV's (varying) order; grouping="numpy": the
     same graph segmentation, grouped by ss_grouping.py (sorted)."""
     SEG = _seg()
-    if grouping == "numpy":
-        if preset in ("fast", "quality"):
-            raise ValueError(f"grouping='numpy' implements the single-strategy presets, not {preset!r}")
+    if grouping == "numpy":  # a resolved grouping (_grouping): a single-strategy preset
         import ss_grouping
 
         p, hsv = PRESETS[preset], cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV)
         labels = SEG.createGraphSegmentation(sigma=p["sigma"], k=p["k"], min_size=p["min_size"]).processImage(hsv)
         return ss_grouping.hierarchical_grouping(hsv, labels).astype(np.float32)
     ss = SEG.createSelectiveSearchSegmentation()
-    if preset in ("fast", "quality"):
+    if preset in MULTI_STRATEGY:
         ss.setBaseImage(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))  # OpenCV converts from BGR itself
         if preset == "fast":
             ss.switchToSelectiveSearchFast()

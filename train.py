@@ -327,11 +327,10 @@ def train_step(ddp, net, opt, batch: dict, args, device, tau: float) -> dict:
     return losses
 
 
-def log_step(path: Path | None, bar, losses: dict, **fields) -> None:
-    """One log.jsonl line (path None: not rank 0) and the progress bar: fields + the losses, read from the device here
-    (the .item() calls are the run's only host syncs, every --log-every steps)."""
-    rec = {**{k: fields[k] for k in ("step", "epoch")}, **{k: round(v.item(), 5) for k, v in losses.items()},
-           **{k: v for k, v in fields.items() if k not in ("step", "epoch")}}
+def log_step(path: Path | None, bar, losses: dict, step: int, epoch: int, **fields) -> None:
+    """One log.jsonl line (path None: not rank 0) and the progress bar: step, epoch, the losses (read from the device
+    here: the .item() calls are the run's only host syncs, every --log-every steps), then fields."""
+    rec = {"step": step, "epoch": epoch, **{k: round(v.item(), 5) for k, v in losses.items()}, **fields}
     bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
     if path is not None:
         with open(path, "a") as f:

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
@@ -36,22 +35,12 @@ import train  # noqa: E402
 from sync_ops import SyncOpCounter  # noqa: E402
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_ops(fn) -> tuple[int, int]:
     """(aten operators dispatched, ops that make a GPU wait) in one call of fn (run twice: the first warms up)."""
     fn()
-    with SyncOpCounter() as syncs, _OpCounter() as ops:
+    with SyncOpCounter() as counter:
         fn()
-    return ops.n, syncs.total
+    return counter.ops, counter.total
 
 
 def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:

@@ -9,7 +9,8 @@ call, whatever the device, so a CPU test can assert that a training step has non
 Calibration: on one H100 the joint step made 18 CUDA syncs with two such operations per RoI-pooling call
 (torch.bincount, whose CUDA kernel reads its maximum, then .tolist() of the counts; bench/RESULTS.md).
 
-Public: ``SyncOpCounter`` (a TorchDispatchMode; ``counts`` maps op name -> calls, ``total``).
+Public: ``SyncOpCounter`` (a TorchDispatchMode; ``counts`` maps sync op name -> calls, ``total`` sums them,
+``ops`` counts every dispatched aten op: a kernel launch each on a GPU).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class SyncOpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: dict[str, int] = {}
+        self.ops = 0  # every operator dispatched (forward and backward, below autograd)
 
     def _add(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -44,6 +46,7 @@ class SyncOpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
+        self.ops += 1
         if name in SYNC_OPS:
             self._add(name)
         elif name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") \

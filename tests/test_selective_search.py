@@ -381,6 +381,9 @@ def test_precompute_grouping_flag(image_root, tmp_path):
     assert ss.load_proposals(tmp_path / "o.npz").keys() == ss.load_proposals(out).keys()
     # a file made with OpenCV's grouping stays valid for the default (the same boxes): nothing is recomputed
     assert ss.precompute(image_root, tmp_path / "o.npz", workers=1, progress=False)["computed"] == 0
+    with pytest.raises(ValueError, match="single-strategy"):  # before any image, not as per-image failures
+        ss.precompute(image_root, tmp_path / "f.npz", preset="fast", grouping="numpy", workers=1, progress=False)
+    assert not (tmp_path / "f.npz.parts").exists()
 
 
 def iou_recall(ref: np.ndarray, got: np.ndarray, thresh: float = 0.7) -> float:

@@ -226,14 +226,7 @@ def test_lars_step_launches_a_constant_number_of_ops():
     # Issue 7 (fast path): after the first step (momentum buffers created), a step is a fixed handful of foreach ops
     # whatever the number of parameters (each op is a kernel launch on a GPU; it used to allocate a zeros_like per
     # parameter every step).
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+    from sync_ops import SyncOpCounter
 
     counts = []
     for n_params in (10, 200):
@@ -242,10 +235,9 @@ def test_lars_step_launches_a_constant_number_of_ops():
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
-        Count.n = 0
-        with Count():
+        with SyncOpCounter() as counter:
             opt.step()
-        counts.append(Count.n)
+        counts.append(counter.ops)
     assert counts[0] == counts[1] < 30, counts
 
 
