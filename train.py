@@ -176,10 +176,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint. A failed write (a full
+    disk) keeps the previous file, removes the partial temp file and raises an OSError naming the file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is kept" if path.exists() else "no earlier one exists"
+        raise OSError(f"could not write {path} ({e}); {kept}") from e
 
 
 def build_data(args):

@@ -63,6 +63,25 @@ def test_separate_mode_from_a_soco_run(pool, tmp_path):
         train.main(tiny_args(pool, tmp_path / "x", "--mode", "separate"))
 
 
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk mid-write (torch.save raises after writing part of the file): the last checkpoint survives, the
+    partial temp file is removed, and the error names the file."""
+    path = tmp_path / "checkpoint.pth"
+    train.save_atomic({"step": 2, "w": torch.ones(3)}, path)
+    real = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="checkpoint.pth.*previous one is kept"):
+        train.save_atomic({"step": 4, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real)
+    assert load(path)["step"] == 2 and torch.equal(load(path)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
 def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
     args = ["--mode", "joint", "--max-steps", "4", "--ckpt-every", "2"]
     train.main(tiny_args(pool, tmp_path / "a", *args))
