@@ -48,6 +48,7 @@ import numpy as np
 
 COLOR_BINS = 25  # per channel, over 0..255
 TEXTURE_BINS = 10  # per gradient map, over 0..255
+DENSE_PAIR_KEYS = 1 << 22  # neighbour_pairs dedupes with an n^2 table (4 MB) up to n = 2048 regions, else sorts
 
 
 def _bins(nbins: int, scale: int = 1) -> np.ndarray:
@@ -107,17 +108,26 @@ def _histograms(flat: np.ndarray, codes: list[np.ndarray], nbins: int, n: int) -
     return out
 
 
-def _boxes(flat: np.ndarray, n: int, W: int) -> np.ndarray:
-    """flat (H*W,) intp labels of an (H, W) image -> (n, 4) int64 x1, y1, x2, y2 (x2, y2 exclusive) per region."""
-    H = len(flat) // W
-    xs, ys = np.tile(np.arange(W), H), np.repeat(np.arange(H), W)  # (H*W,) each
+def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """labels (H, W) in 0..n-1 -> (n, 4) int64 x1, y1, x2, y2 (x2, y2 exclusive) per region.
+
+    Only the ends of each run of equal labels along a row matter (~6x fewer pixels than the image): the first
+    pixel of a run gives x1, y1 and y2 candidates, the last one x2."""
+    first = np.ones(labels.shape, bool)  # (H, W): pixel starts a run
+    first[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    last = np.ones(labels.shape, bool)  # (H, W): pixel ends a run
+    last[:, :-1] = first[:, 1:]
+    W = labels.shape[1]
+    starts = np.flatnonzero(first)  # (K,) int64, K runs, row-major (2-D np.nonzero is ~6x slower)
+    ys, xs = np.divmod(starts, W)
+    ls, lx = labels.reshape(-1)[starts], np.flatnonzero(last) % W  # (K,) labels and last x of the runs
     boxes = np.empty((n, 4), np.int64)
     boxes[:, :2] = np.iinfo(np.int64).max
     boxes[:, 2:] = -1
-    np.minimum.at(boxes[:, 0], flat, xs)
-    np.minimum.at(boxes[:, 1], flat, ys)
-    np.maximum.at(boxes[:, 2], flat, xs)
-    np.maximum.at(boxes[:, 3], flat, ys)
+    np.minimum.at(boxes[:, 0], ls, xs)
+    np.minimum.at(boxes[:, 1], ls, ys)
+    np.maximum.at(boxes[:, 2], ls, lx)
+    np.maximum.at(boxes[:, 3], ls, ys)
     boxes[:, 2:] += 1
     return boxes
 
@@ -135,20 +145,28 @@ def region_features(image: np.ndarray, labels: np.ndarray):
     texture = np.stack([joint.sum(axis=3), joint.sum(axis=2)], axis=2)  # (n, 4C, 2 = +/-, 10)
     feats = [color.reshape(n, -1).astype(np.float32) / (sizes * C).astype(np.float32)[:, None],
              texture.reshape(n, -1).astype(np.float32) / (sizes * 8 * C).astype(np.float32)[:, None]]
-    return np.concatenate(feats, axis=1), sizes, _boxes(flat, n, labels.shape[1])
+    return np.concatenate(feats, axis=1), sizes, _boxes(labels, n)
 
 
 def neighbour_pairs(labels: np.ndarray) -> np.ndarray:
     """labels (H, W) -> (E, 2) int64 unique pairs i < j of regions that touch: each pixel outside the first row and
     column against its left, upper and upper-left pixel (OpenCV's is_neighbour)."""
-    here = labels[1:, 1:]
     n = int(labels.max()) + 1
+    W = labels.shape[1]
+    flat = labels.reshape(-1)  # (H*W,): 1-D shifts and index lists, ~2x faster than masking 2-D views
     keys = []
-    for other in (labels[1:, :-1], labels[:-1, 1:], labels[:-1, :-1]):
-        diff = here != other
-        a, b = here[diff].astype(np.int64), other[diff].astype(np.int64)
-        keys.append(np.minimum(a, b) * n + np.maximum(a, b))
-    keys = np.unique(np.concatenate(keys))
+    for off in (1, W, W + 1):  # left, upper, upper-left pixel
+        p = np.flatnonzero(flat[off:] != flat[:-off]) + off  # (B,) int64 pixels whose neighbour differs
+        p = p[(p >= W) & (p % W != 0)]  # outside the first row and column
+        a, b = flat[p], flat[p - off]
+        keys.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    keys = np.concatenate(keys)  # (B,) int64 i * n + j, with repeats
+    if n * n <= DENSE_PAIR_KEYS:  # a table of all n^2 keys: no sort
+        seen = np.zeros(n * n, bool)
+        seen[keys] = True
+        keys = np.flatnonzero(seen)
+    else:
+        keys = np.unique(keys)
     return np.stack(np.divmod(keys, n), axis=1)
 
 

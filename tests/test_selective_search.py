@@ -296,6 +296,19 @@ def test_neighbour_pairs_follow_opencv_rule():
     assert ss_grouping.neighbour_pairs(labels).tolist() == [[0, 1], [0, 2], [0, 3], [1, 3], [2, 3]]
 
 
+def test_neighbour_pairs_and_boxes_on_random_labels(monkeypatch):
+    """Scattered, disconnected labels: pairs and boxes equal the slow obvious way; both dedupe paths agree."""
+    labels = np.random.default_rng(0).integers(0, 7, (9, 11)).astype(np.int32)
+    here = labels[1:, 1:]
+    slow = {tuple(sorted(p)) for other in (labels[1:, :-1], labels[:-1, 1:], labels[:-1, :-1])
+            for p in zip(here[here != other].tolist(), other[here != other].tolist())}
+    pairs = ss_grouping.neighbour_pairs(labels)
+    assert pairs.dtype == np.int64 and pairs.tolist() == sorted(list(p) for p in slow)
+    monkeypatch.setattr(ss_grouping, "DENSE_PAIR_KEYS", 0)  # the sorting path, for many regions
+    np.testing.assert_array_equal(ss_grouping.neighbour_pairs(labels), pairs)
+    np.testing.assert_array_equal(ss_grouping._boxes(labels, 7), boxes_of(labels))
+
+
 def test_region_features_colour_texture_sizes_boxes():
     labels = np.array([[0, 0, 1], [0, 2, 1]], np.int32)
     image = np.zeros((2, 3, 3), np.uint8)
