@@ -48,6 +48,7 @@ import numpy as np
 
 COLOR_BINS = 25  # per channel, over 0..255
 TEXTURE_BINS = 10  # per gradient map, over 0..255
+STALE_FACTOR = 3  # group() rebuilds its heap when it holds more than 3 entries per live pair
 DENSE_PAIR_KEYS = 1 << 22  # neighbour_pairs dedupes with an n^2 table (4 MB) up to n = 2048 regions, else sorts
 
 
@@ -186,9 +187,9 @@ def _cost(rows_a: np.ndarray, rows_b: np.ndarray, area: int) -> np.ndarray:
 
 
 def _cost_of_minima(m: np.ndarray, area: int) -> np.ndarray:
-    """m (k, D + 4) float32 minima of two rows (_cost) -> (k,) float64 costs; fewer numpy calls than slicing x, y."""
-    wh = np.add.reduce(m[:, -4:].reshape(-1, 2, 2), axis=1)  # (k, 2) minus width, minus height (exact integers)
-    return np.multiply.reduce(wh, axis=1, dtype=np.float64) / area - np.add.reduce(m[:, :-4], axis=1)
+    """m (k, D + 4) float32 minima of two rows (_cost) -> (k,) float64 costs."""
+    w, h = m[:, -4] + m[:, -2], m[:, -3] + m[:, -1]  # (k,) each: minus width, minus height (exact integers)
+    return w.astype(np.float64) * h / area - np.add.reduce(m[:, :-4], axis=1)
 
 
 class _Hierarchy:
@@ -263,13 +264,19 @@ def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.nda
     heap = list(zip(h.cost(a, b).tolist(), a.tolist(), b.tolist()))
     heapq.heapify(heap)
     alive, pop, push = h.alive, heapq.heappop, heapq.heappush
-    while heap:
+    live = len(heap)  # neighbouring pairs of live nodes: each has one heap entry, the rest are stale
+    while live:
         _, i, j = pop(heap)
         if alive[i] and alive[j]:
+            live -= len(h.adj[i]) + len(h.adj[j]) - 1  # pairs with i or j (i-j counted twice) die
             t, near = h.merge(i, j)
+            live += len(near)
             if near:
                 for c, k in zip(h.cost_to(t, near), near):
                     push(heap, (c, t, k))
+            if len(heap) > STALE_FACTOR * live:  # drop the stale entries: cheaper than popping them one by one
+                heap = [e for e in heap if alive[e[1]] and alive[e[2]]]
+                heapq.heapify(heap)
     return h.node_boxes()
 
 
