@@ -357,6 +357,20 @@ def test_group_fill_term_prefers_the_compact_pair():
     assert nodes[4:].tolist() == [[0, 0, 4, 2], [0, 0, 5, 4], [0, 0, 6, 4]]  # A+B, (A+B)+C, all
 
 
+def test_group_heap_rebuilds_keep_the_merge_order(monkeypatch):
+    """Dropping stale heap entries in bulk (every merge, or never) changes no merge: same nodes in the same order."""
+    labels = np.kron(np.random.default_rng(1).integers(0, 12, (6, 7)), np.ones((2, 2), np.int64)).astype(np.int32)
+    labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)  # 0..n-1
+    image = np.random.default_rng(2).integers(0, 256, (*labels.shape, 3)).astype(np.uint8)
+    args = (*ss_grouping.region_features(image, labels), ss_grouping.neighbour_pairs(labels), labels.size)
+    runs = []
+    for factor in (0, 10 ** 9):
+        monkeypatch.setattr(ss_grouping, "STALE_FACTOR", factor)
+        runs.append(ss_grouping.group(*args))
+    assert len(runs[0]) == 2 * int(labels.max()) + 1  # one connected image: n - 1 merges
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_group_disconnected_parts_and_single_region():
     """Two parts that never touch end as two roots (n + merges = 2n - 2 nodes); one region: no merge."""
     labels = np.array([[0, 1]], np.int32)
