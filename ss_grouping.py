@@ -111,6 +111,15 @@ def _histograms(flat: np.ndarray, codes: list[np.ndarray], nbins: int, n: int) -
     return out
 
 
+def _marginals(nbins: int, dtype) -> np.ndarray:
+    """(nbins^2, 2 nbins) 0/1 matrix: joint bin a * nbins + b -> columns a and nbins + b (both marginals)."""
+    joint = np.arange(nbins * nbins)
+    out = np.zeros((nbins * nbins, 2 * nbins), dtype)
+    out[joint, joint // nbins] = 1
+    out[joint, nbins + joint % nbins] = 1
+    return out
+
+
 def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
     """labels (H, W) in 0..n-1 -> (n, 4) int64 x1, y1, x2, y2 (x2, y2 exclusive) per region.
 
@@ -142,10 +151,11 @@ def region_features(image: np.ndarray, labels: np.ndarray):
     C = image.shape[2]
     flat = labels.reshape(-1).astype(np.intp)  # (H*W,)
     n = int(flat.max()) + 1
-    sizes = np.bincount(flat, minlength=n).astype(np.int64)  # (n,)
     color = _histograms(flat, cv2.split(cv2.LUT(image, _bins(COLOR_BINS))), COLOR_BINS, n)  # (n, C, 25)
-    joint = _histograms(flat, _texture_codes(image), TEXTURE_BINS ** 2, n).reshape(n, 4 * C, TEXTURE_BINS, -1)
-    texture = np.stack([joint.sum(axis=3), joint.sum(axis=2)], axis=2)  # (n, 4C, 2 = +/-, 10)
+    sizes = color[:, 0].sum(axis=1)  # (n,) int64: each pixel in one bin of the first channel
+    joint = _histograms(flat, _texture_codes(image), TEXTURE_BINS ** 2, n).reshape(n * 4 * C, -1)  # (4Cn, 100)
+    exact = np.float32 if flat.size < 1 << 24 else np.float64  # integer counts <= H*W stay exact in sums
+    texture = joint.astype(exact) @ _marginals(TEXTURE_BINS, exact)  # (4Cn, 2 = +/- x 10): ~4x faster than sums
     feats = [color.reshape(n, -1).astype(np.float32) / (sizes * C).astype(np.float32)[:, None],
              texture.reshape(n, -1).astype(np.float32) / (sizes * 8 * C).astype(np.float32)[:, None]]
     return np.concatenate(feats, axis=1), sizes, _boxes(labels, n)
