@@ -186,25 +186,21 @@ def neighbour_pairs(labels: np.ndarray) -> np.ndarray:
     return np.stack(np.divmod(keys, n), axis=1)
 
 
-def _cost(rows_a: np.ndarray, rows_b: np.ndarray, area: int) -> np.ndarray:
+def _cost(feats_a: np.ndarray, feats_b: np.ndarray, boxes_a: np.ndarray, boxes_b: np.ndarray,
+          area: int) -> np.ndarray:
     """Merge costs of k pairs -> (k,) float64; the lower, the more similar: cost = 2 - 4 * similarity.
 
-    rows_* (k, D + 4) or (D + 4,) float32: features (colour | texture histograms), then the box as x1, y1, -x2, -y2
-    (x2, y2 exclusive; integers, exact below 2^24). similarity = (colour + texture + size + fill) / 4 with
-    size + fill = (1 - (s_a + s_b) / A) + (1 - (BB_ab - s_a - s_b) / A) = 2 - BB_ab / A: the sizes cancel, so
-    cost = BB_ab / A - sum_k min(f_a^k, f_b^k), which orders the pairs as the similarity does.
+    feats_* (k, D) float32 features (colour | texture histograms), boxes_* (k, 4) int64 x1, y1, -x2, -y2 (x2, y2
+    exclusive). similarity = (colour + texture + size + fill) / 4 with size + fill = (1 - (s_a + s_b) / A) +
+    (1 - (BB_ab - s_a - s_b) / A) = 2 - BB_ab / A: the sizes cancel, so cost = BB_ab / A - sum_k min(f_a^k, f_b^k),
+    which orders the pairs as the similarity does. _Hierarchy.new_pairs computes the same numbers one pair at a time.
     # DEVIATION: OpenCV adds the four float32 terms, each histogram bin by bin; we sum the minima pairwise (numpy)
     # in float32 and the rest in float64: the order of two pairs whose similarities differ in the last float32 bits
     # may differ from OpenCV's (never seen: bench/RESULTS.md section 3b).
     """
-    m = np.minimum(rows_a, rows_b)  # (k, D + 4): bin-wise minima, then the enclosing box
-    return _cost_of_minima(m, area)
-
-
-def _cost_of_minima(m: np.ndarray, area: int) -> np.ndarray:
-    """m (k, D + 4) float32 minima of two rows (_cost) -> (k,) float64 costs."""
-    w, h = m[:, -4] + m[:, -2], m[:, -3] + m[:, -1]  # (k,) each: minus width, minus height (exact integers)
-    return w.astype(np.float64) * h / area - np.add.reduce(m[:, :-4], axis=1)
+    box = np.minimum(boxes_a, boxes_b)  # (k, 4) the enclosing box, signed
+    bb = (box[:, 0] + box[:, 2]) * (box[:, 1] + box[:, 3])  # (k,) int64 (-w) (-h), exact
+    return bb / area - np.add.reduce(np.minimum(feats_a, feats_b), axis=1)
 
 
 class _Hierarchy:
@@ -212,11 +208,11 @@ class _Hierarchy:
 
     def __init__(self, feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.ndarray, area: int):
         n, D = feats.shape
-        signed = np.concatenate([boxes[:, :2], -boxes[:, 2:]], axis=1)  # (n, 4) x1, y1, -x2, -y2
-        self.rows = np.zeros((2 * n, D + 4), np.float32)  # node t: features, then its signed box
-        self.rows[:n, :D], self.rows[:n, D:] = feats, signed
-        self.feat = [row[:D] for row in self.rows]  # (D,) float32 views: list indexing beats 2-D slicing per merge
-        self.boxes_py = signed.tolist()  # the boxes as Python ints, for the merges
+        self.signed = np.concatenate([boxes[:, :2], -boxes[:, 2:]], axis=1)  # (n, 4) int64 x1, y1, -x2, -y2
+        self.rows = np.zeros((2 * n, D), np.float32)  # node t's features
+        self.rows[:n] = feats
+        self.feat = list(self.rows)  # (D,) float32 views: list indexing beats 2-D indexing per merge
+        self.boxes_py = self.signed.tolist()  # the boxes as Python ints, for the merges
         self.sizes = sizes.tolist()  # Python ints, appended per merge
         self.area, self.t = area, n  # t: the next node's index
         self.alive = [True] * n + [False] * n
@@ -225,15 +221,24 @@ class _Hierarchy:
             self.adj[i].add(j)
             self.adj[j].add(i)
 
-    def cost(self, a, b) -> np.ndarray:
-        """Node indices a, b: (k,) each -> (k,) float64 merge costs."""
-        return _cost(self.rows.take(a, axis=0), self.rows.take(b, axis=0), self.area)
+    def cost(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Initial regions a, b: (k,) each -> (k,) float64 merge costs."""
+        r, s = self.rows, self.signed
+        return _cost(r.take(a, axis=0), r.take(b, axis=0), s.take(a, axis=0), s.take(b, axis=0), self.area)
 
-    def cost_to(self, t: int, near: list[int]) -> list[float]:
-        """Merge costs of node t with each node of near (k >= 1), as Python floats; the same numbers as cost()."""
-        m = self.rows.take(near, axis=0)  # (k, D + 4); take: ~4x faster than fancy indexing for small k
-        np.minimum(m, self.rows[t], out=m)
-        return _cost_of_minima(m, self.area).tolist()
+    def new_pairs(self, t: int, near: list[int]) -> list[tuple[float, int, int]]:
+        """Heap entries (cost, t, k) of node t with each node k of near (k >= 1): _cost's numbers, the box term in
+        Python ints (w h / A is correctly rounded either way), the histogram term in one numpy expression."""
+        m = self.rows.take(near, axis=0)  # (k, D); take: ~4x faster than fancy indexing for small k
+        overlap = np.add.reduce(np.minimum(m, self.rows[t], out=m), axis=1).tolist()  # (k,) float32 sums
+        x1, y1, x2, y2 = self.boxes_py[t]  # signed: x1, y1, -x2, -y2
+        boxes, area, out = self.boxes_py, self.area, []
+        for s, k in zip(overlap, near):
+            b = boxes[k]
+            w = (x1 if x1 < b[0] else b[0]) + (x2 if x2 < b[2] else b[2])  # minus the union's width
+            h = (y1 if y1 < b[1] else b[1]) + (y2 if y2 < b[3] else b[3])
+            out.append((w * h / area - s, t, k))
+        return out
 
     def merge(self, i: int, j: int) -> tuple[int, list[int]]:
         """Merge live nodes i, j into the new node t -> (t, t's neighbours: the union of i's and j's)."""
@@ -242,9 +247,7 @@ class _Hierarchy:
         np.divide(f[i] * si + f[j] * sj, si + sj, out=f[t])  # float32 (NEP 50), OpenCV's weighted mean
         s.append(si + sj)
         bi, bj = self.boxes_py[i], self.boxes_py[j]
-        box = [min(bi[0], bj[0]), min(bi[1], bj[1]), min(bi[2], bj[2]), min(bi[3], bj[3])]  # x1, y1, -x2, -y2
-        self.boxes_py.append(box)
-        self.rows[t, -4:] = box
+        self.boxes_py.append([min(bi[0], bj[0]), min(bi[1], bj[1]), min(bi[2], bj[2]), min(bi[3], bj[3])])
         self.alive[i] = self.alive[j] = False
         self.alive[t] = True
         adj = self.adj
@@ -287,8 +290,8 @@ def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.nda
             t, near = h.merge(i, j)
             live += len(near)
             if near:
-                for c, k in zip(h.cost_to(t, near), near):
-                    push(heap, (c, t, k))
+                for entry in h.new_pairs(t, near):
+                    push(heap, entry)
             if len(heap) > STALE_FACTOR * live:  # drop the stale entries: cheaper than popping them one by one
                 heap = [e for e in heap if alive[e[1]] and alive[e[2]]]
                 heapq.heapify(heap)
