@@ -18,8 +18,9 @@ This follows OpenCV's SelectiveSearchSegmentation (opencv_contrib ximgproc) defi
 the same: histogram bins, the gradient maps, float32 histograms and similarity terms, neighbours taken from the left,
 upper and upper-left pixel of every pixel outside the first row and column, inclusive boxes, every node's box kept
 once (the caller sorts them: OpenCV's order, level x random, carries no information). What differs is how:
-histograms in one pass over the pixels (np.bincount on the label image; the texture's + and - histograms of a map
-from one joint count, split by an exact 0/1 matrix product) instead of one masked pass per region, boxes from the
+histograms in one pass over the pixels per map (cv2.calcHist over the label's two bytes and the value, or
+np.bincount; the texture's + and - histograms of a map from one joint count, split by an exact 0/1 matrix product)
+instead of one masked pass per region, boxes from the
 ends of each row's label runs, a heap with lazy invalidation (stale entries dropped in bulk once they outnumber the
 live pairs 3 to 1; the pop order, hence the merge order, is that of the (cost, i, j) tuples either way) instead of
 re-sorting all pairs after each merge, and the new region's similarity to all its neighbours in one numpy
@@ -52,6 +53,7 @@ import numpy as np
 COLOR_BINS = 25  # per channel, over 0..255
 TEXTURE_BINS = 10  # per gradient map, over 0..255
 STALE_FACTOR = 3  # group() rebuilds its heap when it holds more than 3 entries per live pair
+CALCHIST_MAX_LABELS = 1 << 16  # _histograms: labels as 2 uint8 bytes for cv2.calcHist, else np.bincount
 DENSE_PAIR_KEYS = 1 << 22  # neighbour_pairs dedupes with an n^2 table (4 MB) up to n = 2048 regions, else sorts
 
 
@@ -103,13 +105,25 @@ def _texture_codes(image: np.ndarray) -> list[np.ndarray]:
     return codes
 
 
-def _histograms(flat: np.ndarray, codes: list[np.ndarray], nbins: int, n: int) -> np.ndarray:
-    """flat (P,) intp labels, codes: per map uint8 (H, W) in 0..nbins-1 -> (n, len(codes), nbins) int64 counts."""
-    base = flat * nbins  # (P,) intp
+def _histograms(labels: np.ndarray, maps: list[np.ndarray], nbins: int, top: int, n: int) -> np.ndarray:
+    """labels int32 (H, W) in 0..n-1, maps: uint8 (H, W) each, values < top -> (n, len(maps), nbins) int64 counts
+    per region and map of the bins floor(v * nbins / top).
+
+    cv2.calcHist over (label // 256, label % 256, v) (no binning pass, ~1.3x faster than np.bincount on
+    label * nbins + bin) while its float32 counts are exact (< 2^24 pixels) and labels fit 2 bytes; else bincount."""
+    out = np.empty((n, len(maps), nbins), np.int64)
+    if n <= CALCHIST_MAX_LABELS and labels.size < 1 << 24:
+        nh = (n + 255) >> 8  # label // 256 in 0..nh-1
+        hi, lo = (labels >> 8).astype(np.uint8), (labels & 255).astype(np.uint8)  # (H, W) each
+        for m, v in enumerate(maps):
+            hist = cv2.calcHist([hi, lo, v], [0, 1, 2], None, [nh, 256, nbins], [0, nh, 0, 256, 0, top])
+            out[:, m] = hist.reshape(-1, nbins)[:n]  # (nh * 256, nbins) float32 -> the first n labels
+        return out
+    base = labels.reshape(-1).astype(np.intp) * nbins  # (P,) intp
     buf = np.empty_like(base)
-    out = np.empty((n, len(codes), nbins), np.int64)
-    for m, code in enumerate(codes):
-        np.add(base, code.reshape(-1), out=buf)
+    to_bin = (np.arange(256) * nbins // top).astype(np.uint8)  # LUT: v -> its bin
+    for m, v in enumerate(maps):
+        np.add(base, cv2.LUT(v, to_bin).reshape(-1), out=buf)
         out[:, m] = np.bincount(buf, minlength=n * nbins).reshape(n, nbins)
     return out
 
@@ -152,12 +166,12 @@ def region_features(image: np.ndarray, labels: np.ndarray):
     histograms, each L1-normalised), sizes (n,) int64, boxes (n, 4) int64 x1, y1, x2, y2 (x2, y2 exclusive)."""
     image = image.reshape(*labels.shape, -1)
     C = image.shape[2]
-    flat = labels.reshape(-1).astype(np.intp)  # (H*W,)
-    n = int(flat.max()) + 1
-    color = _histograms(flat, cv2.split(cv2.LUT(image, _bins(COLOR_BINS))), COLOR_BINS, n)  # (n, C, 25)
+    n = int(labels.max()) + 1
+    color = _histograms(labels, cv2.split(image), COLOR_BINS, 256, n)  # (n, C, 25) over 0..255
     sizes = color[:, 0].sum(axis=1)  # (n,) int64: each pixel in one bin of the first channel
-    joint = _histograms(flat, _texture_codes(image), TEXTURE_BINS ** 2, n).reshape(n * 4 * C, -1)  # (4Cn, 100)
-    exact = np.float32 if flat.size < 1 << 24 else np.float64  # integer counts <= H*W stay exact in sums
+    codes = _texture_codes(image)  # 4C (H, W) uint8 in 0..99
+    joint = _histograms(labels, codes, TEXTURE_BINS ** 2, TEXTURE_BINS ** 2, n).reshape(n * 4 * C, -1)  # (4Cn, 100)
+    exact = np.float32 if labels.size < 1 << 24 else np.float64  # integer counts <= H*W stay exact in sums
     texture = joint.astype(exact) @ _marginals(TEXTURE_BINS, exact)  # (4Cn, 2 = +/- x 10): ~4x faster than sums
     feats = [color.reshape(n, -1).astype(np.float32) / (sizes * C).astype(np.float32)[:, None],
              texture.reshape(n, -1).astype(np.float32) / (sizes * 8 * C).astype(np.float32)[:, None]]

@@ -309,6 +309,20 @@ def test_neighbour_pairs_and_boxes_on_random_labels(monkeypatch):
     np.testing.assert_array_equal(ss_grouping._boxes(labels, 7), boxes_of(labels))
 
 
+def test_histograms_calchist_and_bincount_paths_agree(monkeypatch):
+    """Over 256 labels (both label bytes matter) and 2 maps: per-region counts of floor(v * nbins / top), by
+    cv2.calcHist and by the np.bincount fallback, equal the obvious count."""
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.arange(40 * 25) % 300).reshape(40, 25).astype(np.int32)  # labels 0..299
+    maps = [rng.integers(0, 256, labels.shape).astype(np.uint8) for _ in range(2)]
+    slow = np.zeros((300, 2, 25), np.int64)
+    for m, v in enumerate(maps):
+        np.add.at(slow[:, m], (labels.ravel(), v.ravel().astype(int) * 25 // 256), 1)
+    np.testing.assert_array_equal(ss_grouping._histograms(labels, maps, 25, 256, 300), slow)
+    monkeypatch.setattr(ss_grouping, "CALCHIST_MAX_LABELS", 0)
+    np.testing.assert_array_equal(ss_grouping._histograms(labels, maps, 25, 256, 300), slow)
+
+
 def test_region_features_colour_texture_sizes_boxes():
     labels = np.array([[0, 0, 1], [0, 2, 1]], np.int32)
     image = np.zeros((2, 3, 3), np.uint8)
