@@ -19,16 +19,15 @@ the same: histogram bins, the gradient maps, float32 histograms and similarity t
 upper and upper-left pixel of every pixel outside the first row and column, inclusive boxes, every node's box kept
 once (the caller sorts them: OpenCV's order, level x random, carries no information). What differs is how:
 histograms in one pass over the pixels per map (cv2.calcHist over the label's two bytes and the value, or
-np.bincount; the texture's + and - histograms of a map from one joint count, split by an exact 0/1 matrix product)
-instead of one masked pass per region, boxes from the
-ends of each row's label runs, a heap with lazy invalidation (stale entries dropped in bulk once they outnumber the
-live pairs 3 to 1; the pop order, hence the merge order, is that of the (cost, i, j) tuples either way) instead of
-re-sorting all pairs after each merge, and the new region's similarity to all its neighbours in one numpy
-expression. Two shortcuts change last bits (DEVIATION, see _cost and _gradients): the cost
-above instead of OpenCV's float32 sum of four terms, each histogram summed bin by bin, and the rotated gradients
-rotated back straight into the image's frame. Either could reorder two merges of near-equal similarity, as could
-ties (OpenCV's std::sort is not stable); on the 70+ images measured the box sets are identical to OpenCV's
-(bench/RESULTS.md section 3b).
+np.bincount; a texture map's + and - histograms from one joint count, split by an exact 0/1 matrix product) instead
+of one masked pass per region, boxes from the ends of each row's label runs, a heap with lazy invalidation (stale
+entries dropped in bulk once they outnumber the live pairs 3 to 1; the pop order, hence the merge order, is that of
+the (cost, i, j) tuples either way) instead of re-sorting all pairs after each merge, and the new region's histogram
+similarity to all its neighbours in one numpy expression. Two shortcuts change last bits (DEVIATION, see _cost and
+_gradients): the cost above instead of OpenCV's float32 sum of four terms, each histogram summed bin by bin, and the
+rotated gradients rotated back straight into the image's frame. Either could reorder two merges of near-equal
+similarity, as could ties (OpenCV's std::sort is not stable); on the 70+ images measured the box sets are identical
+to OpenCV's (bench/RESULTS.md sections 3b, 3c).
 
 Symbols (paper / [20] -> code)
     r_i           a region of the hierarchy              node index (initial regions 0..n-1 = segmentation labels)
