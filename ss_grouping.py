@@ -59,7 +59,7 @@ DENSE_PAIR_KEYS = 1 << 22  # neighbour_pairs dedupes with an n^2 table (4 MB) up
 def _bins(nbins: int, scale: int = 1) -> np.ndarray:
     """(256,) uint8 lookup table: the bin of each uint8 value among nbins equal bins over 0..255, times scale.
 
-    floor(v * nbins / 256): calcHist's bins for the colour; equal to OpenCV's (int)(v / 25.6f) for the texture."""
+    floor(v * nbins / 256): calcHist's uniform bins; equal to OpenCV's (int)(v / 25.6f) for the texture."""
     return (np.arange(256) * nbins // 256 * scale).astype(np.uint8)
 
 
@@ -111,7 +111,7 @@ def _histograms(labels: np.ndarray, maps: list[np.ndarray], nbins: int, top: int
     cv2.calcHist over (label // 256, label % 256, v) (no binning pass, ~1.3x faster than np.bincount on
     label * nbins + bin) while its float32 counts are exact (< 2^24 pixels) and labels fit 2 bytes; else bincount."""
     out = np.empty((n, len(maps), nbins), np.int64)
-    if n <= CALCHIST_MAX_LABELS and labels.size < 1 << 24:
+    if n <= CALCHIST_MAX_LABELS and labels.size < 1 << 24:  # 2^24: float32 counts exact
         nh = (n + 255) >> 8  # label // 256 in 0..nh-1
         hi, lo = (labels >> 8).astype(np.uint8), (labels & 255).astype(np.uint8)  # (H, W) each
         for m, v in enumerate(maps):
@@ -288,14 +288,15 @@ def group(feats: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, pairs: np.nda
     feats (n, D) float32 (colour | texture histograms), sizes (n,) int64, boxes (n, 4) int64 x1, y1, x2, y2
     (exclusive) of the n initial regions; pairs (E, 2) neighbouring regions; area: image size in pixels
     -> (n + merges, 4) int64 boxes of all nodes, in node order (initial regions, then one per merge).
-    Heap of (cost, i, j); pairs of a node merged since are skipped when popped (lazy invalidation).
+    Heap of (cost, i, j); pairs of a node merged since are skipped when popped (lazy invalidation), or dropped in
+    bulk once there are more than STALE_FACTOR entries per live pair; the loop ends when no live pair is left.
     """
     h = _Hierarchy(feats, sizes, boxes, pairs, area)
     a, b = pairs[:, 0], pairs[:, 1]
     heap = list(zip(h.cost(a, b).tolist(), a.tolist(), b.tolist()))
     heapq.heapify(heap)
     alive, pop, push = h.alive, heapq.heappop, heapq.heappush
-    live = len(heap)  # neighbouring pairs of live nodes: each has one heap entry, the rest are stale
+    live = sum(map(len, h.adj)) // 2  # neighbouring pairs of live nodes: each has a heap entry, the rest are stale
     while live:
         _, i, j = pop(heap)
         if alive[i] and alive[j]:
