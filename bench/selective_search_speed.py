@@ -239,15 +239,13 @@ def numpy_breakdown(hsv, segs, repeat: int = 3) -> list[dict]:
     import ss_grouping as sg
 
     n, rows = len(hsv), []
-    flats = [s.reshape(-1).astype(np.intp) for s in segs]
     feats = [sg.region_features(h, s) for h, s in zip(hsv, segs)]
     pairs = [sg.neighbour_pairs(s) for s in segs]
     parts = [("gradients (Scharr, 45-degree rotations)", lambda: [sg._gradients(h) for h in hsv]),
              ("  + texture codes (min-max to uint8, bins)", lambda: [sg._texture_codes(h) for h in hsv]),
              ("region_features (all histograms, sizes, boxes)", lambda: [sg.region_features(h, s)
                                                                        for h, s in zip(hsv, segs)]),
-             ("  of which region boxes (np.minimum.at)", lambda: [sg._boxes(f, s.max() + 1, s.shape[1])
-                                                                for f, s in zip(flats, segs)]),
+             ("  of which region boxes (ends of label runs)", lambda: [sg._boxes(s, s.max() + 1) for s in segs]),
              ("neighbour_pairs", lambda: [sg.neighbour_pairs(s) for s in segs]),
              ("group (merge loop: heap, similarities)", lambda: [sg.group(*f, p, s.size)
                                                                  for f, p, s in zip(feats, pairs, segs)]),

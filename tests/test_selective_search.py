@@ -296,6 +296,33 @@ def test_neighbour_pairs_follow_opencv_rule():
     assert ss_grouping.neighbour_pairs(labels).tolist() == [[0, 1], [0, 2], [0, 3], [1, 3], [2, 3]]
 
 
+def test_neighbour_pairs_and_boxes_on_random_labels(monkeypatch):
+    """Scattered, disconnected labels: pairs and boxes equal the slow obvious way; both dedupe paths agree."""
+    labels = np.random.default_rng(0).integers(0, 7, (9, 11)).astype(np.int32)
+    here = labels[1:, 1:]
+    slow = {tuple(sorted(p)) for other in (labels[1:, :-1], labels[:-1, 1:], labels[:-1, :-1])
+            for p in zip(here[here != other].tolist(), other[here != other].tolist())}
+    pairs = ss_grouping.neighbour_pairs(labels)
+    assert pairs.dtype == np.int64 and pairs.tolist() == sorted(list(p) for p in slow)
+    monkeypatch.setattr(ss_grouping, "DENSE_PAIR_KEYS", 0)  # the sorting path, for many regions
+    np.testing.assert_array_equal(ss_grouping.neighbour_pairs(labels), pairs)
+    np.testing.assert_array_equal(ss_grouping._boxes(labels, 7), boxes_of(labels))
+
+
+def test_histograms_calchist_and_bincount_paths_agree(monkeypatch):
+    """Over 256 labels (both label bytes matter) and 2 maps: per-region counts of floor(v * nbins / top), by
+    cv2.calcHist and by the np.bincount fallback, equal the obvious count."""
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.arange(40 * 25) % 300).reshape(40, 25).astype(np.int32)  # labels 0..299
+    maps = [rng.integers(0, 256, labels.shape).astype(np.uint8) for _ in range(2)]
+    slow = np.zeros((300, 2, 25), np.int64)
+    for m, v in enumerate(maps):
+        np.add.at(slow[:, m], (labels.ravel(), v.ravel().astype(int) * 25 // 256), 1)
+    np.testing.assert_array_equal(ss_grouping._histograms(labels, maps, 25, 256, 300), slow)
+    monkeypatch.setattr(ss_grouping, "CALCHIST_MAX_LABELS", 0)
+    np.testing.assert_array_equal(ss_grouping._histograms(labels, maps, 25, 256, 300), slow)
+
+
 def test_region_features_colour_texture_sizes_boxes():
     labels = np.array([[0, 0, 1], [0, 2, 1]], np.int32)
     image = np.zeros((2, 3, 3), np.uint8)
@@ -342,6 +369,20 @@ def test_group_fill_term_prefers_the_compact_pair():
     nodes = ss_grouping.group(one_hot_feats([0, 0, 0, 3]), sizes, boxes_of(labels),
                               ss_grouping.neighbour_pairs(labels), labels.size)
     assert nodes[4:].tolist() == [[0, 0, 4, 2], [0, 0, 5, 4], [0, 0, 6, 4]]  # A+B, (A+B)+C, all
+
+
+def test_group_heap_rebuilds_keep_the_merge_order(monkeypatch):
+    """Dropping stale heap entries in bulk (every merge, or never) changes no merge: same nodes in the same order."""
+    labels = np.kron(np.random.default_rng(1).integers(0, 12, (6, 7)), np.ones((2, 2), np.int64)).astype(np.int32)
+    labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)  # 0..n-1
+    image = np.random.default_rng(2).integers(0, 256, (*labels.shape, 3)).astype(np.uint8)
+    args = (*ss_grouping.region_features(image, labels), ss_grouping.neighbour_pairs(labels), labels.size)
+    runs = []
+    for factor in (0, 10 ** 9):
+        monkeypatch.setattr(ss_grouping, "STALE_FACTOR", factor)
+        runs.append(ss_grouping.group(*args))
+    assert len(runs[0]) == 2 * int(labels.max()) + 1  # one connected image: n - 1 merges
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_group_disconnected_parts_and_single_region():
