@@ -247,7 +247,7 @@ class _Hierarchy:
         x1, y1, x2, y2 = self.boxes_py[t]  # signed: x1, y1, -x2, -y2
         boxes, area, out = self.boxes_py, self.area, []
         for s, k in zip(overlap, near):
-            b = boxes[k]
+            b = boxes[k]  # conditional expressions, not min(): a function call per term costs more in this loop
             w = (x1 if x1 < b[0] else b[0]) + (x2 if x2 < b[2] else b[2])  # minus the union's width
             h = (y1 if y1 < b[1] else b[1]) + (y2 if y2 < b[3] else b[3])
             out.append((w * h / area - s, t, k))
