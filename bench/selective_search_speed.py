@@ -14,6 +14,9 @@ Tables
        cv2 threads, and smaller images (max_side) with the share of the full-size filtered boxes still found
        (IoU >= 0.7); then grouping="numpy" part by part (gradients, texture codes, histograms, boxes, neighbour
        pairs, the merge loop).
+    4. --against REV (alone): this tree's ss_grouping.py against the one at git revision REV in one process,
+       alternating rounds: selective_search per image and hierarchical_grouping alone, best and median; whether the
+       boxes are the same.
 Goals: >= 8 images/s per core; >= 5x the pure-Python package.
 
 Images: matplotlib's sample photo grace_hopper.jpg (600 x 512), cut into --images deterministic variants (crops at
@@ -260,6 +263,57 @@ def numpy_breakdown(hsv, segs, repeat: int = 3) -> list[dict]:
     return rows
 
 
+def _module_at(rev: str):
+    """ss_grouping.py as it was at git revision rev, loaded as a separate module (for table 4)."""
+    import subprocess
+    import types
+
+    src = subprocess.run(["git", "show", f"{rev}:ss_grouping.py"], cwd=report.repo_root(), check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"ss_grouping_{rev}")
+    exec(compile(src, f"{rev}:ss_grouping.py", "exec"), mod.__dict__)  # noqa: S102 (our own file from git)
+    return mod
+
+
+def against(images, rev: str, rounds: int = 5, repeat: int = 3) -> list[dict]:
+    """Table 4: this tree's ss_grouping.py against the one at rev, in one process, alternating rounds (the load of
+    a shared machine hits both alike). Per version: selective_search(img, "paper") (best of `repeat` passes per
+    round, then best and median over rounds) and hierarchical_grouping alone on the same segmentations."""
+    import statistics
+
+    import ss_grouping
+
+    versions = {"this tree": ss_grouping, f"ss_grouping.py at {rev}": _module_at(rev)}
+    hsv = [cv2.cvtColor(im, cv2.COLOR_RGB2HSV) for im in images]
+    seg = SEG.createGraphSegmentation(sigma=PAPER["sigma"], k=PAPER["k"], min_size=PAPER["min_size"])
+    labels = [seg.processImage(h) for h in hsv]
+    out = {name: [] for name in versions}
+    grouping = {name: [] for name in versions}
+    try:
+        for r in range(rounds):
+            for name in (list(versions) if r % 2 == 0 else list(versions)[::-1]):
+                sys.modules["ss_grouping"] = versions[name]  # what selective_search imports
+                (cpu, _), _ = _cpu_wall(lambda: [ss.selective_search(im, "paper", grouping="numpy") for im in images],
+                                        repeat)
+                out[name].append(cpu / len(images))
+                (cpu, _), _ = _cpu_wall(lambda m=versions[name]: [m.hierarchical_grouping(h, lab)
+                                                                  for h, lab in zip(hsv, labels)], repeat)
+                grouping[name].append(cpu / len(images))
+    finally:
+        sys.modules["ss_grouping"] = ss_grouping
+    ref = [ss_grouping.hierarchical_grouping(h, lab) for h, lab in zip(hsv, labels)]
+    rows = []
+    for name, mod in versions.items():
+        same = sum(np.array_equal(mod.hierarchical_grouping(h, lab), b) for h, lab, b in zip(hsv, labels, ref))
+        best, med = min(out[name]), statistics.median(out[name])
+        rows.append({"version": name, "rounds": rounds, "ms_per_img_best": 1e3 * best,
+                     "ms_per_img_median": 1e3 * med, "img_per_cpu_s_best": 1 / best,
+                     "img_per_cpu_s_median": 1 / med, "grouping_ms_best": 1e3 * min(grouping[name]),
+                     "grouping_ms_median": 1e3 * statistics.median(grouping[name]),
+                     "boxes_as_this_tree": f"{same}/{len(images)}"})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8, help="number of ~500 x 375 images")
@@ -271,9 +325,20 @@ def main(argv=None):
     p.add_argument("--equivalence-extra", type=int, default=0, metavar="N",
                    help="table 1c: totals of table 1b over N more variants (seed 1), their grayscale copies, "
                    "250-px copies, and the soco preset")
+    p.add_argument("--against", metavar="REV", help="only table 4: this tree's ss_grouping.py against the one at git "
+                   "revision REV, in one process (e.g. --against 939d5fa)")
+    p.add_argument("--rounds", type=int, default=5, help="table 4: alternating rounds")
     a = p.parse_args(argv)
     print(report.header("selective search speed, paper preset (bench/selective_search_speed.py)"))
     print(f"OpenCV {cv2.__version__}; images: {a.images} variants of grace_hopper.jpg at 500 x 375 / 375 x 500\n")
+    if a.against:
+        print(f"### 4. ss_grouping.py of this tree against {a.against} (CPU time per image, best of {a.repeat} "
+              f"passes per round, {a.rounds} alternating rounds)\n")
+        print(report.table(against(sample_images(a.images), a.against, a.rounds, a.repeat),
+                           ["version", "rounds", "ms_per_img_best", "ms_per_img_median", "img_per_cpu_s_best",
+                            "img_per_cpu_s_median", "grouping_ms_best", "grouping_ms_median", "boxes_as_this_tree"]))
+        print(f"\nload average at end: {report.load_average()}; goal: >= 8 images per CPU-second")
+        return
     images = sample_images(max(a.images, a.scaling_images))
     print("### 1. per core (one thread)\n")
     print(report.table(per_core(images[:a.images], a.python_images, a.repeat),
