@@ -11,7 +11,8 @@ Source images (--source):
     synth  the embedded pool (data.ensure_synthetic_dataset()/unlabelled, PNG), same random proposals
 Columns: wall samples/s after the first batch (worker start-up reported apart), the same per worker, and samples
 per CPU-second of all processes (load-independent: what one free core would give). Also a per-sample breakdown in
-this process: decode alone, geometry without colour, the full three_views, the collate. Each loader setting runs
+this process: decode alone, geometry without colour, the full three_views, the collate, the collate plus pickling
+the batch as a worker sends it (into shared memory). Each loader setting runs
 with torch's default_collate and with data.collate_channels_last (what train.py uses on CUDA; same values, checked).
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
@@ -24,6 +25,7 @@ Public: random_proposals, main(argv).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
 import sys
@@ -108,6 +110,18 @@ def epochs_loader(ds, workers: int, epochs: int, batch: int, persistent: bool) -
     return time.perf_counter() - t0
 
 
+def _send(batch) -> bytes:
+    """Pickle a batch as a loader worker puts it on its queue: torch's reducers move each tensor's storage into
+    shared memory (a copy into a fresh segment: its first-touch page faults are most of the cost)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers torch's reducers with ForkingPickler)
+
+    buf = io.BytesIO()
+    ForkingPickler(buf, 2).dump(batch)
+    return buf.getvalue()
+
+
 def per_sample(ds, n: int) -> list[dict]:
     """In this process, ms per sample: decode only; views without colour; the full item."""
     rows = []
@@ -130,7 +144,9 @@ def per_sample(ds, n: int) -> list[dict]:
     a, b = default_collate(items), data.collate_channels_last(items)
     assert all(torch.equal(a[k], b[k]) for k in a), "collate_channels_last changes the batch"
     for name, fn in (("default_collate, per sample of a batch of 32", default_collate),
-                     ("collate_channels_last, per sample", data.collate_channels_last)):
+                     ("collate_channels_last, per sample", data.collate_channels_last),
+                     ("collate_channels_last + sending the batch as a loader worker does, per sample",
+                      lambda its: _send(data.collate_channels_last(its)))):
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(5):
             fn(items)
