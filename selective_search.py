@@ -6,7 +6,7 @@ min_size = 10, scale k = 500, sigma = 0.9; keep 1/3 <= w/h <= 3 and 0.3 <= sqrt(
 OpenCV's ximgproc implements it: createGraphSegmentation(sigma=0.9, k=500, min_size=10) on the HSV image with the
 strategy Multiple(Color, Texture, Size, Fill) (reference.md). The default grouping ("auto" = "numpy" for the presets
 paper and soco) keeps OpenCV's segmentation and does the hierarchical grouping in numpy (ss_grouping.py): the same
-boxes as OpenCV's grouping on every image measured, in about half the CPU time (bench/RESULTS.md section 3b).
+boxes as OpenCV's grouping on every image measured, in 34-42 % of its CPU time (bench/RESULTS.md sections 3b, 3c).
 
 Symbols (paper -> code)
     W, H        image width / height in pixels         width, height
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep-parts", action="store_true", help="keep the part files after merging")
     p.add_argument("--grouping", default="auto", choices=GROUPINGS,
                    help="opencv: ximgproc's grouping; numpy: ss_grouping.py on the same segmentation (the same "
-                   "boxes, about half the CPU time; presets paper and soco); auto: numpy where it can")
+                   "boxes, 34-42 %% of the CPU time; presets paper and soco); auto: numpy where it can")
     a = p.parse_args(argv)
     i, n = (int(v) for v in a.shard.split("/"))
     return precompute(a.image_root, a.out, a.preset, a.workers, (i, n), a.max_side, a.min_side, a.chunk_size,
