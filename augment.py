@@ -4,6 +4,8 @@ Section 4.1.2: V1 = the image resized to S x S; V2 = a random crop of V1 with ar
 V3 = V2 downsampled to s x s. Boxes (section 3.2's selective-search boxes, drawn by data.py) follow every resize, crop
 and flip exactly. Colour jitter and blur as in BYOL; flip, grayscale, solarize and box jitter on V1 follow SoCo's
 code (reference.md). data.py's PretrainDataset draws the geometry and the boxes, then renders them with this module.
+The colour is drawn (draw_color) and applied (apply_color) apart, so that it can also run later on the device, on a
+whole batch (color_on="device", color_device.py; issue 7's fast path for loaders short of CPU).
 
 Symbols
     H, W         original image height, width (px)
@@ -24,7 +26,9 @@ Public
     map_boxes_views(boxes, views) -> (full, clipped) (V, N, 4);  visible_mapped(full, clipped) -> (N,) bool
                                                                     the same for all views in one call
     render_geometry(image, views) -> 3 x uint8 (S, S, 3);  color_augment(x, g, blur_p, solarize_p) -> uint8
-    render_views(image, boxes, views, g, color, jitter, mapped=None) -> [(uint8 (3, S, S), float32 (K, 4))] x 3
+    draw_color(g, blur_p, solarize_p) -> list (COLOR_FIELDS);  apply_color(x, params) -> uint8    the same, in two
+    render_views(image, boxes, views, g, color, jitter, mapped=None, color_on="loader")
+        -> [(uint8 (3, S, S), float32 (K, 4), float32 (12,) colour parameters)] x 3
     jitter_boxes(boxes, g, size, p=0.5, ratio=0.1) -> (K, 4)         SoCo's box jitter (V1)
     three_views(image, boxes, generator, size=224, small_size=112, v3_mode="downsample", ...)
         -> [(view uint8 (3, S, S), boxes float32 (K, 4))] x 3
@@ -258,24 +262,55 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
 SOLARIZE_LUT = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)  # PIL's 128
 
 
+# A view's colour parameters (draw_color), in this order; the device path (color_device.py) gets them as float32 rows.
+COLOR_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
+                "gray", "sigma", "solarize")
+NO_COLOR = [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0]  # identity: no jitter, gray, blur, solarize
+COLOR_OPS = ("brightness", "contrast", "saturation", "hue")  # order0..3 index this tuple
+
+
+def draw_color(g, blur_p: float, solarize_p: float, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8,
+               gray_p: float = 0.2) -> list[float]:
+    """The random colour parameters of one view (BYOL / SoCo), a list in COLOR_FIELDS order: jitter (1.0 if the
+    colour jitter applies, p jitter_p), its factors brightness, contrast, saturation in [1 - j, 1 + j] and hue shift
+    in [-j, j] turns, order0..3 (the COLOR_OPS indices in the order they apply: torchvision's random order), gray
+    (1.0 with p gray_p), sigma (Gaussian blur sigma ~ U(0.1, 2) px with p blur_p, 0.0 = no blur), solarize (1.0 with
+    p solarize_p). Unused fields keep NO_COLOR's values; which draws are made depends on the coins, as before."""
+    r, p = _draws(g), list(NO_COLOR)
+    if r() < jitter_p:
+        b, c, s, h = jitter
+        p[0:5] = [1.0, r(1 - b, 1 + b), r(1 - c, 1 + c), r(1 - s, 1 + s), r(-h, h)]
+        keys = [r() for _ in range(4)]  # a random order of the four operations: argsort of 4 uniforms
+        p[5:9] = sorted(range(4), key=keys.__getitem__)  # (np.argsort's order; ties have probability ~2^-50)
+    p[9] = float(r() < gray_p)
+    if r() < blur_p:
+        p[10] = r(0.1, 2.0)
+    p[11] = float(r() < solarize_p)
+    return p
+
+
+def apply_color(x: np.ndarray, p: list[float]) -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (h, w, 3): draw_color's parameters p applied with OpenCV: the jitter's four
+    operations in p's order, grayscale, blur (kernel 2 round(3 sigma) + 1), solarize (values >= 128 inverted, as
+    PIL's ImageOps.solarize)."""
+    if p[0]:
+        for i in p[5:9]:
+            i = int(i)
+            x = (_brightness, _contrast, _saturation, _hue)[i](x, p[1 + i])
+    if p[9]:
+        x = _gray3(x)
+    if p[10]:
+        x = _blur(x, p[10])
+    if p[11]:
+        x = cv2.LUT(x, SOLARIZE_LUT)
+    return x
+
+
 def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
                   jitter=(0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8, gray_p: float = 0.2) -> np.ndarray:
     """uint8 (h, w, 3) -> uint8 (h, w, 3): colour jitter (factors and random order as torchvision's ColorJitter),
-    grayscale, Gaussian blur sigma ~ U(0.1, 2) px, solarize (values >= 128 inverted, as PIL's ImageOps.solarize)."""
-    r = _draws(g)
-    if r() < jitter_p:
-        b, c, s, h = jitter
-        factors = [r(1 - b, 1 + b), r(1 - c, 1 + c), r(1 - s, 1 + s), r(-h, h)]
-        keys = [r() for _ in range(4)]  # a random order of the four operations: argsort of 4 uniforms
-        for i in sorted(range(4), key=keys.__getitem__):  # (np.argsort's order; ties have probability ~2^-50)
-            x = (_brightness, _contrast, _saturation, _hue)[i](x, factors[i])
-    if r() < gray_p:
-        x = _gray3(x)
-    if r() < blur_p:
-        x = _blur(x, r(0.1, 2.0))
-    if r() < solarize_p:
-        x = cv2.LUT(x, SOLARIZE_LUT)
-    return x
+    grayscale, Gaussian blur sigma ~ U(0.1, 2) px, solarize: apply_color(x, draw_color(g, ...))."""
+    return apply_color(x, draw_color(g, blur_p, solarize_p, jitter, jitter_p, gray_p))
 
 
 def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float = 0.1):
@@ -297,21 +332,34 @@ def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float =
     return out
 
 
-def render_views(image, boxes, views, g, color: bool, jitter: bool, mapped: np.ndarray | None = None):
-    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4))] x 3. mapped: the
-    boxes already in every view's pixels, clipped (V, K, 4) (map_boxes_views' second output), else computed here."""
-    pixels = render_geometry(image, views)
+COLOR_ON = ("loader", "device")  # where the colour operations run (render_views, data.PretrainDataset)
+
+
+def render_views(image, boxes, views, g, color: bool, jitter: bool, mapped: np.ndarray | None = None,
+                 color_on: str = "loader"):
+    """Pixels and boxes of the three views -> [(uint8 tensor (3, S, S), float32 tensor (K, 4), float32 tensor
+    (len(COLOR_FIELDS),) colour parameters)] x 3. color_on="loader" applies the colour here (OpenCV); "device" only
+    draws the parameters (the same draws, so the same boxes) and returns the pixels before colour, for
+    color_device.color_batch. color=False: no colour, the parameters are NO_COLOR. mapped: the boxes already in
+    every view's pixels, clipped (V, K, 4) (map_boxes_views' second output), else computed here."""
+    if color_on not in COLOR_ON:
+        raise ValueError(f"color_on must be one of {COLOR_ON}, not {color_on!r}")
+    pixels, params = render_geometry(image, views), [NO_COLOR] * 3
     if mapped is None:
         mapped = map_boxes_views(boxes, views)[1]  # (V, K, 4) xyxy view pixels, float64
     for j, (px, v) in enumerate(zip(pixels, views)):
         if color:  # V1: blur always, no solarize; V2, V3: blur p 0.1, solarize p 0.2 (BYOL's asymmetric pair)
-            pixels[j] = color_augment(px, g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
+            params[j] = draw_color(g, blur_p=1.0 if j == 0 else 0.1, solarize_p=0.0 if j == 0 else 0.2)
+            if color_on == "loader":
+                pixels[j] = apply_color(px, params[j])
         if j == 0 and jitter:  # its draws come between V1's and V2's colour draws
             mapped = mapped.copy()
             mapped[0] = jitter_boxes(mapped[0], g, v["size"])
     boxes32 = mapped.astype(np.float32)  # (V, K, 4)
+    colors = torch.tensor(params, dtype=torch.float32)  # (V, len(COLOR_FIELDS))
     # (3, S, S) as a view of the (S, S, 3) array: the collate's stack makes the contiguous batch copy
-    return [(torch.from_numpy(px.transpose(2, 0, 1)), torch.from_numpy(b)) for px, b in zip(pixels, boxes32)]
+    return [(torch.from_numpy(px.transpose(2, 0, 1)), torch.from_numpy(b), c)
+            for px, b, c in zip(pixels, boxes32, colors)]
 
 
 def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator, size: int = 224,
@@ -325,4 +373,5 @@ def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator
     """
     r = _draws(generator)
     views = sample_geometry(image.shape[0], image.shape[1], r, size, small_size, v3_mode, scale, ratio)
-    return render_views(image, np.asarray(boxes, np.float32).reshape(-1, 4), views, r, color, jitter)
+    rendered = render_views(image, np.asarray(boxes, np.float32).reshape(-1, 4), views, r, color, jitter)
+    return [(px, b) for px, b, _ in rendered]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 # augment also turns off OpenCV's thread pool (cv2.setNumThreads(0)) on import: loader workers are the parallelism.
-from augment import MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry, visible_mapped
+from augment import COLOR_ON, MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry, visible_mapped
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -114,7 +114,9 @@ class PretrainDataset(torch.utils.data.Dataset):
     than max_missing of them; those few are skipped with a warning) raise ValueError; unreadable images without
     proposals (selective search skips them) are skipped with a warning. An image with an empty proposal array gets
     the whole image as its one box (SoCo). Item (dict): v1, v2 uint8 (3, S, S), v3 uint8 (3, s, s); b1, b2, b3 float32
-    (K, 4) xyxy in their view's pixels; t1, t2, t3 float32 (4,) affine (sx, tx, sy, ty) original -> view; index;
+    (K, 4) xyxy in their view's pixels; t1, t2, t3 float32 (4,) affine (sx, tx, sy, ty) original -> view; c1, c2, c3
+    float32 (12,) the view's colour parameters (augment.COLOR_FIELDS), already applied to the pixels with
+    color_on="loader" (the default), to be applied on the device by color_device.color_batch with "device"; index;
     replaced (the image was unreadable and replaced), fallback (no proposal was visible in all views: the box is the
     region common to all views). Per-sample randomness comes from sample_seed(seed, epoch, index), so a sample is the
     same whatever the number of workers or processes; call set_epoch(e) before building each epoch's DataLoader
@@ -124,7 +126,9 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, image_root, proposals, K: int = 4, seed: int = 0, size: int = 224, small_size: int = 112,
                  v3_mode: str = "downsample", color: bool = True, jitter: bool = True,
-                 min_visible: float = MIN_VISIBLE, max_missing: int = 0):
+                 min_visible: float = MIN_VISIBLE, max_missing: int = 0, color_on: str = "loader"):
+        if color_on not in COLOR_ON:
+            raise ValueError(f"color_on must be one of {COLOR_ON}, not {color_on!r}")
         self.root = Path(image_root)
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: image folder not found")
@@ -157,7 +161,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(b) for b in boxes])
         self.boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
         self.K, self.seed, self.size, self.small_size, self.v3_mode = K, seed, size, small_size, v3_mode
-        self.color, self.jitter, self.min_visible = color, jitter, min_visible
+        self.color, self.jitter, self.min_visible, self.color_on = color, jitter, min_visible, color_on
         self.epoch = 0
         self.bad: set[int] = set()  # indices found unreadable in this process
         self.replaced = 0  # samples served from a replacement image in this process
@@ -213,9 +217,9 @@ class PretrainDataset(torch.utils.data.Dataset):
             boxes = np.array([[0, 0, W, H]], np.float32)
         views, chosen, mapped, fallback = self._choose(boxes, H, W, g)
         out = {"index": index, "replaced": j != index, "fallback": fallback}
-        rendered = render_views(image, chosen, views, g, self.color, self.jitter, mapped)
-        for k, (v, (px, b)) in enumerate(zip(views, rendered), 1):
-            out[f"v{k}"], out[f"b{k}"] = px, b
+        rendered = render_views(image, chosen, views, g, self.color, self.jitter, mapped, self.color_on)
+        for k, (v, (px, b, c)) in enumerate(zip(views, rendered), 1):
+            out[f"v{k}"], out[f"b{k}"], out[f"c{k}"] = px, b, c
             out[f"t{k}"] = torch.from_numpy(v["affine"].astype(np.float32))
         return out
 

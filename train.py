@@ -31,7 +31,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import augment
 import byol
+import color_device
 import data
 import model as model_lib
 
@@ -76,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DEVIATION (SoCo): export the online branch instead of the target branch (3)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    p.add_argument("--color-on", default="loader", choices=augment.COLOR_ON,
+                   help="4.1.2's colour jitter, grayscale, blur, solarize: in the loader workers (OpenCV, uint8) or "
+                        "on the device on each batch (color_device.py: the same parameters, within a few grey levels; "
+                        "~1/3 less CPU per sample in the workers, bench/RESULTS.md 4e)")
     p.add_argument("--compile", action="store_true",
                    help="issue 7: torch.compile the online and target feature extractors f (backbone + FPN, 3; the\n"
                         "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
@@ -205,7 +211,7 @@ def build_data(args):
     if not proposals.exists():
         raise SystemExit(f"{proposals}: proposals file not found")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
-                                small_size=args.small_size,
+                                small_size=args.small_size, color_on=args.color_on,
                                 v3_mode="independent" if args.v3_independent else "downsample")
 
 
@@ -256,11 +262,15 @@ def load_init(net: model_lib.ADePT, path: str) -> None:
             raise SystemExit(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def to_device(batch: dict, device, channels_last: bool):
-    """uint8 views -> normalised float on the device (normalisation on the device, not in the loader)."""
+def to_device(batch: dict, device, channels_last: bool, color_on: str = "loader"):
+    """uint8 views -> normalised float on the device (normalisation on the device, not in the loader), after their
+    colour with color_on="device" (the batch's c1..c3 parameters, color_device.color_batch)."""
     fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
-    views = [data.normalize(batch[f"v{j}"].to(device, non_blocking=True)).contiguous(memory_format=fmt)
-             for j in (1, 2, 3)]
+    views = [batch[f"v{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]  # uint8 (B, 3, S, S)
+    if color_on == "device":
+        views = [color_device.color_batch(v, batch[f"c{j}"].to(device, non_blocking=True))
+                 for j, v in zip((1, 2, 3), views)]
+    views = [data.normalize(v).contiguous(memory_format=fmt) for v in views]
     boxes = [batch[f"b{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]
     transforms = [batch[f"t{j}"].to(device, non_blocking=True) for j in (1, 2, 3)] if "t1" in batch else None
     return views, boxes, transforms
@@ -323,7 +333,7 @@ def make_loader(dataset, sampler, args, device) -> DataLoader:
 def train_step(ddp, net, opt, batch: dict, args, device, tau: float) -> dict:
     """One optimisation step of Eq. 8 (or its baseline's loss): forward under bf16 autocast on CUDA if --amp,
     backward, LARS, then the target's EMA xi <- tau xi + (1 - tau) theta (3.3). No host sync. Returns the losses."""
-    views, boxes, transforms = to_device(batch, device, args.channels_last)
+    views, boxes, transforms = to_device(batch, device, args.channels_last, args.color_on)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
         losses = ddp(views, boxes, transforms)
     opt.zero_grad(set_to_none=True)

@@ -1,0 +1,135 @@
+"""BYOL's colour augmentation (paper 4.1.2) applied on the device to a whole batch of views (issue 7's fast path).
+
+augment.apply_color applies one view's colour with OpenCV in a loader worker: about a third of a three-view sample's
+CPU time (bench/data_pipeline.py). With train.py --color-on device the worker only draws the parameters
+(augment.draw_color: the same draws in the same order, so the same geometry, boxes and parameters) and color_batch
+applies them here, on the batch, with torch ops in float32. After each operation the values are rounded and saturated
+to 0..255, as the uint8 OpenCV path does, so the two agree within a few grey levels (tests/test_color_device.py); they
+are not bit-identical: the hue is continuous here (256 steps per turn there) and the blur taps are float32.
+
+Operations (BYOL / SoCo, augment.py): colour jitter (brightness f x; contrast f x + (1 - f) mean luma; saturation
+f x + (1 - f) luma; hue rotated by h turns) in a random order per view, p 0.8; grayscale p 0.2; Gaussian blur;
+solarize (values >= 128 inverted). The order is per sample, so the batch cannot apply one operation after another.
+Brightness, contrast and saturation are affine maps of a pixel's RGB: each of the four jitter positions is one
+batched 3 x 3 matrix plus offset per view (the identity where that position holds the hue or the jitter is off).
+The hue, the only non-linear one, runs once: the positions before it (p < q), the hue, then those after it (p > q).
+
+Symbols
+    B, H, W     batch size, view height, width
+    P           len(augment.COLOR_FIELDS) = 12 parameters per view: jitter, f_b, f_c, f_s, f_h (turns), order0..3,
+                gray, sigma (px, 0 = no blur), solarize
+    q           (B,) the hue's position among the four jitter operations (4 when the jitter is off)
+    M, o        (B, 3, 3), (B, 3): one jitter position's affine map x -> M x + o per view
+
+Public
+    rgb_to_hsv(x) -> hsv;  hsv_to_rgb(hsv) -> x      float (B, 3, H, W), RGB in 0..1 <-> h in turns [0, 1), s, v in 0..1
+    affine_step(x, M, o) -> x                        M x + o per pixel, rounded and saturated to 0..255
+    gaussian_taps(sigma) -> (B, 2 R + 1)             per-view blur kernels, OpenCV's size 2 round(3 sigma) + 1
+    color_batch(x uint8 (B, 3, H, W), params float (B, P)) -> uint8 (B, 3, H, W)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from augment import COLOR_FIELDS, COLOR_OPS, LUMA
+
+FIELD = {name: i for i, name in enumerate(COLOR_FIELDS)}
+BRIGHTNESS, CONTRAST, SATURATION, HUE = (COLOR_OPS.index(op) for op in ("brightness", "contrast", "saturation", "hue"))
+MAX_RADIUS = 6  # blur taps each side: round(3 sigma) for draw_color's largest sigma, 2 px (larger ones are truncated)
+
+_CONST: dict = {}  # device -> (luma (3,), identity (3, 3)): made once per device (a host-to-device copy syncs)
+
+
+def _constants(device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _CONST:
+        _CONST[device] = (torch.tensor(LUMA.tolist(), device=device), torch.eye(3, device=device))
+    return _CONST[device]
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) RGB in 0..1 -> HSV: h in turns [0, 1) (0 for greys), s = (max - min) / max, v = max."""
+    r, g, b = x.unbind(1)  # (B, H, W) each
+    v, lo = x.amax(1), x.amin(1)
+    d = v - lo
+    s = d / v.clamp_min(1e-12)  # 0 where v = 0 (then d = 0)
+    dd = d.clamp_min(1e-12)
+    h = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))  # sixths of a turn
+    h = torch.where(d > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], 1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) h in turns, s, v in 0..1 -> RGB in 0..1: channel n of (R, G, B) = v - v s clamp(min(k,
+    4 - k), 0, 1) with k = (n' + 6 h) mod 6, n' = 5, 3, 1 (the closed form of the six-sector rule)."""
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]  # (B, 1, H, W)
+    n = torch.arange(5.0, 0.0, -2.0, device=hsv.device).view(1, 3, 1, 1)  # 5, 3, 1 made on the device: no copy
+    k = (n + 6 * h) % 6  # (B, 3, H, W)
+    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def affine_step(x: torch.Tensor, M: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) 0..255, M (B, 3, 3), o (B, 3) -> M x + o at every pixel, rounded and saturated (uint8's
+    saturate_cast). The identity (M = I, o = 0) returns x unchanged for integer-valued x."""
+    B, C, H, W = x.shape
+    y = torch.baddbmm(o.unsqueeze(2), M, x.reshape(B, C, H * W))  # (B, 3, H W)
+    return y.view(B, C, H, W).round_().clamp_(0, 255)
+
+
+def _jitter_map(x: torch.Tensor, params: torch.Tensor, pos: int, active: torch.Tensor):
+    """The affine map (M, o) of jitter position `pos` for every view: the operation order[pos] with its factor, the
+    identity where it is the hue or `active` (B,) is False. Contrast's offset uses the mean luma of x as it is now."""
+    luma, eye = _constants(x.device)
+    op = params[:, FIELD["order0"] + pos].long()  # (B,) index into COLOR_OPS
+    f = params[:, FIELD["brightness"]:FIELD["hue"] + 1].gather(1, op[:, None])[:, :, None]  # (B, 1, 1) its factor
+    gray = luma.expand(3, 3)  # every output channel = the luma
+    M = torch.where((op == SATURATION).view(-1, 1, 1), f * eye + (1 - f) * gray, f * eye)  # (B, 3, 3)
+    mean = x.mean((2, 3)) @ luma  # (B,) mean luma (of the values, as cv2.mean then the luma weights)
+    o = ((op == CONTRAST) * (1 - f[:, 0, 0]) * mean)[:, None].expand(-1, 3)  # (B, 3)
+    keep = (active & (op != HUE)).view(-1, 1, 1)
+    return torch.where(keep, M, eye), torch.where(keep[:, :, 0], o, torch.zeros_like(o))
+
+
+def gaussian_taps(sigma: torch.Tensor) -> torch.Tensor:
+    """sigma (B,) px -> (B, 2 MAX_RADIUS + 1) normalised taps exp(-t^2 / (2 sigma^2)) for |t| <= round(3 sigma) (the
+    kernel size OpenCV picks for uint8, augment._blur), zero outside; sigma = 0 gives the identity [.., 0, 1, 0, ..]."""
+    t = torch.arange(-MAX_RADIUS, MAX_RADIUS + 1, device=sigma.device, dtype=sigma.dtype)  # (T,)
+    s = torch.where(sigma > 0, sigma, torch.ones_like(sigma))[:, None]  # (B, 1), no 0 / 0
+    w = torch.exp(-t ** 2 / (2 * s ** 2)) * (t.abs() <= torch.round(3 * sigma)[:, None])  # (B, T)
+    return w / w.sum(1, keepdim=True)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W), sigma (B,) -> separable Gaussian blur per view, reflected borders (OpenCV's
+    BORDER_REFLECT_101 = torch's "reflect"), rounded and saturated."""
+    B, C, H, W = x.shape
+    taps = gaussian_taps(sigma).repeat_interleave(C, 0)  # (B C, T): the same kernel for a view's 3 channels
+    y = F.pad(x.reshape(1, B * C, H, W), [MAX_RADIUS] * 4, mode="reflect")
+    y = F.conv2d(y, taps[:, None, :, None], groups=B * C)  # vertical: (1, B C, H, W + 2 R)
+    y = F.conv2d(y, taps[:, None, None, :], groups=B * C)  # horizontal: (1, B C, H, W)
+    return y.view(B, C, H, W).round_().clamp_(0, 255)
+
+
+def color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) RGB views (any memory format) and their parameters (B, P) (augment.draw_color, on x's device)
+    -> uint8 (B, 3, H, W): jitter in each view's order, grayscale, blur, solarize. No host-device sync."""
+    B, C, H, W = x.shape
+    luma, _ = _constants(x.device)
+    p = params.to(torch.float32)
+    y = x.float().contiguous()
+    jitter = p[:, FIELD["jitter"]] > 0  # (B,)
+    order = p[:, FIELD["order0"]:FIELD["order3"] + 1]  # (B, 4)
+    q = torch.where(jitter, (order == HUE).float().argmax(1), torch.full_like(jitter, 4, dtype=torch.long))  # (B,)
+    for pos in range(4):  # the affine operations before the hue
+        y = affine_step(y, *_jitter_map(y, p, pos, (pos < q) & jitter))
+    h = rgb_to_hsv(y / 255)
+    h[:, 0] = (h[:, 0] + p[:, FIELD["hue"], None, None]) % 1.0  # rotate the hue (f_h = 0 where the jitter is off)
+    hue = (hsv_to_rgb(h) * 255).round_().clamp_(0, 255)
+    y = torch.where((q < 4).view(-1, 1, 1, 1), hue, y)
+    for pos in range(4):  # the affine operations after the hue
+        y = affine_step(y, *_jitter_map(y, p, pos, (pos > q) & jitter))
+    gray = (y * luma.view(1, 3, 1, 1)).sum(1, keepdim=True).round_()  # (B, 1, H, W)
+    y = torch.where((p[:, FIELD["gray"]] > 0).view(-1, 1, 1, 1), gray.expand(-1, C, -1, -1), y)
+    y = _blur(y, p[:, FIELD["sigma"]])
+    y = torch.where((p[:, FIELD["solarize"]] > 0).view(-1, 1, 1, 1) & (y >= 128), 255 - y, y)
+    return y.to(torch.uint8)
