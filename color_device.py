@@ -120,13 +120,13 @@ def color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     jitter = p[:, FIELD["jitter"]] > 0  # (B,)
     order = p[:, FIELD["order0"]:FIELD["order3"] + 1]  # (B, 4)
     q = torch.where(jitter, (order == HUE).float().argmax(1), torch.full_like(jitter, 4, dtype=torch.long))  # (B,)
-    for pos in range(4):  # the affine operations before the hue
+    for pos in range(3):  # the affine operations before the hue (pos < q <= 3)
         y = affine_step(y, *_jitter_map(y, p, pos, (pos < q) & jitter))
     h = rgb_to_hsv(y / 255)
     h[:, 0] = (h[:, 0] + p[:, FIELD["hue"], None, None]) % 1.0  # rotate the hue (f_h = 0 where the jitter is off)
     hue = (hsv_to_rgb(h) * 255).round_().clamp_(0, 255)
     y = torch.where((q < 4).view(-1, 1, 1, 1), hue, y)
-    for pos in range(4):  # the affine operations after the hue
+    for pos in range(1, 4):  # the affine operations after the hue (pos > q >= 0)
         y = affine_step(y, *_jitter_map(y, p, pos, (pos > q) & jitter))
     gray = (y * luma.view(1, 3, 1, 1)).sum(1, keepdim=True).round_()  # (B, 1, H, W)
     y = torch.where((p[:, FIELD["gray"]] > 0).view(-1, 1, 1, 1), gray.expand(-1, C, -1, -1), y)

@@ -13,7 +13,9 @@ Columns: wall samples/s after the first batch (worker start-up reported apart), 
 per CPU-second of all processes (load-independent: what one free core would give). Also a per-sample breakdown in
 this process: decode alone, geometry without colour, the full three_views, the collate, the collate plus pickling
 the batch as a worker sends it (into shared memory). Each loader setting runs
-with torch's default_collate and with data.collate_channels_last (what train.py uses on CUDA; same values, checked).
+with torch's default_collate and with data.collate_channels_last (what train.py uses on CUDA; same values, checked),
+and once more with the colour left to the device (train.py --color-on device: the worker draws the colour parameters,
+color_device.color_batch applies them to the batch; its cost on this CPU is in the per-sample table).
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
 
@@ -91,7 +93,8 @@ def run_loader(ds, workers: int, samples: int, batch: int, collate=None) -> dict
     del it, loader  # joins the workers: their CPU time lands in RUSAGE_CHILDREN
     cpu = time.process_time() - c0 + _cpu_children() - ch0
     total = first["v1"].shape[0] + n
-    return {"workers": workers, "collate": "channels_last" if collate else "default", "samples": total, "startup_s": t1 - t0, "samples_per_s": n / (t2 - t1),
+    return {"workers": workers, "collate": "channels_last" if collate else "default", "color_on": ds.color_on,
+            "samples": total, "startup_s": t1 - t0, "samples_per_s": n / (t2 - t1),
             "per_worker": n / (t2 - t1) / max(workers, 1), "samples_per_cpu_s": total / cpu,
             "load_1m": os.getloadavg()[0]}
 
@@ -138,6 +141,9 @@ def per_sample(ds, n: int) -> list[dict]:
     timed("item without colour ops (decode + geometry + boxes)", ds.__getitem__)
     ds.color = color
     timed("full item (three_views with colour)", ds.__getitem__)
+    ds.color_on = "device"
+    timed("item with color_on='device' (colour parameters drawn, not applied)", ds.__getitem__)
+    ds.color_on = "loader"
     from torch.utils.data import default_collate
 
     items = [ds[i % len(ds)] for i in range(32)]
@@ -152,6 +158,17 @@ def per_sample(ds, n: int) -> list[dict]:
             fn(items)
         rows.append({"part": name, "cpu_ms": 1e3 * (time.process_time() - c0) / 160,
                      "wall_ms": 1e3 * (time.perf_counter() - t0) / 160})
+    # the work color_on="device" moves out of the worker, timed here on this CPU (one thread): on a GPU it is a few
+    # kernels per batch (bench/gpu_check.py)
+    import color_device
+
+    batch = data.collate_channels_last(items)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(3):
+        for k in (1, 2, 3):
+            color_device.color_batch(batch[f"v{k}"], batch[f"c{k}"])
+    rows.append({"part": "color_device.color_batch of the 3 views on this CPU, per sample of a batch of 32",
+                 "cpu_ms": 1e3 * (time.process_time() - c0) / 96, "wall_ms": 1e3 * (time.perf_counter() - t0) / 96})
     return rows
 
 
@@ -184,10 +201,11 @@ def main(argv=None):
               f"proposals each, views {a.size}/{a.size}/{a.small_size}, K = 4, batch {a.batch_size}\n")
         print(report.table(per_sample(ds, min(64, a.samples)), ["part", "cpu_ms", "wall_ms"]))
         print()
-        rows = [run_loader(ds, int(w), a.samples, a.batch_size, collate) for w in a.workers.split(",")
-                for collate in (None, data.collate_channels_last)]
-        print(report.table(rows, ["workers", "collate", "samples", "startup_s", "samples_per_s", "per_worker",
-                                  "samples_per_cpu_s", "load_1m"]))
+        ds_dev = data.PretrainDataset(root, props, K=4, size=a.size, small_size=a.small_size, color_on="device")
+        rows = [run_loader(d, int(w), a.samples, a.batch_size, collate) for w in a.workers.split(",")
+                for d, collate in ((ds, None), (ds, data.collate_channels_last), (ds_dev, data.collate_channels_last))]
+        print(report.table(rows, ["workers", "collate", "color_on", "samples", "startup_s", "samples_per_s",
+                                  "per_worker", "samples_per_cpu_s", "load_1m"]))
         print()
         rows = []
         for persistent in (False, True, False, True) if a.epochs > 0 else ():  # --epochs 0 skips the comparison  # interleaved: load from other processes hits both alike

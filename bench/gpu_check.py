@@ -13,6 +13,8 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        .maybe_sync_bn (converts only with > 1 process: reported) and nn.SyncBatchNorm.convert_sync_batchnorm run
        through one step (CUDA only: SyncBN does not run on CPU, reference.md traps; with one process SyncBatchNorm
        falls back to batch_norm, so this checks the conversion and the step, not the all-reduce).
+    1b. colour on the device (color_device.color_batch, train.py --color-on device): the CPU's pixels within 1 level,
+       host syncs, ms per batch of 128 x three views.
     2. joint step, the issue's table: bench/pretrain_step.py, ResNet-50, 224/112, batch 64 and 128, bf16 +
        channels_last: images/s, ratio to the bare convnet, GFLOP/image, MFU against 790 TFLOP/s, peak memory.
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
@@ -160,6 +162,44 @@ def check_sync_bn(base, views, boxes, device) -> None:
         dist.destroy_process_group()
 
 
+def check_color_device(a, device) -> None:
+    """Stage 1b: color_device.color_batch (train.py --color-on device) on this device: the same pixels as on the CPU
+    (within 1 level), host syncs, and ms per batch of three views (224/224/112)."""
+    import pretrain_step as ps
+
+    import augment
+    import color_device
+
+    B, S = (4, 64) if a.smoke else (128, 224)
+    g = augment.Draws(torch.Generator().manual_seed(0))
+    batch = []
+    for size, blur_p, solarize_p in ((S, 1.0, 0.0), (S, 0.1, 0.2), (S // 2, 0.1, 0.2)):  # V1, V2, V3 as render_views
+        x = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, generator=g.g)
+        batch.append((x, torch.tensor([augment.draw_color(g, blur_p, solarize_p) for _ in range(B)])))
+    on_dev = [(x.to(device).contiguous(memory_format=torch.channels_last), c.to(device)) for x, c in batch]
+    for (x, c), (xd, cd) in zip(batch, on_dev):
+        diff = (color_device.color_batch(x, c).int() - color_device.color_batch(xd, cd).cpu().int()).abs()
+        print(f"  {tuple(x.shape)}: max difference to the CPU result {int(diff.max())} grey levels")
+        assert diff.max() <= 1, "color_batch differs between the CPU and this device"
+
+    def run():
+        for xd, cd in on_dev:
+            color_device.color_batch(xd, cd)
+    if device.type == "cuda":
+        print(f"  host syncs in one batch of 3 views: {ps.count_syncs(run)}")
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    best = min(times[1:])
+    print(f"  color_batch, 3 views of a batch of {B}: {1e3 * best:.2f} ms per batch (best of 4 after one warm-up), "
+          f"{1e6 * best / B:.1f} us per sample")
+
+
 def stages(a, device) -> list:
     """(name, minimum seconds of budget it needs, callable) in order."""
     import data_pipeline
@@ -172,6 +212,7 @@ def stages(a, device) -> list:
         joint = ["--depth", "18", "--size", "64", "--batch-size", "2", "--steps", "1", "--rounds", "1",
                  "--warmup", "1", "--threads", "1"]
         return [("1. CUDA path", 0, lambda: check_cuda_path(a, device)),
+                ("1b. colour on the device", 0, lambda: check_color_device(a, device)),
                 ("2. joint step", 0, lambda: pretrain_step.main(joint)),
                 ("4. RoI pooling", 0, lambda: roi_align_levels.main(["--batch-size", "2", "--steps", "2"])),
                 ("5. fine-tuning", 0, lambda: finetune_step.main(["--depth", "18", "--size", "96", "--steps", "1",
@@ -182,6 +223,7 @@ def stages(a, device) -> list:
     r50 = dev + ["--depth", "50", "--size", "224", "--steps", "12", "--rounds", "3", "--warmup", "3"]
     return [
         ("1. CUDA path", 0, lambda: check_cuda_path(a, device)),
+        ("1b. colour on the device (train.py --color-on device)", 10, lambda: check_color_device(a, device)),
         ("2. joint step, bf16 + channels_last", 60,
          lambda: pretrain_step.main(r50 + ["--batch-size", "64,128", "--amp", "--channels-last", "--count-syncs"])),
         ("3a. ablation: bf16, no channels_last", 60,
