@@ -24,6 +24,7 @@ Symbols
 Public
     rgb_to_hsv(x) -> hsv;  hsv_to_rgb(hsv) -> x      float (B, 3, H, W), RGB in 0..1 <-> h in turns [0, 1), s, v in 0..1
     affine_step(x, M, o) -> x                        M x + o per pixel, rounded and saturated to 0..255
+    jitter_maps(params) -> M (B, 4, 3, 3), c (B, 4), q (B,)   each jitter position's affine map, the hue's position
     gaussian_taps(sigma) -> (B, 2 R + 1)             per-view blur kernels, OpenCV's size 2 round(3 sigma) + 1
     color_batch(x uint8 (B, 3, H, W), params float (B, P)) -> uint8 (B, 3, H, W)
 """
@@ -76,18 +77,29 @@ def affine_step(x: torch.Tensor, M: torch.Tensor, o: torch.Tensor) -> torch.Tens
     return y.view(B, C, H, W).round_().clamp_(0, 255)
 
 
-def _jitter_map(x: torch.Tensor, params: torch.Tensor, pos: int, active: torch.Tensor):
-    """The affine map (M, o) of jitter position `pos` for every view: the operation order[pos] with its factor, the
-    identity where it is the hue or `active` (B,) is False. Contrast's offset uses the mean luma of x as it is now."""
-    luma, eye = _constants(x.device)
-    op = params[:, FIELD["order0"] + pos].long()  # (B,) index into COLOR_OPS
-    f = params[:, FIELD["brightness"]:FIELD["hue"] + 1].gather(1, op[:, None])[:, :, None]  # (B, 1, 1) its factor
-    gray = luma.expand(3, 3)  # every output channel = the luma
-    M = torch.where((op == SATURATION).view(-1, 1, 1), f * eye + (1 - f) * gray, f * eye)  # (B, 3, 3)
-    mean = x.mean((2, 3)) @ luma  # (B,) mean luma (of the values, as cv2.mean then the luma weights)
-    o = ((op == CONTRAST) * (1 - f[:, 0, 0]) * mean)[:, None].expand(-1, 3)  # (B, 3)
-    keep = (active & (op != HUE)).view(-1, 1, 1)
-    return torch.where(keep, M, eye), torch.where(keep[:, :, 0], o, torch.zeros_like(o))
+def jitter_maps(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """params (B, P) -> the affine map of each jitter position, before the contrast's mean: M (B, 4, 3, 3), c (B, 4)
+    (the offset is c x the mean luma of the image as it is when that position applies), and q (B,) the hue's position
+    (4 where the jitter is off). The identity where the position holds the hue or the jitter is off."""
+    luma, eye = _constants(params.device)
+    jitter = params[:, FIELD["jitter"]] > 0  # (B,)
+    op = params[:, FIELD["order0"]:FIELD["order3"] + 1].long()  # (B, 4) COLOR_OPS index at each position
+    f = params[:, FIELD["brightness"]:FIELD["hue"] + 1].gather(1, op)  # (B, 4) that operation's factor
+    fe = f[:, :, None, None]  # (B, 4, 1, 1)
+    M = torch.where((op == SATURATION)[:, :, None, None], fe * eye + (1 - fe) * luma.expand(3, 3), fe * eye)
+    linear = jitter[:, None] & (op != HUE)  # (B, 4)
+    M = torch.where(linear[:, :, None, None], M, eye)
+    c = torch.where(linear & (op == CONTRAST), 1 - f, torch.zeros_like(f))
+    q = torch.where(jitter, (op == HUE).long().argmax(1), torch.full_like(op[:, 0], 4))
+    return M, c, q
+
+
+def _jitter_step(y: torch.Tensor, M: torch.Tensor, c: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """One jitter position for the views where `on` (B,): y -> M y + c mean_luma(y), rounded and saturated."""
+    luma, eye = _constants(y.device)
+    mean = y.mean((2, 3)) @ luma  # (B,) mean luma of the values (cv2.mean, then the luma weights)
+    o = (torch.where(on, c, torch.zeros_like(c)) * mean)[:, None].expand(-1, 3)  # (B, 3)
+    return affine_step(y, torch.where(on[:, None, None], M, eye), o)
 
 
 def gaussian_taps(sigma: torch.Tensor) -> torch.Tensor:
@@ -117,17 +129,15 @@ def color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     luma, _ = _constants(x.device)
     p = params.to(torch.float32)
     y = x.float().contiguous()
-    jitter = p[:, FIELD["jitter"]] > 0  # (B,)
-    order = p[:, FIELD["order0"]:FIELD["order3"] + 1]  # (B, 4)
-    q = torch.where(jitter, (order == HUE).float().argmax(1), torch.full_like(jitter, 4, dtype=torch.long))  # (B,)
+    M, c, q = jitter_maps(p)  # (B, 4, 3, 3), (B, 4), (B,)
     for pos in range(3):  # the affine operations before the hue (pos < q <= 3)
-        y = affine_step(y, *_jitter_map(y, p, pos, (pos < q) & jitter))
+        y = _jitter_step(y, M[:, pos], c[:, pos], pos < q)
     h = rgb_to_hsv(y / 255)
     h[:, 0] = (h[:, 0] + p[:, FIELD["hue"], None, None]) % 1.0  # rotate the hue (f_h = 0 where the jitter is off)
     hue = (hsv_to_rgb(h) * 255).round_().clamp_(0, 255)
     y = torch.where((q < 4).view(-1, 1, 1, 1), hue, y)
-    for pos in range(1, 4):  # the affine operations after the hue (pos > q >= 0)
-        y = affine_step(y, *_jitter_map(y, p, pos, (pos > q) & jitter))
+    for pos in range(1, 4):  # the affine operations after the hue (pos > q >= 0; none where q = 4: no jitter)
+        y = _jitter_step(y, M[:, pos], c[:, pos], (pos > q) & (q < 4))
     gray = (y * luma.view(1, 3, 1, 1)).sum(1, keepdim=True).round_()  # (B, 1, H, W)
     y = torch.where((p[:, FIELD["gray"]] > 0).view(-1, 1, 1, 1), gray.expand(-1, C, -1, -1), y)
     y = _blur(y, p[:, FIELD["sigma"]])

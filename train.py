@@ -302,6 +302,9 @@ def main(argv=None) -> None:
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"preset: {preset} ({'--data given' if args.data else 'embedded synthetic data'}); flags override it")
     log(json.dumps({**vars(args), "world_size": world, "device": str(device)}))
+    if args.color_on == "device" and device.type == "cpu":
+        log("note: --color-on device on a CPU runs the colour in this process with torch, ~15x the loader's OpenCV "
+            "CPU time (bench/RESULTS.md 4e); it pays off on a GPU")
     dataset = build_data(args) if rank == 0 else None
     if world > 1:  # rank 0 generates data/proposals once; the others wait, then open them
         dist.barrier()
