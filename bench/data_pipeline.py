@@ -19,6 +19,12 @@ color_device.color_batch applies them to the batch; its cost on this CPU is in t
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
 
+    python bench/data_pipeline.py --same-as REV   # only: are this tree's samples bit-identical to git revision REV's?
+
+--same-as extracts REV's tree (git archive) into a temp folder, lets it render items of the bench's JPEG pool (3
+epochs) and of random images (three_views, random sizes) in a subprocess, renders the same here and compares every
+view, box and affine tensor with torch.equal (for refactors that must not change a sample).
+
 Last table: seconds per epoch of train.py's way of loading, a fresh DataLoader per epoch (worker start-up and an
 empty pipeline every epoch) against one loader with persistent workers (what train.py does now).
 
@@ -43,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
 sys.path.insert(0, str(report.repo_root()))
+import augment  # noqa: E402
 import data  # noqa: E402
 import selective_search as ss  # noqa: E402
 
@@ -172,6 +179,48 @@ def per_sample(ds, n: int) -> list[dict]:
     return rows
 
 
+# run in REV's extracted tree after render's source: its own augment.py and data.py render the items
+_AT_REV = """
+import augment, data
+root, props_path, out = sys.argv[1:4]
+torch.save(render(data, augment, root, torch.load(props_path, weights_only=True)), out)
+"""
+
+
+def render(data_mod, augment_mod, root, props: dict) -> list[dict]:
+    """Items to compare between trees: the pool's 3 epochs and 40 three_views calls on random images (v, b, t only)."""
+    ds = data_mod.PretrainDataset(root, {k: v.numpy() for k, v in props.items()}, K=4)
+    items = [ds[(e, i)] for e in range(3) for i in range(len(ds))]
+    rng = np.random.default_rng(0)
+    for n in range(40):
+        h, w = (int(v) for v in rng.integers(40, 400, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        views = augment_mod.three_views(img, np.array([[0, 0, w / 2, h / 2]]), torch.Generator().manual_seed(n), 64, 32)
+        items.append({f"{k}{j}": t for j, view in enumerate(views, 1) for k, t in zip("vb", view)})
+    keep = lambda k: k[0] in "vbt" and k[1:].isdigit()  # noqa: E731
+    return [{k: v.contiguous() for k, v in it.items() if keep(k)} for it in items]
+
+
+def same_as(rev: str, root: Path, props: dict) -> dict:
+    """Render the items with REV's tree (a subprocess in its extracted copy) and with this tree; compare them."""
+    import inspect
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev], cwd=report.repo_root(), check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        torch.save({k: torch.from_numpy(v) for k, v in props.items()}, Path(tmp) / "props.pt")
+        code = "import sys\nimport numpy as np\nimport torch\n" + inspect.getsource(render) + _AT_REV
+        subprocess.run([sys.executable, "-c", code, str(root), str(Path(tmp) / "props.pt"), str(Path(tmp) / "it.pt")],
+                       cwd=tmp, check=True, env={**os.environ, "PYTHONPATH": tmp})
+        theirs = torch.load(Path(tmp) / "it.pt", weights_only=True)
+    ours = render(data, augment, root, {k: torch.from_numpy(v) for k, v in props.items()})
+    pairs = [(k, a[k], b.get(k)) for a, b in zip(ours, theirs) for k in a]
+    different = sum(b is None or not torch.equal(a, b) for _, a, b in pairs)
+    return {"revision": rev, "items": len(ours), "items_at_rev": len(theirs), "tensors_compared": len(pairs),
+            "different": different, "identical": different == 0 and len(ours) == len(theirs)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default="jpeg", choices=("jpeg", "synth"))
@@ -184,6 +233,7 @@ def main(argv=None):
     p.add_argument("--epoch-workers", type=int, default=2, help="workers of the per-epoch vs persistent comparison")
     p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images); 0 skips it")
     p.add_argument("--small-size", type=int, default=112)
+    p.add_argument("--same-as", metavar="REV", help="only compare this tree's samples with git revision REV's")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # this process only orchestrates; workers get 1 thread from the DataLoader anyway
     print(report.header("three-view data pipeline (bench/data_pipeline.py)"))
@@ -195,6 +245,10 @@ def main(argv=None):
             root = data.ensure_synthetic_dataset() / "unlabelled"
         files = data.list_images(root)
         props = random_proposals(files, root, a.proposals)
+        if a.same_as:
+            print(report.table([same_as(a.same_as, root, props)], ["revision", "items", "items_at_rev",
+                                                                  "tensors_compared", "different", "identical"]))
+            return
         ds = data.PretrainDataset(root, props, K=4, size=a.size, small_size=a.small_size)
         shape = cv2.imread(str(root / files[0])).shape
         print(f"source {a.source}: {len(ds)} images (e.g. {shape[1]} x {shape[0]}), {a.proposals} random filtered "
