@@ -4,12 +4,14 @@
 # there against 602 for the step alone), then, if asked, part of the GPU study (study.py --preset gpu).
 # Run from the repo root on the device machine:
 #     bash bench/gpu_run.sh                        # $OUT/gpu_check.md, $OUT/e2e_log.jsonl, $OUT/run.log
+#                                                  # $OUT/e2e_color_device_log.jsonl
 # Environment knobs (seconds / study.py flags):
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
 #     CHECK_S     gpu_check.py's --budget-s, default 270 (stages 1-5 took 46 s on one H100, 5b ~40 s, stage 6 needs 150);
 #                 0 skips gpu_check
 #     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 120;
 #                 0 skips it
+#     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 90; 0 skips it
 #     STUDY_ARGS  study.py flags, default empty (skipped; the H100 study part is in results/gpu_part_h100.md), e.g.
 #                 "--preset gpu --methods scratch,joint --fractions 1 --iters 600 --pre-steps 200 --shots none
 #                 --no-ablation --seeds 1 --jobs 2"
@@ -27,6 +29,7 @@ OUT=${OUT:-/tmp/gpu_run}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
 CHECK_S=${CHECK_S:-270}
 E2E_S=${E2E_S:-120}
+E2E_DEVICE_S=${E2E_DEVICE_S:-90}
 STUDY_ARGS=${STUDY_ARGS:-}
 START=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
@@ -59,13 +62,17 @@ fi
 E2E_ARGS="--depth 50 --size 224 --small-size 112 --anchor-sizes 24,48,96,192 --batch-size 128 --amp --channels-last \
 --workers 12 --epochs 100 --max-steps 400 --log-every 20 --ckpt-every 100"
 [ -n "${SMOKE:-}" ] && E2E_ARGS="--max-steps 4 --log-every 2 --ckpt-every 2 --workers 1" && E2E_S=60
-if [ "$E2E_S" -gt 0 ]; then
-    echo "== train.py end to end, $E2E_S s: $E2E_ARGS"
+[ -n "${SMOKE:-}" ] && E2E_DEVICE_S=60
+e2e() {  # $1 seconds, $2 name of the log in $OUT, then extra train.py flags
+    local secs=$1 name=$2; shift 2
+    echo "== train.py end to end, $secs s: $E2E_ARGS $*"
     rm -rf /tmp/e2e
-    timeout "$E2E_S" $PY train.py --mode joint --out /tmp/e2e $E2E_ARGS >/tmp/e2e.out 2>&1
+    timeout "$secs" $PY train.py --mode joint --out /tmp/e2e $E2E_ARGS "$@" >/tmp/e2e.out 2>&1
     echo "train.py exit $? (124 = stopped by the timeout, as planned)"; tail -c 600 /tmp/e2e.out; echo
-    cp /tmp/e2e/log.jsonl "$OUT/e2e_log.jsonl" 2>/dev/null && cat "$OUT/e2e_log.jsonl"
-fi
+    cp /tmp/e2e/log.jsonl "$OUT/$name" 2>/dev/null && cat "$OUT/$name"
+}
+[ "$E2E_S" -gt 0 ] && e2e "$E2E_S" e2e_log.jsonl
+[ "$E2E_DEVICE_S" -gt 0 ] && [ "$(left)" -gt $(( E2E_DEVICE_S + 60 )) ] && e2e "$E2E_DEVICE_S" e2e_color_device_log.jsonl --color-on device
 
 [ -n "${SMOKE:-}" ] && STUDY_ARGS="--preset smoke --methods scratch,joint --fractions 1 --shots none --no-ablation"
 T=$(( $(left) - 30 ))  # 30 s kept for the report and the tarball
