@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 # augment also turns off OpenCV's thread pool (cv2.setNumThreads(0)) on import: loader workers are the parallelism.
-from augment import COLOR_ON, MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry, visible_mapped
+from augment import (COLOR_ON, MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry,
+                     visible_mapped)
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -17,7 +17,7 @@ import train
 from test_data import write_images
 from test_train import pool, tiny_args  # noqa: F401  (pool: a module-scoped fixture)
 
-I = augment.NO_COLOR
+NO = augment.NO_COLOR
 
 
 def scenes(n: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -35,14 +35,14 @@ def on_device(x: np.ndarray, params) -> np.ndarray:
 
 def jitter_only(op: int, f: float) -> list:
     """Parameters that apply only COLOR_OPS[op] with factor f (the others at their identity: hue 0 is exact here)."""
-    p = list(I)
+    p = list(NO)
     p[0], p[1 + op], p[5:9] = 1.0, f, [op] + [k for k in range(4) if k != op]
     return p
 
 
 def test_no_color_is_the_identity_and_the_output_is_uint8():
     x = scenes(3)
-    out = cd.color_batch(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([I] * 3))
+    out = cd.color_batch(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([NO] * 3))
     assert out.dtype == torch.uint8 and out.shape == (3, 3, 64, 64)
     assert np.array_equal(out.permute(0, 2, 3, 1).numpy(), x)
 
@@ -68,12 +68,12 @@ def test_each_jitter_op_matches_torchvision_and_the_loader(op, f, tv_op):
 def test_gray_blur_solarize_match_the_loader():
     x = scenes()
     for sigma in (0.1, 0.4, 1.0, 1.7, 2.0):
-        p = I[:10] + [sigma, 0.0]
+        p = NO[:10] + [sigma, 0.0]
         cpu = np.stack([augment.apply_color(v, p) for v in x]).astype(int)
         assert np.abs(on_device(x, p) - cpu).max() <= 1, sigma
-    gray = I[:9] + [1.0, 0.0, 0.0]
+    gray = NO[:9] + [1.0, 0.0, 0.0]
     assert np.abs(on_device(x, gray) - np.stack([augment.apply_color(v, gray) for v in x])).max() <= 1
-    solar = I[:11] + [1.0]
+    solar = NO[:11] + [1.0]
     assert np.array_equal(on_device(x, solar), np.stack([augment.apply_color(v, solar) for v in x]))
 
 
@@ -106,7 +106,7 @@ def sequential(x: torch.Tensor, p: list) -> torch.Tensor:
     if p[0]:
         for op in p[5:9]:
             y = cd.color_batch(y.to(torch.uint8), torch.tensor([jitter_only(int(op), p[1 + int(op)])])).float()
-    rest = I[:9] + p[9:]
+    rest = NO[:9] + p[9:]
     return cd.color_batch(y.to(torch.uint8), torch.tensor([rest]))[0]
 
 
@@ -145,7 +145,7 @@ def test_dataset_device_mode_draws_the_same_and_leaves_the_pixels(tmp_path):
             assert torch.equal(a[f"b{k}"], b[f"b{k}"]) and torch.equal(a[f"t{k}"], b[f"t{k}"])
             assert torch.equal(a[f"c{k}"], b[f"c{k}"]) and a[f"c{k}"].shape == (len(augment.COLOR_FIELDS),)
             assert torch.equal(b[f"v{k}"], c[f"v{k}"])  # device mode: the pixels before colour
-            assert torch.equal(c[f"c{k}"], torch.tensor(I))
+            assert torch.equal(c[f"c{k}"], torch.tensor(NO))
             params = [float(v) for v in a[f"c{k}"]]  # what the loader applied (rounded to float32 here)
             redo = augment.apply_color(np.ascontiguousarray(b[f"v{k}"].permute(1, 2, 0).numpy()), params)
             assert np.abs(redo.astype(int) - a[f"v{k}"].permute(1, 2, 0).numpy()).max() <= 1
