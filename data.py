@@ -25,6 +25,10 @@ Public
     collate_channels_last(items) -> dict                            default_collate, views in channels_last
     EpochSampler(sampler)                                           yields (epoch, index): for persistent workers
     ensure_synthetic_dataset(root=None, seed=0, ...) -> Path;  synthetic_scene(rng, size)   (from synthetic.py)
+    main(argv)                                                      CLI: draw samples as a PNG (figures.plot_views)
+
+    python data.py --show 4 --out views.png       # 4 samples of the embedded pool: V1, V2, V3 and their K boxes
+    python data.py --data DIR --proposals F.npz --show 4 --color-on device
 """
 from __future__ import annotations
 
@@ -253,3 +257,43 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+def main(argv=None):
+    """Draw --show samples (V1, V2, V3 with their K boxes, after colour) into a PNG: what pre-training sees."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Draw pre-training samples (section 4.1.2's three views, section 3.2's "
+                                            "K boxes) into a PNG.")
+    p.add_argument("--data", help="image folder; default: the embedded synthetic pool (and its cached proposals)")
+    p.add_argument("--proposals", help="selective-search proposals file of --data (selective_search.py, 4.1.1)")
+    p.add_argument("--show", type=int, default=4, help="samples to draw (the first ones of the epoch)")
+    p.add_argument("--epoch", type=int, default=0, help="which epoch's draw of the views")
+    p.add_argument("--size", type=int, default=224, help="4.1.2: V1/V2 side (V3 is half of it)")
+    p.add_argument("--num-boxes", type=int, default=4, help="3.4: K boxes per sample")
+    p.add_argument("--color-on", default="loader", choices=COLOR_ON,
+                   help="colour by the loader (OpenCV) or by color_device.color_batch (train.py --color-on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="views.png", help="PNG to write")
+    a = p.parse_args(argv)
+    if a.data and not a.proposals:
+        raise SystemExit(f"--data {a.data} needs --proposals (run selective_search.py on it first, section 4.1.1)")
+    root = Path(a.data) if a.data else ensure_synthetic_dataset() / "unlabelled"
+    proposals = Path(a.proposals) if a.proposals else root.parent / "proposals_paper.npz"
+    if not proposals.exists():  # the embedded pool's proposals are computed once, as train.py does
+        import selective_search
+        selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+    ds = PretrainDataset(root, proposals, K=a.num_boxes, seed=a.seed, size=a.size, small_size=a.size // 2,
+                         color_on=a.color_on)
+    samples = [ds[(a.epoch, i)] for i in range(min(a.show, len(ds)))]
+    if a.color_on == "device":
+        import color_device
+        for s in samples:
+            for k in (1, 2, 3):
+                s[f"v{k}"] = color_device.color_batch(s[f"v{k}"][None], s[f"c{k}"][None])[0]
+    import figures
+    print(f"{figures.plot_views(samples, a.out)}: {len(samples)} samples of {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ Public (re-exported by eval.py)
 - ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5, iou_thresh=0.5) -> list of indices``.
 - ``results_by_image(results) -> {image_id: [results]}``; ``find_image(root, file_name) -> RGB uint8 or None``.
 - ``comparison_figures(coco, results_by_model, tide_by_model, image_root, out, n=4, score_thresh=0.5)``: the CLI's.
+- ``plot_views(samples, path, cell_px=224, dpi=100) -> Path``: pre-training samples (V1, V2, V3 and their K boxes,
+  section 4.1.2), one row each; ``python data.py --show N`` draws them.
 """
 from __future__ import annotations
 
@@ -59,6 +61,27 @@ def plot_tide(results_by_model: dict, path, size_px=(960, 420), dpi=100) -> Path
     ax.set_ylabel("dAP50 (TIDE)")
     ax.set_title("Error breakdown: AP50 gained by fixing each error type")
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_views(samples: list, path, cell_px: int = 224, dpi: int = 100) -> Path:
+    """Pre-training samples (4.1.2) as a grid, one row per sample: V1, V2, V3 (uint8 (3, S, S) RGB tensors under
+    "v1".."v3") with their K boxes ("b1".."b3", (K, 4) xyxy view pixels); box k has the same colour in every view, so
+    the boxes can be followed through crops and flips. Each panel is cell_px wide whatever the view's size."""
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(len(samples), 3, figsize=(3 * cell_px / dpi, len(samples) * cell_px / dpi), dpi=dpi,
+                             squeeze=False)
+    for row, sample in zip(axes, samples):
+        for j, ax in enumerate(row, 1):
+            view, boxes = sample[f"v{j}"], sample[f"b{j}"]
+            ax.imshow(view.permute(1, 2, 0).numpy(), extent=(0, view.shape[2], view.shape[1], 0))
+            for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=cmap(k % cmap.N),
+                                       linewidth=1.5))
+            ax.set_title(f"V{j} ({view.shape[2]} px)" + (f", image {sample['index']}" if j == 1 else ""),
+                         fontsize="small")
+            ax.axis("off")
     fig.tight_layout()
     return _save(fig, path, dpi)
 

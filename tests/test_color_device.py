@@ -169,3 +169,4 @@ def test_one_step_with_colour_on_the_device(pool, tmp_path):  # noqa: F811
     train.main(tiny_args(pool, tmp_path, "--color-on", "device", "--max-steps", "1"))
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 1 and np.isfinite(rec["loss"]) and rec["loss_rpn"] > 0
+

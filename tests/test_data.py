@@ -17,6 +17,7 @@ import augment
 import data
 import selective_search
 import synthetic
+from test_train import pool  # noqa: F401  (a module-scoped fixture: 8 images and their proposals)
 
 GREY, BRIGHT = 100, 250
 
@@ -395,3 +396,15 @@ def test_synthetic_dataset_is_deterministic_and_valid(tmp_path):
     with pytest.raises(ValueError, match="not a synthetic dataset"):
         synthetic.ensure_synthetic_dataset(tmp_path / "mine", **kw)
 
+
+@pytest.mark.parametrize("color_on", ["loader", "device"])
+def test_data_cli_draws_the_views(pool, tmp_path, color_on):  # noqa: F811
+    from PIL import Image
+
+    images, proposals = pool
+    out = tmp_path / "views.png"
+    data.main(["--data", str(images), "--proposals", str(proposals), "--show", "2", "--size", "64",
+               "--color-on", color_on, "--out", str(out)])
+    assert Image.open(out).size == (3 * 224, 2 * 224)  # 3 panels of cell_px per sample row
+    with pytest.raises(SystemExit, match="--proposals"):
+        data.main(["--data", str(images)])
