@@ -4,8 +4,10 @@ augment.apply_color applies one view's colour with OpenCV in a loader worker: ab
 CPU time (bench/data_pipeline.py). With train.py --color-on device the worker only draws the parameters
 (augment.draw_color: the same draws in the same order, so the same geometry, boxes and parameters) and color_batch
 applies them here, on the batch, with torch ops in float32. After each operation the values are rounded and saturated
-to 0..255, as the uint8 OpenCV path does, so the two agree within a few grey levels (tests/test_color_device.py); they
-are not bit-identical: the hue is continuous here (256 steps per turn there) and the blur taps are float32.
+to 0..255, as the uint8 OpenCV path does. Brightness and contrast give the loader's values, saturation, grayscale
+and blur agree within 1 level and solarize exactly; the hue is continuous here (within 1 level of torchvision's
+adjust_hue) where OpenCV's 8-bit HSV has 256 steps per turn, so after a hue shift single pixels differ by up to ~12
+levels from the loader's, < 0.5 level on average (tests/test_color_device.py).
 
 Operations (BYOL / SoCo, augment.py): colour jitter (brightness f x; contrast f x + (1 - f) mean luma; saturation
 f x + (1 - f) luma; hue rotated by h turns) in a random order per view, p 0.8; grayscale p 0.2; Gaussian blur;
@@ -117,18 +119,29 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
     taps = gaussian_taps(sigma).repeat_interleave(C, 0)  # (B C, T): the same kernel for a view's 3 channels
     y = F.pad(x.reshape(1, B * C, H, W), [MAX_RADIUS] * 4, mode="reflect")
-    y = F.conv2d(y, taps[:, None, :, None], groups=B * C)  # vertical: (1, B C, H, W + 2 R)
-    y = F.conv2d(y, taps[:, None, None, :], groups=B * C)  # horizontal: (1, B C, H, W)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # full float32 taps (cuDNN's default: TF32)
+        y = F.conv2d(y, taps[:, None, :, None], groups=B * C)  # vertical: (1, B C, H, W + 2 R)
+        y = F.conv2d(y, taps[:, None, None, :], groups=B * C)  # horizontal: (1, B C, H, W)
     return y.view(B, C, H, W).round_().clamp_(0, 255)
 
 
 def color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) RGB views (any memory format) and their parameters (B, P) (augment.draw_color, on x's device)
-    -> uint8 (B, 3, H, W): jitter in each view's order, grayscale, blur, solarize. No host-device sync."""
+    -> uint8 (B, 3, H, W) in x's memory format: jitter in each view's order, grayscale, blur, solarize. float32
+    throughout (autocast off). Views must be larger than MAX_RADIUS (the blur's reflected border). No host sync."""
     B, C, H, W = x.shape
-    luma, _ = _constants(x.device)
-    p = params.to(torch.float32)
-    y = x.float().contiguous()
+    if min(H, W) <= MAX_RADIUS:
+        raise ValueError(f"color_batch: views of {H} x {W} px; the blur's border needs sides > {MAX_RADIUS}")
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    with torch.autocast(x.device.type, enabled=False):
+        return _color(x.float().contiguous(), params.to(torch.float32)).to(torch.uint8).contiguous(memory_format=fmt)
+
+
+def _color(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """color_batch on float (B, 3, H, W) 0..255, contiguous -> the same, integer-valued."""
+    B, C, H, W = y.shape
+    luma, _ = _constants(y.device)
     M, c, q = jitter_maps(p)  # (B, 4, 3, 3), (B, 4), (B,)
     for pos in range(3):  # the affine operations before the hue (pos < q <= 3)
         y = _jitter_step(y, M[:, pos], c[:, pos], pos < q)
@@ -141,5 +154,4 @@ def color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     gray = (y * luma.view(1, 3, 1, 1)).sum(1, keepdim=True).round_()  # (B, 1, H, W)
     y = torch.where((p[:, FIELD["gray"]] > 0).view(-1, 1, 1, 1), gray.expand(-1, C, -1, -1), y)
     y = _blur(y, p[:, FIELD["sigma"]])
-    y = torch.where((p[:, FIELD["solarize"]] > 0).view(-1, 1, 1, 1) & (y >= 128), 255 - y, y)
-    return y.to(torch.uint8)
+    return torch.where((p[:, FIELD["solarize"]] > 0).view(-1, 1, 1, 1) & (y >= 128), 255 - y, y)

@@ -80,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
     p.add_argument("--color-on", default="loader", choices=augment.COLOR_ON,
                    help="4.1.2's colour jitter, grayscale, blur, solarize: in the loader workers (OpenCV, uint8) or "
-                        "on the device on each batch (color_device.py: the same parameters, within a few grey levels; "
-                        "~1/3 less CPU per sample in the workers, bench/RESULTS.md 4e)")
+                        "on the device on each batch (color_device.py: the same parameters; pixels < 0.5 level apart "
+                        "on average, up to ~12 after a hue shift; ~1/3 less CPU per sample in the workers, "
+                        "bench/RESULTS.md 4e)")
     p.add_argument("--compile", action="store_true",
                    help="issue 7: torch.compile the online and target feature extractors f (backbone + FPN, 3; the\n"
                         "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"

@@ -179,10 +179,10 @@ def check_color_device(a, device) -> None:
     on_dev = [(x.to(device).contiguous(memory_format=torch.channels_last), c.to(device)) for x, c in batch]
     for (x, c), (xd, cd) in zip(batch, on_dev):
         diff = (color_device.color_batch(x, c).int() - color_device.color_batch(xd, cd).cpu().int()).abs()
-        print(f"  {tuple(x.shape)}: difference to the CPU result: max {int(diff.max())}, mean {diff.float().mean():.2e} "
-              "grey levels")
-        # a float rounded differently (cuDNN's TF32 convolutions, other summation orders) moves a value by 1 level,
-        # which later operations (factors up to 1.4) can carry to 2-3: bounded, and rare
+        print(f"  {tuple(x.shape)}: difference to the CPU result: max {int(diff.max())}, "
+              f"mean {diff.float().mean():.2e} grey levels")
+        # a sum in another order (the contrast's mean, the matrix products, the blur) can round a value to the next
+        # level; the jitter's later factors (up to 1.4) and the hue can carry that to 2-3 levels: bounded, and rare
         assert diff.max() <= 3 and diff.float().mean() < 0.01, "color_batch differs between the CPU and this device"
 
     def run():

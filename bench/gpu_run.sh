@@ -9,9 +9,10 @@
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
 #     CHECK_S     gpu_check.py's --budget-s, default 270 (stages 1-5 took 46 s on one H100, 5b ~40 s, stage 6 needs 150);
 #                 0 skips gpu_check
-#     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 120;
+#     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 90;
 #                 0 skips it
-#     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 90; 0 skips it
+#     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 75; 0 skips
+#                 it; it runs only if that many seconds + 15 are left (else it says so)
 #     STUDY_ARGS  study.py flags, default empty (skipped; the H100 study part is in results/gpu_part_h100.md), e.g.
 #                 "--preset gpu --methods scratch,joint --fractions 1 --iters 600 --pre-steps 200 --shots none
 #                 --no-ablation --seeds 1 --jobs 2"
@@ -28,8 +29,8 @@ PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_run}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
 CHECK_S=${CHECK_S:-270}
-E2E_S=${E2E_S:-120}
-E2E_DEVICE_S=${E2E_DEVICE_S:-90}
+E2E_S=${E2E_S:-90}
+E2E_DEVICE_S=${E2E_DEVICE_S:-75}
 STUDY_ARGS=${STUDY_ARGS:-}
 START=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
@@ -72,7 +73,13 @@ e2e() {  # $1 seconds, $2 name of the log in $OUT, then extra train.py flags
     cp /tmp/e2e/log.jsonl "$OUT/$name" 2>/dev/null && cat "$OUT/$name"
 }
 [ "$E2E_S" -gt 0 ] && e2e "$E2E_S" e2e_log.jsonl
-[ "$E2E_DEVICE_S" -gt 0 ] && [ "$(left)" -gt $(( E2E_DEVICE_S + 60 )) ] && e2e "$E2E_DEVICE_S" e2e_color_device_log.jsonl --color-on device
+if [ "$E2E_DEVICE_S" -gt 0 ]; then
+    if [ "$(left)" -gt $(( E2E_DEVICE_S + 15 )) ]; then
+        e2e "$E2E_DEVICE_S" e2e_color_device_log.jsonl --color-on device
+    else
+        echo "== train.py --color-on device: skipped, $(left) s left (needs $(( E2E_DEVICE_S + 15 )))"
+    fi
+fi
 
 [ -n "${SMOKE:-}" ] && STUDY_ARGS="--preset smoke --methods scratch,joint --fractions 1 --shots none --no-ablation"
 T=$(( $(left) - 30 ))  # 30 s kept for the report and the tarball

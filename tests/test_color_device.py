@@ -45,6 +45,17 @@ def test_no_color_is_the_identity_and_the_output_is_uint8():
     out = cd.color_batch(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([NO] * 3))
     assert out.dtype == torch.uint8 and out.shape == (3, 3, 64, 64)
     assert np.array_equal(out.permute(0, 2, 3, 1).numpy(), x)
+    cl = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    g = augment.Draws(torch.Generator().manual_seed(2))
+    params = torch.tensor([augment.draw_color(g, 1.0, 0.5) for _ in range(3)])
+    out = cd.color_batch(cl, params)  # the input's memory format is kept (train.py --channels-last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    plain = cd.color_batch(cl.contiguous(), params)
+    assert plain.is_contiguous() and torch.equal(out, plain)
+    with torch.autocast("cpu", torch.bfloat16):  # float32 inside whatever the caller's autocast
+        assert torch.equal(cd.color_batch(cl, params), out)
+    with pytest.raises(ValueError, match="6 px|sides"):
+        cd.color_batch(torch.zeros(1, 3, 6, 20, dtype=torch.uint8), torch.tensor([NO]))
 
 
 @pytest.mark.parametrize("op, f, tv_op", [(0, 1.35, TF.adjust_brightness), (0, 0.65, TF.adjust_brightness),
@@ -59,7 +70,9 @@ def test_each_jitter_op_matches_torchvision_and_the_loader(op, f, tv_op):
     assert np.abs(ours - x).max() > 5  # the operation did something
     cpu_op = (augment._brightness, augment._contrast, augment._saturation, augment._hue)[op]  # the loader's op alone
     cpu = np.stack([cpu_op(v, f) for v in x]).astype(int)
-    if op < 3:  # brightness, contrast, saturation: the loader's OpenCV arithmetic within one level
+    if op < 2:  # brightness, contrast: the loader's OpenCV arithmetic exactly
+        assert np.array_equal(ours, cpu)
+    elif op == 2:  # saturation: within one level
         assert np.abs(ours - cpu).max() <= 1
     else:  # the loader's hue has 256 steps per turn and 8-bit S: a few levels off (torchvision: <= 1 from ours)
         assert np.abs(ours - cpu).max() <= 12 and np.abs(ours - cpu).mean() < 1.0

@@ -161,6 +161,36 @@ def test_colour_ops_match_torchvision():
     assert np.array_equal(solar, ref(TF.solarize(t, 128)))
 
 
+def _color_augment_before_the_split(x, g, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
+    """augment.color_augment as it was before draw_color / apply_color (commit dddd0d4): draws interleaved with ops."""
+    r = augment._draws(g)
+    if r() < jitter_p:
+        b, c, s, h = jitter
+        factors = [r(1 - b, 1 + b), r(1 - c, 1 + c), r(1 - s, 1 + s), r(-h, h)]
+        keys = [r() for _ in range(4)]
+        for i in sorted(range(4), key=keys.__getitem__):
+            x = (augment._brightness, augment._contrast, augment._saturation, augment._hue)[i](x, factors[i])
+    if r() < gray_p:
+        x = augment._gray3(x)
+    if r() < blur_p:
+        x = augment._blur(x, r(0.1, 2.0))
+    if r() < solarize_p:
+        x = cv2.LUT(x, augment.SOLARIZE_LUT)
+    return x
+
+
+def test_split_colour_draws_and_applies_as_before():
+    """draw_color + apply_color = the former color_augment: the same pixels and the same draws in the same order
+    (the next number from the generator agrees), so --color-on loader samples are those of earlier versions."""
+    x = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8), (0, 0), 1.0)
+    for seed in range(40):
+        blur_p, solarize_p = (1.0, 0.0) if seed % 2 else (0.1, 0.2)  # V1's and V2/V3's settings
+        g_old, g_new = (augment.Draws(torch.Generator().manual_seed(seed)) for _ in range(2))
+        old = _color_augment_before_the_split(x, g_old, blur_p, solarize_p)
+        assert np.array_equal(augment.color_augment(x, g_new, blur_p, solarize_p), old), seed
+        assert g_old() == g_new(), seed
+
+
 def test_colour_changes_pixels_but_not_boxes():
     img = np.random.default_rng(2).integers(0, 255, (50, 60, 3), dtype=np.uint8)
     box = np.array([[5, 5, 40, 45]], np.float32)
@@ -398,13 +428,18 @@ def test_synthetic_dataset_is_deterministic_and_valid(tmp_path):
 
 
 @pytest.mark.parametrize("color_on", ["loader", "device"])
-def test_data_cli_draws_the_views(pool, tmp_path, color_on):  # noqa: F811
+def test_data_cli_draws_the_views(pool, tmp_path, monkeypatch, color_on):  # noqa: F811
     from PIL import Image
 
     images, proposals = pool
-    out = tmp_path / "views.png"
+    import color_device
+
+    out, calls = tmp_path / "views.png", []
+    real = color_device.color_batch
+    monkeypatch.setattr(color_device, "color_batch", lambda *a: calls.append(1) or real(*a))
     data.main(["--data", str(images), "--proposals", str(proposals), "--show", "2", "--size", "64",
                "--color-on", color_on, "--out", str(out)])
     assert Image.open(out).size == (3 * 224, 2 * 224)  # 3 panels of cell_px per sample row
+    assert len(calls) == (6 if color_on == "device" else 0)  # device: the colour applied to every view drawn
     with pytest.raises(SystemExit, match="--proposals"):
         data.main(["--data", str(images)])
