@@ -13,8 +13,8 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, setup_distributed, save_atomic,
-make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
+Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, color_fn, setup_distributed,
+save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="issue 7: torch.compile the online and target feature extractors f (backbone + FPN, 3; the\n"
                         "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
                         "measured gain on CPU beyond the noise (ResNet-18; compiling takes ~5 min on 2 cores with a\n"
-                        "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6)")
+                        "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6).\n"
+                        "With --color-on device it also compiles color_device.color_batch (1.5x, RESULTS 4e)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -263,14 +264,22 @@ def load_init(net: model_lib.ADePT, path: str) -> None:
             raise SystemExit(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def to_device(batch: dict, device, channels_last: bool, color_on: str = "loader"):
+def color_fn(args):
+    """--color-on device: the function that colours a batch of views on the device, color_device.color_batch, or
+    with --compile that function torch.compile'd (its ~130 elementwise passes fuse into a few kernels; 1.5x on one CPU
+    core, bench/RESULTS.md 4e). None with --color-on loader: the views arrive coloured."""
+    if args.color_on != "device":
+        return None
+    return torch.compile(color_device.color_batch, dynamic=False) if args.compile else color_device.color_batch
+
+
+def to_device(batch: dict, device, channels_last: bool, color=None):
     """uint8 views -> normalised float on the device (normalisation on the device, not in the loader), after their
-    colour with color_on="device" (the batch's c1..c3 parameters, color_device.color_batch)."""
+    colour if `color` (color_fn's) is given: color(views, the batch's c1..c3 parameters)."""
     fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     views = [batch[f"v{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]  # uint8 (B, 3, S, S)
-    if color_on == "device":
-        views = [color_device.color_batch(v, batch[f"c{j}"].to(device, non_blocking=True))
-                 for j, v in zip((1, 2, 3), views)]
+    if color is not None:
+        views = [color(v, batch[f"c{j}"].to(device, non_blocking=True)) for j, v in zip((1, 2, 3), views)]
     views = [data.normalize(v).contiguous(memory_format=fmt) for v in views]
     boxes = [batch[f"b{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]
     transforms = [batch[f"t{j}"].to(device, non_blocking=True) for j in (1, 2, 3)] if "t1" in batch else None
@@ -334,10 +343,11 @@ def make_loader(dataset, sampler, args, device) -> DataLoader:
                       collate_fn=data.collate_channels_last if device.type == "cuda" else None)
 
 
-def train_step(ddp, net, opt, batch: dict, args, device, tau: float) -> dict:
-    """One optimisation step of Eq. 8 (or its baseline's loss): forward under bf16 autocast on CUDA if --amp,
-    backward, LARS, then the target's EMA xi <- tau xi + (1 - tau) theta (3.3). No host sync. Returns the losses."""
-    views, boxes, transforms = to_device(batch, device, args.channels_last, args.color_on)
+def train_step(ddp, net, opt, batch: dict, args, device, tau: float, color=None) -> dict:
+    """One optimisation step of Eq. 8 (or its baseline's loss): the views' colour if `color` (color_fn), forward under
+    bf16 autocast on CUDA if --amp, backward, LARS, then the target's EMA xi <- tau xi + (1 - tau) theta (3.3). No
+    host sync. Returns the losses."""
+    views, boxes, transforms = to_device(batch, device, args.channels_last, color)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
         losses = ddp(views, boxes, transforms)
     opt.zero_grad(set_to_none=True)
@@ -384,6 +394,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     # which cost a batch's latency every epoch); EpochSampler hands each index to them with its epoch.
     epochs = data.EpochSampler(sampler)
     loader = make_loader(dataset, epochs, args, device)
+    color = color_fn(args)  # None: coloured in the loader
     while step < total:
         epoch = step // steps_per_epoch
         epochs.set_epoch(epoch)  # also the DistributedSampler's shuffle; each item carries it, in or out of process
@@ -393,7 +404,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)  # anchor sampling: resume-exact
-            losses = train_step(ddp, net, opt, batch, args, device, tau)
+            losses = train_step(ddp, net, opt, batch, args, device, tau, color)
             bad |= ~torch.isfinite(losses["loss"].detach())
             step, seen = step + 1, seen + args.batch_size * world
             bar.update(1)

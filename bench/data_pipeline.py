@@ -19,6 +19,7 @@ color_device.color_batch applies them to the batch; its cost on this CPU is in t
 
     python bench/data_pipeline.py                 # 224 / 112, 192 samples per setting
 
+    python bench/data_pipeline.py --compile-color # also color_batch torch.compile'd (train.py --compile)
     python bench/data_pipeline.py --same-as REV   # only: are this tree's samples bit-identical to git revision REV's?
 
 --same-as extracts REV's tree (git archive) into a temp folder, lets it render items of the bench's JPEG pool (3
@@ -132,7 +133,7 @@ def _send(batch) -> bytes:
     return buf.getvalue()
 
 
-def per_sample(ds, n: int) -> list[dict]:
+def per_sample(ds, n: int, compile_color: bool = False) -> list[dict]:
     """In this process, ms per sample: decode only; views without colour; the full item."""
     rows = []
 
@@ -170,12 +171,19 @@ def per_sample(ds, n: int) -> list[dict]:
     import color_device
 
     batch = data.collate_channels_last(items)
-    c0, t0 = time.process_time(), time.perf_counter()
-    for _ in range(3):
+    fns = [("color_device.color_batch", color_device.color_batch)]
+    if compile_color:  # as train.py --compile --color-on device (train.color_fn); compiled before the timing
+        fn, c0 = torch.compile(color_device.color_batch, dynamic=False), time.perf_counter()
         for k in (1, 2, 3):
-            color_device.color_batch(batch[f"v{k}"], batch[f"c{k}"])
-    rows.append({"part": "color_device.color_batch of the 3 views on this CPU, per sample of a batch of 32",
-                 "cpu_ms": 1e3 * (time.process_time() - c0) / 96, "wall_ms": 1e3 * (time.perf_counter() - t0) / 96})
+            fn(batch[f"v{k}"], batch[f"c{k}"])
+        fns.append((f"the same, torch.compile'd (Inductor; compiled in {time.perf_counter() - c0:.0f} s)", fn))
+    for name, fn in fns:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(3):
+            for k in (1, 2, 3):
+                fn(batch[f"v{k}"], batch[f"c{k}"])
+        rows.append({"part": f"{name} of the 3 views on this CPU, per sample of a batch of 32",
+                     "cpu_ms": 1e3 * (time.process_time() - c0) / 96, "wall_ms": 1e3 * (time.perf_counter() - t0) / 96})
     return rows
 
 
@@ -234,6 +242,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images); 0 skips it")
     p.add_argument("--small-size", type=int, default=112)
     p.add_argument("--same-as", metavar="REV", help="only compare this tree's samples with git revision REV's")
+    p.add_argument("--compile-color", action="store_true",
+                   help="also time color_batch torch.compile'd, as train.py --compile --color-on device (~30 s)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # this process only orchestrates; workers get 1 thread from the DataLoader anyway
     print(report.header("three-view data pipeline (bench/data_pipeline.py)"))
@@ -253,7 +263,7 @@ def main(argv=None):
         shape = cv2.imread(str(root / files[0])).shape
         print(f"source {a.source}: {len(ds)} images (e.g. {shape[1]} x {shape[0]}), {a.proposals} random filtered "
               f"proposals each, views {a.size}/{a.size}/{a.small_size}, K = 4, batch {a.batch_size}\n")
-        print(report.table(per_sample(ds, min(64, a.samples)), ["part", "cpu_ms", "wall_ms"]))
+        print(report.table(per_sample(ds, min(64, a.samples), a.compile_color), ["part", "cpu_ms", "wall_ms"]))
         print()
         ds_dev = data.PretrainDataset(root, props, K=4, size=a.size, small_size=a.small_size, color_on="device")
         rows = [run_loader(d, int(w), a.samples, a.batch_size, collate) for w in a.workers.split(",")

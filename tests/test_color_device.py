@@ -183,3 +183,22 @@ def test_one_step_with_colour_on_the_device(pool, tmp_path):  # noqa: F811
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 1 and np.isfinite(rec["loss"]) and rec["loss_rpn"] > 0
 
+
+
+def test_train_colour_function_and_its_compiled_form(monkeypatch):
+    """train.color_fn: None with the colour in the loader, color_batch with --color-on device, torch.compile'd with
+    --compile (here with the aot_eager backend: the same capture, no code generation; the same values)."""
+    assert train.color_fn(train.parse_args([])) is None
+    assert train.color_fn(train.parse_args(["--color-on", "device"])) is cd.color_batch
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    try:
+        fn = train.color_fn(train.parse_args(["--color-on", "device", "--compile"]))
+        assert fn is not cd.color_batch
+        x = torch.from_numpy(scenes(4)).permute(0, 3, 1, 2)
+        g = augment.Draws(torch.Generator().manual_seed(4))
+        params = torch.tensor([augment.draw_color(g, 0.5, 0.5) for _ in range(4)])
+        assert torch.equal(fn(x, params), cd.color_batch(x, params))
+    finally:
+        torch._dynamo.reset()
