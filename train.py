@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
                         "measured gain on CPU beyond the noise (ResNet-18; compiling takes ~5 min on 2 cores with a\n"
                         "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6).\n"
-                        "With --color-on device it also compiles color_device.color_batch (1.5x, RESULTS 4e)")
+                        "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU, RESULTS 4e)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -266,8 +266,8 @@ def load_init(net: model_lib.ADePT, path: str) -> None:
 
 def color_fn(args):
     """--color-on device: the function that colours a batch of views on the device, color_device.color_batch, or
-    with --compile that function torch.compile'd (its ~130 elementwise passes fuse into a few kernels; 1.5x on one CPU
-    core, bench/RESULTS.md 4e). None with --color-on loader: the views arrive coloured."""
+    with --compile that function torch.compile'd (its ~130 elementwise passes fuse into fewer kernels; 1.5-1.7x on
+    one CPU core, bench/RESULTS.md 4e). None with --color-on loader: the views arrive coloured."""
     if args.color_on != "device":
         return None
     return torch.compile(color_device.color_batch, dynamic=False) if args.compile else color_device.color_batch

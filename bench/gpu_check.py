@@ -14,7 +14,7 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        through one step (CUDA only: SyncBN does not run on CPU, reference.md traps; with one process SyncBatchNorm
        falls back to batch_norm, so this checks the conversion and the step, not the all-reduce).
     1b. colour on the device (color_device.color_batch, train.py --color-on device): the CPU's pixels (max and mean
-       difference), host syncs, ms per batch of 128 x three views.
+       difference), host syncs, ms per batch of 128 x three views; with --compile also torch.compile'd.
     2. joint step, the issue's table: bench/pretrain_step.py, ResNet-50, 224/112, batch 64 and 128, bf16 +
        channels_last: images/s, ratio to the bare convnet, GFLOP/image, MFU against 790 TFLOP/s, peak memory.
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
@@ -185,22 +185,30 @@ def check_color_device(a, device) -> None:
         # level; the jitter's later factors (up to 1.4) and the hue can carry that to 2-3 levels: bounded, and rare
         assert diff.max() <= 3 and diff.float().mean() < 0.01, "color_batch differs between the CPU and this device"
 
-    def run():
-        for xd, cd in on_dev:
-            color_device.color_batch(xd, cd)
-    if device.type == "cuda":
-        print(f"  host syncs in one batch of 3 views: {ps.count_syncs(run)}")
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
+    fns = [("color_batch", color_device.color_batch)]
+    if a.compile:  # train.py --compile --color-on device (train.color_fn)
+        fns.append(("color_batch torch.compile'd", torch.compile(color_device.color_batch, dynamic=False)))
+    for name, fn in fns:
+        def run():
+            for xd, cd in on_dev:
+                fn(xd, cd)
         t0 = time.perf_counter()
-        run()
+        run()  # warm-up (and compilation)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    best = min(times[1:])
-    print(f"  color_batch, 3 views of a batch of {B}: {1e3 * best:.2f} ms per batch (best of 4 after one warm-up), "
-          f"{1e6 * best / B:.1f} us per sample")
+            print(f"  {name}: first call {time.perf_counter() - t0:.1f} s; host syncs in one batch of 3 views: "
+                  f"{ps.count_syncs(run)}")
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        print(f"  {name}, 3 views of a batch of {B}: {1e3 * best:.2f} ms per batch (best of 4 after one warm-up), "
+              f"{1e6 * best / B:.1f} us per sample")
 
 
 def stages(a, device) -> list:
@@ -226,7 +234,7 @@ def stages(a, device) -> list:
     r50 = dev + ["--depth", "50", "--size", "224", "--steps", "12", "--rounds", "3", "--warmup", "3"]
     return [
         ("1. CUDA path", 0, lambda: check_cuda_path(a, device)),
-        ("1b. colour on the device (train.py --color-on device)", 10, lambda: check_color_device(a, device)),
+        ("1b. colour on the device (train.py --color-on device)", 60, lambda: check_color_device(a, device)),
         ("2. joint step, bf16 + channels_last", 60,
          lambda: pretrain_step.main(r50 + ["--batch-size", "64,128", "--amp", "--channels-last", "--count-syncs"])),
         ("3a. ablation: bf16, no channels_last", 60,
