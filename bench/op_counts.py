@@ -6,6 +6,7 @@ per step that did not grow with the batch (bench/RESULTS.md). Both counts are th
 measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
     joint      one pre-training step by phase: forward, backward, train.LARS, byol.ema_update
     bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
+    color      color_device.color_batch on one batch of one view (train.py --color-on device: 3 per step)
     finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
 Counted with a TorchDispatchMode: the aten operators below autograd, forward and backward (a composite operator
 counts as the ones it runs). Syncs: tests/sync_ops.py.
@@ -85,6 +86,18 @@ def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
     return rows
 
 
+def color_rows(B: int = 4, size: int = 64) -> list[dict]:
+    """color_device.color_batch on one batch of views (train.py --color-on device), random parameters."""
+    import augment
+    import color_device
+
+    g = augment.Draws(torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, generator=g.g)
+    params = torch.tensor([augment.draw_color(g, 0.5, 0.2) for _ in range(B)])
+    ops, syncs = count_ops(lambda: color_device.color_batch(x, params))
+    return [{"step": "color_batch, one batch of one view", "phase": "total", "ops": ops, "sync_ops": syncs}]
+
+
 def finetune_rows(size: int) -> list[dict]:
     import finetune_step
 
@@ -110,7 +123,8 @@ def main(argv=None) -> list[dict]:
     original = roi_head.multilevel_roi_align
     roi_head.multilevel_roi_align = functools.partial(original, sync_free=True)  # the path a GPU takes
     try:
-        rows = pretrain_rows(a.depth, a.size) + (finetune_rows(a.finetune_size) if a.finetune_size else [])
+        rows = pretrain_rows(a.depth, a.size) + color_rows() + \
+            (finetune_rows(a.finetune_size) if a.finetune_size else [])
     finally:
         roi_head.multilevel_roi_align = original
     print(f"settings: pre-training ResNet-{a.depth}, batch 2, {a.size} px, K = 4; Mask R-CNN ResNet-18, 2 images, "
