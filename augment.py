@@ -289,14 +289,16 @@ def draw_color(g, blur_p: float, solarize_p: float, jitter=(0.4, 0.4, 0.2, 0.1),
     return p
 
 
+JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # COLOR_OPS' functions, in its order
+
+
 def apply_color(x: np.ndarray, p: list[float]) -> np.ndarray:
     """uint8 (h, w, 3) -> uint8 (h, w, 3): draw_color's parameters p applied with OpenCV: the jitter's four
     operations in p's order, grayscale, blur (kernel 2 round(3 sigma) + 1), solarize (values >= 128 inverted, as
     PIL's ImageOps.solarize)."""
     if p[0]:
-        for i in p[5:9]:
-            i = int(i)
-            x = (_brightness, _contrast, _saturation, _hue)[i](x, p[1 + i])
+        for i in map(int, p[5:9]):
+            x = JITTER_OPS[i](x, p[1 + i])
     if p[9]:
         x = _gray3(x)
     if p[10]:

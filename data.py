@@ -25,6 +25,7 @@ Public
     collate_channels_last(items) -> dict                            default_collate, views in channels_last
     EpochSampler(sampler)                                           yields (epoch, index): for persistent workers
     ensure_synthetic_dataset(root=None, seed=0, ...) -> Path;  synthetic_scene(rng, size)   (from synthetic.py)
+    embedded_pool() -> (image folder, proposals file)              the embedded default data, made once
     main(argv)                                                      CLI: draw samples as a PNG (figures.plot_views)
 
     python data.py --show 4 --out views.png       # 4 samples of the embedded pool: V1, V2, V3 and their K boxes
@@ -240,6 +241,17 @@ def collate_channels_last(items: list[dict]) -> dict:
     return {**rest, **views}
 
 
+def embedded_pool() -> tuple[Path, Path]:
+    """The embedded default data: (folder of the synthetic pool's unlabelled images, their selective-search proposals
+    file at the paper preset, 4.1.1), both made once into .cache/synth/ and reused."""
+    root = ensure_synthetic_dataset() / "unlabelled"
+    proposals = root.parent / "proposals_paper.npz"
+    if not proposals.exists():
+        import selective_search
+        selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+    return root, proposals
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Wraps a sampler (e.g. DistributedSampler) to yield (epoch, index) items: the epoch travels with each index,
     so persistent loader workers, which keep their own copy of the dataset, still see the current epoch."""
@@ -278,11 +290,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.data and not a.proposals:
         raise SystemExit(f"--data {a.data} needs --proposals (run selective_search.py on it first, section 4.1.1)")
-    root = Path(a.data) if a.data else ensure_synthetic_dataset() / "unlabelled"
-    proposals = Path(a.proposals) if a.proposals else root.parent / "proposals_paper.npz"
-    if not proposals.exists():  # the embedded pool's proposals are computed once, as train.py does
-        import selective_search
-        selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+    root, proposals = (Path(a.data), Path(a.proposals)) if a.data else embedded_pool()
     ds = PretrainDataset(root, proposals, K=a.num_boxes, seed=a.seed, size=a.size, small_size=a.size // 2,
                          color_on=a.color_on)
     samples = [ds[(a.epoch, i)] for i in range(min(a.show, len(ds)))]

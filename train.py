@@ -6,14 +6,14 @@
 Modes (4.2): joint (L_RPN + L_det from random init), separate (only the RPN, on a frozen extractor and head from a
 soco run: --init), soco (L_det only: the SoCo baseline), byol (image-level BYOL baseline).
 
-Optimisation (4.2, reference.md): LARS (momentum 0.9, trust coefficient 0.001, weight decay 1e-5; biases and norm
-parameters excluded from weight decay and trust ratio), lr = base_lr x global batch / 256 with linear warm-up from
+Optimisation (4.2, reference.md): LARS (lars.py: momentum 0.9, trust coefficient 0.001, weight decay 1e-5; biases and
+norm parameters excluded from weight decay and trust ratio), lr = base_lr x global batch / 256 with linear warm-up from
 lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: LARS, lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, color_fn, setup_distributed,
+Public: lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, color_fn, setup_distributed,
 save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import byol
 import color_device
 import data
 import model as model_lib
+from lars import LARS, param_groups
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -88,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
                         "measured gain on CPU beyond the noise (ResNet-18; compiling takes ~5 min on 2 cores with a\n"
                         "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6).\n"
-                        "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU, RESULTS 4e)")
+                        "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU,\n"
+                        "bench/RESULTS.md 4e)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -104,51 +106,6 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args, name
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD + momentum with layer-wise trust ratio (You et al. 2017), as SoCo/BYOL use it. Per parameter p:
-    d = g + wd p; trust = eta ||p|| / (||d|| + eps) where both norms > 0, else 1; buf = m buf + trust d; p -= lr buf.
-
-    Groups with lars=False (biases, norm parameters) get neither weight decay nor the trust ratio (d = g).
-    The step runs over all parameters of a group at once with torch._foreach_* ops: on one H100 (ResNet-50 joint,
-    batch 128) 5.8 ms against 22.4 ms for a per-parameter loop (bench/RESULTS.md, GPU section); the loop is kept as
-    bench/pretrain_step.py's LoopLARS, which checks this against it.
-    """
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-5,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            if not params:
-                continue
-            d = [p.grad for p in params]
-            if g["lars"]:
-                d = torch._foreach_add(d, params, alpha=g["weight_decay"])
-                p_norm = torch.stack(torch._foreach_norm(params))  # (P,) one norm per parameter tensor
-                d_norm = torch.stack(torch._foreach_norm(d))
-                trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
-                trust = torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
-                torch._foreach_mul_(d, list(trust.unbind()))  # no .item(): no host sync
-            for p in params:  # created once (setdefault would build, and throw away, a zeros_like every step)
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, g["momentum"])
-            torch._foreach_add_(bufs, d)
-            torch._foreach_add_(params, bufs, alpha=-g["lr"])
-
-
-def param_groups(module: torch.nn.Module) -> list[dict]:
-    """Weights get LARS; biases and norm parameters (all 1-D tensors) are excluded (reference.md)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.ndim > 1]},
-            {"params": [p for p in trainable if p.ndim <= 1], "lars": False, "weight_decay": 0.0}]
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -205,11 +162,7 @@ def build_data(args):
                              "proposals.npz` first (section 4.1.1)")
         root, proposals = Path(args.data), Path(args.proposals)
     else:
-        root = data.ensure_synthetic_dataset() / "unlabelled"
-        proposals = root.parent / "proposals_paper.npz"
-        if not proposals.exists():
-            import selective_search
-            selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+        root, proposals = data.embedded_pool()
     if not proposals.exists():
         raise SystemExit(f"{proposals}: proposals file not found")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
@@ -313,8 +266,8 @@ def main(argv=None) -> None:
     log(f"preset: {preset} ({'--data given' if args.data else 'embedded synthetic data'}); flags override it")
     log(json.dumps({**vars(args), "world_size": world, "device": str(device)}))
     if args.color_on == "device" and device.type == "cpu":
-        log("note: --color-on device on a CPU runs the colour in this process with torch, ~15x the loader's OpenCV "
-            "CPU time (bench/RESULTS.md 4e); it pays off on a GPU")
+        log("note: --color-on device on a CPU runs the colour in this process with torch, 12-23x the loader's "
+            "OpenCV CPU time (bench/RESULTS.md 4e); it pays off on a GPU")
     dataset = build_data(args) if rank == 0 else None
     if world > 1:  # rank 0 generates data/proposals once; the others wait, then open them
         dist.barrier()

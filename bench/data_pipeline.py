@@ -134,7 +134,8 @@ def _send(batch) -> bytes:
 
 
 def per_sample(ds, n: int, compile_color: bool = False) -> list[dict]:
-    """In this process, ms per sample: decode only; views without colour; the full item."""
+    """In this process, ms per sample: decode only; views without colour; the full item; the item with the colour
+    left to the device; the collates, and sending a batch as a worker does; color_batch (and compiled, if asked)."""
     rows = []
 
     def timed(name, fn):
@@ -166,8 +167,8 @@ def per_sample(ds, n: int, compile_color: bool = False) -> list[dict]:
             fn(items)
         rows.append({"part": name, "cpu_ms": 1e3 * (time.process_time() - c0) / 160,
                      "wall_ms": 1e3 * (time.perf_counter() - t0) / 160})
-    # the work color_on="device" moves out of the worker, timed here on this CPU (one thread): on a GPU it is a few
-    # kernels per batch (bench/gpu_check.py)
+    # the work color_on="device" moves out of the worker, timed here on this CPU (one thread); bench/gpu_check.py
+    # stage 1b times it on a GPU
     import color_device
 
     batch = data.collate_channels_last(items)

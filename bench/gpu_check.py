@@ -6,7 +6,7 @@ Check the script itself on a CPU with tiny settings (ResNet-18, 64 px, a few ste
     python bench/gpu_check.py --smoke
 
 Stages (each one's failure is printed and the next stage still runs; exit status 1 if any failed):
-    1. CUDA path: device; a ResNet-50 joint step (model.ADePT, train.LARS, byol.ema_update) in fp32 and under bf16
+    1. CUDA path: device; a ResNet-50 joint step (model.ADePT, lars.LARS, byol.ema_update) in fp32 and under bf16
        autocast + channels_last from the same weights and inputs: finite losses, bf16 loss within 0.05 + 2 % of fp32,
        weights moved, the model's 4-D weights really channels_last; host syncs per step
        (torch.cuda.set_sync_debug_mode); SyncBN: a 1-process process group (nccl; gloo in --smoke), model
@@ -71,8 +71,8 @@ import report  # noqa: E402
 
 sys.path.insert(0, str(report.repo_root()))
 import byol  # noqa: E402
+import lars  # noqa: E402
 import model as model_lib  # noqa: E402
-import train  # noqa: E402
 
 
 class Tee:
@@ -116,7 +116,7 @@ def check_cuda_path(a, device) -> None:
         if cl:
             net = net.to(memory_format=torch.channels_last)
         v = [x.contiguous(memory_format=torch.channels_last) for x in views] if cl else views
-        opt = train.LARS(train.param_groups(net), lr=1e-3)
+        opt = lars.LARS(lars.param_groups(net), lr=1e-3)
         w0 = net.online.extractor.backbone.conv1.weight.detach().clone()
         torch.manual_seed(1)  # same anchor sampling in both runs
         loss = _step(net, opt, v, boxes, amp)
@@ -153,7 +153,7 @@ def check_sync_bn(base, views, boxes, device) -> None:
         print(f"  convert_sync_batchnorm: {n} SyncBatchNorm layers")
         assert n > 0, "no BatchNorm converted"
         if device.type == "cuda":
-            loss = _step(net, train.LARS(train.param_groups(net), lr=1e-3), views, boxes, True)
+            loss = _step(net, lars.LARS(lars.param_groups(net), lr=1e-3), views, boxes, True)
             print(f"  SyncBN joint step under bf16: loss {float(loss):.5f}")
             assert torch.isfinite(loss), "SyncBN step: non-finite loss"
         else:

@@ -4,7 +4,7 @@ On a GPU a step whose kernels are small is bound by the host: each dispatched op
 launch whatever the batch, and each sync stops the host from running ahead. On one H100 the joint step had ~105 ms
 per step that did not grow with the batch (bench/RESULTS.md). Both counts are the same on every device, so this
 measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
-    joint      one pre-training step by phase: forward, backward, train.LARS, byol.ema_update
+    joint      one pre-training step by phase: forward, backward, lars.LARS, byol.ema_update
     bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
     color      color_device.color_batch on one batch of one view (train.py --color-on device: 3 per step)
     finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
@@ -30,9 +30,9 @@ import report  # noqa: E402
 sys.path.insert(0, str(report.repo_root()))
 sys.path.insert(0, str(report.repo_root() / "tests"))
 import byol  # noqa: E402
+import lars  # noqa: E402
 import model as model_lib  # noqa: E402
 import roi_head  # noqa: E402
-import train  # noqa: E402
 from sync_ops import SyncOpCounter  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def count_ops(fn) -> tuple[int, int]:
 def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
     torch.manual_seed(0)
     net = model_lib.ADePT("joint", depth=depth)
-    opt = train.LARS(train.param_groups(net), lr=0.01)
+    opt = lars.LARS(lars.param_groups(net), lr=0.01)
     views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
     side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]  # (K,) every FPN level gets boxes
     boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)

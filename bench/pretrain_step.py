@@ -2,7 +2,7 @@
 
 Paper sections 3.3-3.5 (Eq. 8): one joint step = ADePT forward on the three views (online f on V1..V3, RPN Eq. 1 on
 detached features, RoIAlign + g + p + q on K boxes per view, target f, g, p on V1..V3 under no_grad, Eq. 7) +
-backward + train.LARS step + byol.ema_update. The "bare" step is the convnet work inside it: FeatureExtractor
+backward + lars.LARS step + byol.ema_update. The "bare" step is the convnet work inside it: FeatureExtractor
 forward + backward of the online views and forward of the target views under no_grad, nothing else. ratio = joint
 step time / bare step time (= bare images/s / joint images/s); the goal is <= 1.25.
 
@@ -25,8 +25,8 @@ compiled first step minus the eager one: Dynamo + Inductor for every view size a
 backward), |loss difference| on that first step (same weights, batch and anchor-sampling seed), the graphs Dynamo
 compiled, then the median step of each (and of the bare step of each unless --no-bare).
 
-Also reported: the LARS step (train.LARS, torch._foreach_* ops) and the EMA update timed alone, and `LoopLARS`, the
-same update as a per-parameter loop (what train.LARS was before the H100 run), checked against train.LARS.
+Also reported: the LARS step (lars.LARS, torch._foreach_* ops) and the EMA update timed alone, and `LoopLARS`, the
+same update as a per-parameter loop (what lars.LARS was before the H100 run), checked against lars.LARS.
 
     python bench/pretrain_step.py                                  # CPU defaults: ResNet-18, 224/112, batch 4
     python bench/pretrain_step.py --device cuda --batch-size 64,128 --amp --channels-last   # ResNet-50 on a GPU
@@ -52,14 +52,15 @@ import report  # noqa: E402
 sys.path.insert(0, str(report.repo_root()))
 import byol  # noqa: E402
 import data  # noqa: E402
+import lars  # noqa: E402
 import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
 H100_BF16_TFLOPS = 790.0  # reference.md: dense bf16 matmul measured on one H100
 
 
-class LoopLARS(train.LARS):
-    """train.LARS as a per-parameter Python loop: the reference that train.LARS's torch._foreach_* step replaced
+class LoopLARS(lars.LARS):
+    """lars.LARS as a per-parameter Python loop: the reference that lars.LARS's torch._foreach_* step replaced
     (adopted after the H100 run: 5.8 ms against 22.4 ms per step at ResNet-50, batch 128). Same update."""
 
     @torch.no_grad()
@@ -221,7 +222,7 @@ def build(args, device, compile_: bool | None = None):
         net = net.to(memory_format=torch.channels_last)
     if args.compile if compile_ is None else compile_:
         train.compile_extractors(net, args.dynamic)
-    opt = train.LARS(train.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
+    opt = lars.LARS(lars.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
     return net.train(), opt
 
 
@@ -231,7 +232,7 @@ def optimizer_costs(net, opt, device) -> dict:
     params = [p for g in opt.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     out = {"lars_ms": 1e3 * time_call(opt.step, 3, device)}
-    fopt = LoopLARS(train.param_groups(net), lr=opt.param_groups[0]["lr"], weight_decay=1e-5)
+    fopt = LoopLARS(lars.param_groups(net), lr=opt.param_groups[0]["lr"], weight_decay=1e-5)
     out["lars_loop_ms"] = 1e3 * time_call(fopt.step, 3, device)
     # equality check: one step of each from the same weights and momentum state
     for p, b in zip(params, before):

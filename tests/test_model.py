@@ -151,14 +151,14 @@ def test_pretraining_step_makes_no_host_sync(mode, monkeypatch):
     import functools
 
     import byol
+    import lars
     import roi_head
-    import train
     from sync_ops import SyncOpCounter
 
     monkeypatch.setattr(roi_head, "multilevel_roi_align",
                         functools.partial(roi_head.multilevel_roi_align, sync_free=True))
     net = model.ADePT(mode, depth=18)
-    opt = train.LARS(train.param_groups(net), lr=0.01)
+    opt = lars.LARS(lars.param_groups(net), lr=0.01)
     views, boxes = views_and_boxes(size=64)
     with SyncOpCounter() as counter:
         net(views, boxes)["loss"].backward()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lars
 import selective_search
 import synthetic
 import train
@@ -206,7 +207,7 @@ def test_lars_excludes_biases_and_norms_from_trust_and_decay():
     w = torch.nn.Parameter(torch.full((2, 2), 2.0))  # |w| = 4
     b = torch.nn.Parameter(torch.ones(2))
     w.grad, b.grad = torch.full((2, 2), 1.0), torch.full((2,), 1.0)
-    opt = train.LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}], lr=1.0,
+    opt = lars.LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}], lr=1.0,
                      weight_decay=0.5, trust_coefficient=0.001)
     opt.step()
     d = 1.0 + 0.5 * 2.0  # grad + wd * w, per entry; |d| = 4
@@ -222,7 +223,7 @@ def test_lars_foreach_step_matches_the_per_parameter_equation():
     frozen = torch.nn.Parameter(torch.randn(2, 2))
     ref = [p.detach().clone() for p in ps]
     bufs = [torch.zeros_like(p) for p in ps]
-    opt = train.LARS([{"params": ps[:3] + [frozen]}, {"params": ps[3:], "lars": False, "weight_decay": 0.0}],
+    opt = lars.LARS([{"params": ps[:3] + [frozen]}, {"params": ps[3:], "lars": False, "weight_decay": 0.0}],
                      lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
     frozen_before = frozen.detach().clone()
     for _ in range(2):
@@ -250,7 +251,7 @@ def test_lars_step_launches_a_constant_number_of_ops():
     counts = []
     for n_params in (10, 200):
         ps = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(n_params)]
-        opt = train.LARS([{"params": ps}], lr=0.1)
+        opt = lars.LARS([{"params": ps}], lr=0.1)
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
