@@ -149,6 +149,8 @@ class Encoder(nn.Module):
     def __init__(self, depth: int, fpn_norm: str, head: str, global_pool: bool = False, channels: int = FPN_CHANNELS):
         super().__init__()
         self.extractor = FeatureExtractor(depth, fpn_norm, channels=channels)
+        # RoI pooling without host reads: None = by device (roi_head.multilevel_roi_align); True: ADePT.pool_sync_free
+        self.sync_free: bool | None = None
         self.global_pool = global_pool  # the image-level BYOL baseline: C5 -> avg pool, no FPN/head
         if global_pool:
             self.projector = byol.Projector(in_dim=self.extractor.backbone.out_channels[-1])
@@ -164,7 +166,8 @@ class Encoder(nn.Module):
 
     def project_boxes(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         B, K, _ = boxes.shape
-        pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides)  # (B*K, C, 7, 7)
+        pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides,
+                                               sync_free=self.sync_free)             # (B*K, C, 7, 7)
         h = self.box_head(pooled)                                                       # Eqs. 2-4: (B*K, 1024)
         return self.projector(h).view(B, K, -1)                                         # Eq. 5:    (B, K, 256)
 
@@ -198,6 +201,12 @@ class ADePT(nn.Module):
         if mode == "separate":  # 4.2: only the RPN is trained
             for m in (self.online, self.predictor):
                 m.requires_grad_(False)
+
+    def pool_sync_free(self, value: bool | None = True) -> None:
+        """RoI pooling of both branches: True = the masked pooling on every device (no host read: what a GPU runs,
+        and what lets torch.compile capture a whole step as one graph); None = chosen by device."""
+        for branch in (self.online, self.target):
+            branch.sync_free = value
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -247,6 +256,8 @@ class ADePT(nn.Module):
     def anchors(self, sizes: list, device) -> torch.Tensor:
         """All levels' anchors (N, 4) for these feature sizes, built once per (sizes, device): make_anchors copies
         its ratios host -> device, a synchronising copy on CUDA, and the anchors never change."""
+        if torch.compiler.is_compiling():  # train.compile_model: in the graph (shapes only), no cache to guard on
+            return torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
         key = (tuple(sizes), str(device))
         if key not in self._anchors:
             self._anchors[key] = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))

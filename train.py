@@ -13,7 +13,7 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, color_fn, setup_distributed,
+Public: lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, compile_model, color_fn, setup_distributed,
 save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 # (24 : 32) with finetune.py's CPU anchors (COCO's / 4, 8..128 px, for this data's 8-96 px objects).
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
+COMPILE_SCOPES = ("extractors", "model")  # --compile: compile_extractors, compile_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,11 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on the device on each batch (color_device.py: the same parameters; pixels < 0.5 level apart "
                         "on average, up to ~12 after a hue shift; ~1/3 less CPU per sample in the workers, "
                         "bench/RESULTS.md 4e)")
-    p.add_argument("--compile", action="store_true",
-                   help="issue 7: torch.compile the online and target feature extractors f (backbone + FPN, 3; the\n"
-                        "backbone alone in byol mode) in place; the rest of the step stays eager. Off by default: no\n"
-                        "measured gain on CPU beyond the noise (ResNet-18; compiling takes ~5 min on 2 cores with a\n"
-                        "cold cache; bench/RESULTS.md section 8); GPU not yet measured (bench/gpu_check.py stage 6).\n"
+    p.add_argument("--compile", nargs="?", const="extractors", choices=COMPILE_SCOPES,
+                   help="issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
+                        "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
+                        "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
+                        "compile on 2 cores with a cold cache; bench/RESULTS.md section 8). 'model': the whole\n"
+                        "forward, both branches, RPN + Eq. 1, RoIAlign, heads, Eq. 7 (one graph, and its backward),\n"
+                        "for GPUs whose step is bound by launching small kernels (bench/RESULTS.md section 9).\n"
                         "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU,\n"
                         "bench/RESULTS.md 4e)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
@@ -182,7 +185,7 @@ def build_model(args, device) -> model_lib.ADePT:
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
-        compile_extractors(net)
+        (compile_model if args.compile == "model" else compile_extractors)(net)
     return net
 
 
@@ -202,6 +205,21 @@ def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False) -> No
     for branch in (net.online, net.target):
         f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
         f.compile(dynamic=dynamic)
+
+
+def compile_model(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
+    """--compile model (issue 7): torch.compile the whole ADePT.forward in place (nn.Module.compile): f, the RPN and
+    Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
+
+    The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
+    bit, no host read), so Dynamo captures a joint or soco step as one forward graph and AOTAutograd its backward
+    as one more (tests/test_train.py). On a GPU that turns the ~5,300 operators a joint step dispatches
+    (bench/op_counts.py) into far fewer fused kernels. What stays outside: the loss's backward call, lars.LARS and
+    byol.ema_update (foreach ops, ~25 calls). --rpn-proposals adds a host read (NMS), hence a graph break.
+    Checkpoint keys are unchanged, as with compile_extractors.
+    """
+    net.pool_sync_free(True)
+    net.compile(dynamic=dynamic)
 
 
 def load_init(net: model_lib.ADePT, path: str) -> None:

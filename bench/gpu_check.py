@@ -23,8 +23,9 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        each train step by operator and its host syncs (the H100 run found ours at 0.77x torchvision's speed).
     5b. bench/data_pipeline.py on this machine's CPU cores: three-view samples/s with 0, 1 and 4 loader workers (the
        2-core development VM measured 240-270 in-process but 130-190 through a worker, goal 250 per worker).
-    6. --compile (if budget is left): the joint step eager vs with torch.compile'd feature extractors
-       (train.compile_extractors, train.py --compile), batch 128, interleaved in one run (--compare-compile).
+    6. --compile (if budget is left): the joint step eager vs the whole forward torch.compile'd (train.compile_model,
+       train.py --compile model: one graph, its backward one more), batch 128, interleaved in one run
+       (--compare-compile model): does compiling remove the ~105 ms per step that did not grow with the batch?
 
 Public: main(argv).
 """
@@ -248,7 +249,7 @@ def stages(a, device) -> list:
          lambda: data_pipeline.main(["--workers", "0,1,4", "--samples", "640", "--epochs", "0"])),
         ("6. torch.compile", 150 if a.compile else 10**9,
          lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
-                                           "--no-bare"])),
+                                           "model", "--no-bare"])),
     ]
 
 

@@ -7,8 +7,8 @@
 #                                                  # $OUT/e2e_color_device_log.jsonl
 # Environment knobs (seconds / study.py flags):
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
-#     CHECK_S     gpu_check.py's --budget-s, default 300 (stages 1-5 took 46 s on one H100, 5b ~40 s, 1b's compile
-#                 ~30-60 s (estimate), stage 6 needs 150); 0 skips gpu_check
+#     CHECK_S     gpu_check.py's --budget-s, default 360 (stages 1-5 took 46 s on one H100, 5b ~40 s, 1b's compile
+#                 ~30-60 s (estimate), stage 6 needs 150: the whole model compiled); 0 skips gpu_check
 #     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 90;
 #                 0 skips it
 #     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 75; 0 skips
@@ -28,7 +28,7 @@ set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_run}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
-CHECK_S=${CHECK_S:-300}
+CHECK_S=${CHECK_S:-360}
 E2E_S=${E2E_S:-90}
 E2E_DEVICE_S=${E2E_DEVICE_S:-75}
 STUDY_ARGS=${STUDY_ARGS:-}

@@ -6,14 +6,17 @@ per step that did not grow with the batch (bench/RESULTS.md). Both counts are th
 measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
     joint      one pre-training step by phase: forward, backward, lars.LARS, byol.ema_update
     bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
+    compiled   --compiled: the joint forward + backward with train.compile_model (train.py --compile model): the
+               operators still dispatched and the kernels Inductor generated (C++ here, Triton on a GPU)
     color      color_device.color_batch on one batch of one view (train.py --color-on device: 3 per step)
     finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
 Counted with a TorchDispatchMode: the aten operators below autograd, forward and backward (a composite operator
 counts as the ones it runs). Syncs: tests/sync_ops.py.
 
     python bench/op_counts.py              # ResNet-50 pre-training at 64 px, ResNet-18 Mask R-CNN at 160 px
+    python bench/op_counts.py --compiled --finetune-size 0     # + the compiled joint step (~10 min on one core)
 
-Public: count_ops(fn) -> (ops, sync ops), main(argv).
+Public: count_ops(fn) -> (ops, sync ops), pretrain_rows, compiled_rows, color_rows, finetune_rows, main(argv).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def count_ops(fn) -> tuple[int, int]:
 def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
     torch.manual_seed(0)
     net = model_lib.ADePT("joint", depth=depth)
+    net.pool_sync_free(True)  # the RoI pooling a GPU runs
     opt = lars.LARS(lars.param_groups(net), lr=0.01)
     views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
     side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]  # (K,) every FPN level gets boxes
@@ -86,6 +90,32 @@ def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
     return rows
 
 
+def compiled_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
+    """The joint step's forward + backward with train.compile_model (Inductor): the aten operators still dispatched
+    (extern kernels: convolutions, matmuls, roi_align, ...) and the kernels Inductor generated for the step (each
+    run once per step). On a CPU those are C++ loops, on a GPU Triton kernels; the fusion differs, the order of
+    magnitude is what this shows. Compiling takes minutes on a CPU."""
+    import train
+    from torch._inductor import metrics
+
+    torch.manual_seed(0)
+    net = model_lib.ADePT("joint", depth=depth)
+    train.compile_model(net)
+    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
+    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]
+    boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
+             for s in (size, size, size // 2)]
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        net(views, boxes)["loss"].backward()
+
+    metrics.reset()
+    ops, syncs = count_ops(step)  # the first, uncounted call compiles
+    return [{"step": "joint, --compile model", "phase": "forward + backward", "ops": ops, "sync_ops": syncs,
+             "generated_kernels": metrics.generated_kernel_count}]
+
+
 def color_rows(B: int = 4, size: int = 64) -> list[dict]:
     """color_device.color_batch on one batch of views (train.py --color-on device), random parameters."""
     import augment
@@ -117,19 +147,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--depth", type=int, default=50, help="ResNet depth of the pre-training step")
     p.add_argument("--size", type=int, default=64, help="V1/V2 side of the pre-training step (counts do not depend on it)")
     p.add_argument("--finetune-size", type=int, default=160, help="short side of the Mask R-CNN images; 0 skips")
+    p.add_argument("--compiled", action="store_true", help="add the joint step compiled (train.py --compile model;\n"
+                   "minutes of compilation on a CPU)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     print(report.header("operators per training step (bench/op_counts.py)", torch.device("cpu")))
     original = roi_head.multilevel_roi_align
-    roi_head.multilevel_roi_align = functools.partial(original, sync_free=True)  # the path a GPU takes
+    roi_head.multilevel_roi_align = functools.partial(original, sync_free=True)  # detector.py: the path a GPU takes
     try:
-        rows = pretrain_rows(a.depth, a.size) + color_rows() + \
-            (finetune_rows(a.finetune_size) if a.finetune_size else [])
+        rows = pretrain_rows(a.depth, a.size) + (compiled_rows(a.depth, a.size) if a.compiled else []) + \
+            color_rows() + (finetune_rows(a.finetune_size) if a.finetune_size else [])
     finally:
         roi_head.multilevel_roi_align = original
     print(f"settings: pre-training ResNet-{a.depth}, batch 2, {a.size} px, K = 4; Mask R-CNN ResNet-18, 2 images, "
           f"short side {a.finetune_size}; RoI pooling sync_free=True (the GPU path)\n")
-    print(report.table(rows, ["step", "phase", "ops", "sync_ops"]))
+    print(report.table(rows, ["step", "phase", "ops", "sync_ops"] + (["generated_kernels"] if a.compiled else [])))
     return rows
 
 

@@ -19,18 +19,20 @@ steps (interleaved, so that load from other processes hits both alike); the medi
 synchronised only around timed regions. Peak memory: torch.cuda.max_memory_allocated per mode (CUDA), peak RSS of
 the process so far (CPU, resource.getrusage).
 
---compare-compile (issue 7, --compile of train.py): two models from the same seed, one eager and one with
-train.compile_extractors, timed interleaved in one run. Reported: the first step of each alone (compile_s = the
-compiled first step minus the eager one: Dynamo + Inductor for every view size and grad mode, forward and
-backward), |loss difference| on that first step (same weights, batch and anchor-sampling seed), the graphs Dynamo
-compiled, then the median step of each (and of the bare step of each unless --no-bare).
+--compare-compile [extractors,model] (issue 7, --compile of train.py): models from the same seed, one eager and one
+per scope (train.compile_extractors: f alone; train.compile_model: the whole forward), timed interleaved in one run.
+Reported per model: the first step alone (compile_s = it minus the eager first step: Dynamo + Inductor for every
+graph, forward and backward), the graphs Dynamo compiled in it, |loss difference| to eager on that step (same
+weights, batch and anchor-sampling seed; Inductor draws its own random numbers, so with the model compiled the
+RPN's anchor sample differs), then the median step (and the bare step where the scope compiles f alone, unless
+--no-bare).
 
 Also reported: the LARS step (lars.LARS, torch._foreach_* ops) and the EMA update timed alone, and `LoopLARS`, the
 same update as a per-parameter loop (what lars.LARS was before the H100 run), checked against lars.LARS.
 
     python bench/pretrain_step.py                                  # CPU defaults: ResNet-18, 224/112, batch 4
     python bench/pretrain_step.py --device cuda --batch-size 64,128 --amp --channels-last   # ResNet-50 on a GPU
-    python bench/pretrain_step.py --threads 1 --size 128 --batch-size 8 --compare-compile  # eager vs compiled
+    python bench/pretrain_step.py --threads 1 --size 128 --batch-size 8 --compare-compile extractors,model
 
 Public: LoopLARS, make_batch, joint_step, bare_step, count_flops, compare_compile, main(argv).
 """
@@ -92,9 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--small-size", type=int, help="V3 side (default size // 2)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the two feature extractors")
-    p.add_argument("--compare-compile", action="store_true",
-                   help="eager vs --compile in one run, interleaved (two models); replaces the joint/bare table")
+    p.add_argument("--compile", nargs="?", const="extractors", choices=train.COMPILE_SCOPES,
+                   help="as train.py --compile: the two feature extractors (plain --compile) or the whole model")
+    p.add_argument("--compare-compile", nargs="?", const="extractors",
+                   help="comma list of --compile scopes (extractors, model; plain flag: extractors): eager and each\n"
+                        "in one run, interleaved (one model each); replaces the joint/bare table")
     p.add_argument("--dynamic", default="false", choices=("false", "auto"),
                    help="torch.compile dynamic=: false (train.py's: one static graph per view size and grad mode)\n"
                         "or auto (None: the V3 size recompiles once with symbolic sizes)")
@@ -114,6 +118,9 @@ def parse_args(argv=None):
     a.small_size = a.small_size or a.size // 2
     a.peak_tflops = a.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
     a.dynamic = None if a.dynamic == "auto" else False
+    a.compare_compile = a.compare_compile.split(",") if a.compare_compile else []
+    if set(a.compare_compile) - set(train.COMPILE_SCOPES):
+        p.error(f"--compare-compile {','.join(a.compare_compile)}: scopes are {', '.join(train.COMPILE_SCOPES)}")
     return a
 
 
@@ -214,14 +221,16 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def build(args, device, compile_: bool | None = None):
-    """ADePT from seed 0 and its LARS; compile_ (default --compile): train.compile_extractors, as train.py does."""
+def build(args, device, scope: str | None = None):
+    """ADePT from seed 0 and its LARS; scope (default --compile): None (eager), "extractors"
+    (train.compile_extractors) or "model" (train.compile_model), as train.py --compile does."""
     torch.manual_seed(0)
     net = model_lib.ADePT(args.mode, args.depth).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if args.compile if compile_ is None else compile_:
-        train.compile_extractors(net, args.dynamic)
+    scope = args.compile if scope is None else scope
+    if scope:
+        (train.compile_model if scope == "model" else train.compile_extractors)(net, args.dynamic)
     opt = lars.LARS(lars.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
     return net.train(), opt
 
@@ -278,42 +287,41 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compare_compile(args, B: int, device) -> dict:
-    """Eager vs train.compile_extractors on the same batch: first step of each, then interleaved median steps."""
-    graphs0 = _dynamo_graphs()
-    runs = {name: build(args, device, compile_=name == "compiled") for name in ("eager", "compiled")}
+def compare_compile(args, B: int, device) -> list[dict]:
+    """Eager vs each --compare-compile scope on the same batch: the first step of each alone (compilation, graphs,
+    loss), then interleaved median steps. One row per model; bare steps where the scope compiles f alone."""
+    names = ["eager"] + args.compare_compile
+    runs = {name: build(args, device, scope=name if name != "eager" else "") for name in names}
     views, boxes = make_batch(B, args.size, args.small_size, runs["eager"][0].num_boxes, device, args.channels_last)
-    row = {"batch": B, "dynamic": "auto" if args.dynamic is None else "false"}
+    rows = {name: {"batch": B, "compiled": name, "dynamic": "auto" if args.dynamic is None else "false"}
+            for name in names}
     for name, (net, opt) in runs.items():
-        torch.manual_seed(1)  # the RPN's anchor sampling: the same draw for both models
+        graphs0 = _dynamo_graphs()
+        torch.manual_seed(1)  # the RPN's anchor sampling: the same draw for every model
         report.sync(device)
         t0 = time.perf_counter()
-        loss = joint_step(net, opt, views, boxes, args)
+        loss = float(joint_step(net, opt, views, boxes, args).detach())
         report.sync(device)
-        row[f"first_{name}_s"], row[f"loss_{name}"] = time.perf_counter() - t0, float(loss.detach())
-        print(f"  first step {name}: {row[f'first_{name}_s']:.1f} s, loss {row[f'loss_{name}']:.6f}", flush=True)
-    row["compile_s"] = row["first_compiled_s"] - row["first_eager_s"]
-    row["loss_abs_diff"] = abs(row["loss_compiled"] - row["loss_eager"])
+        rows[name].update(first_s=time.perf_counter() - t0, loss=loss, graphs=_dynamo_graphs() - graphs0)
+        print(f"  first step {name}: {rows[name]['first_s']:.1f} s, loss {loss:.6f}", flush=True)
     fns = {name: (lambda n=net, o=opt: joint_step(n, o, views, boxes, args)) for name, (net, opt) in runs.items()}
-    if not args.no_bare:
-        fns.update({f"bare_{name}": (lambda n=net: bare_step(n, views, args)) for name, (net, _) in runs.items()})
+    bare = [name for name in names if name in ("eager", "extractors")] if not args.no_bare else []
+    fns.update({f"bare_{name}": (lambda n=runs[name][0]: bare_step(n, views, args)) for name in bare})
     per_round: dict = {}
     t = report.time_rounds(fns, args.steps, args.rounds, args.warmup, device, per_round)  # bare compiles nothing new
-    row["graphs"] = _dynamo_graphs() - graphs0
     print("  s per step in each round: " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in ts)
                                                      for k, ts in per_round.items()), flush=True)
-    for name in ("eager", "compiled"):
-        row[f"{name}_step_ms"], row[f"{name}_img_s"] = 1e3 * t[name], B / t[name]
-    row["speedup"] = t["eager"] / t["compiled"]
-    if not args.no_bare:
-        row.update(bare_eager_ms=1e3 * t["bare_eager"], bare_compiled_ms=1e3 * t["bare_compiled"],
-                   bare_speedup=t["bare_eager"] / t["bare_compiled"])
-    row["peak_mem_GiB"] = peak_memory_gib(device)
-    return row
+    for name, row in rows.items():
+        row.update(img_s=B / t[name], step_ms=1e3 * t[name], speedup=t["eager"] / t[name],
+                   compile_s=row["first_s"] - rows["eager"]["first_s"],
+                   loss_abs_diff=abs(row["loss"] - rows["eager"]["loss"]))
+        if name in bare:
+            row.update(bare_ms=1e3 * t[f"bare_{name}"], bare_speedup=t["bare_eager"] / t[f"bare_{name}"])
+    rows["eager"]["peak_mem_GiB"] = peak_memory_gib(device)  # CPU: the process's; CUDA: the batch's, all models
+    return list(rows.values())
 
 
-COMPARE_COLUMNS = ["batch", "dynamic", "eager_img_s", "compiled_img_s", "speedup", "eager_step_ms", "compiled_step_ms",
-                   "bare_eager_ms", "bare_compiled_ms", "bare_speedup", "first_eager_s", "first_compiled_s",
+COMPARE_COLUMNS = ["batch", "compiled", "dynamic", "img_s", "speedup", "step_ms", "bare_ms", "bare_speedup", "first_s",
                    "compile_s", "loss_abs_diff", "graphs", "peak_mem_GiB"]
 COLUMNS = ["batch", "joint_img_s", "bare_img_s", "ratio", "joint_step_ms", "GFLOP_img", "bare_GFLOP_img", "TFLOP_s",
            "MFU_pct", "peak_mem_GiB", "lars_ms", "lars_loop_ms", "loop_max_diff", "ema_ms", "syncs_step"]
@@ -327,14 +335,17 @@ def main(argv=None) -> list[dict]:
     print(report.header("pre-training step: full joint step vs bare convnet (bench/pretrain_step.py)", device))
     print(f"settings: mode {args.mode}, ResNet-{args.depth}, views {args.size}/{args.size}/{args.small_size}, K=4, "
           f"amp(bf16)={args.amp and device.type == 'cuda'}, channels_last={args.channels_last}, "
-          f"compile={'eager vs compiled' if args.compare_compile else args.compile}, dynamic={args.dynamic}, steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
+          f"compile={'eager vs ' + ', '.join(args.compare_compile) if args.compare_compile else args.compile}, "
+          f"dynamic={args.dynamic}, steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
           f"peak memory = {'max_memory_allocated per batch size' if device.type == 'cuda' else 'peak RSS so far'}",
           flush=True)
     if args.compare_compile:
         rows = []
         for B in args.batch_size:
-            rows.append(compare_compile(args, B, device))
-            print(f"  batch {B}: speedup {rows[-1]['speedup']:.3f}, load {report.load_average()}", flush=True)
+            batch_rows = compare_compile(args, B, device)
+            rows += batch_rows
+            print(f"  batch {B}: speedup " + ", ".join(f"{r['compiled']} {r['speedup']:.3f}" for r in batch_rows)
+                  + f"; load {report.load_average()}", flush=True)
         print()
         print(report.table(rows, [c for c in COMPARE_COLUMNS if any(c in r for r in rows)]))
         print(f"\nload average at end: {report.load_average()}")

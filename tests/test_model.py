@@ -144,20 +144,16 @@ def test_anchor_sizes_and_width_flags_reach_the_rpn():
 
 
 @pytest.mark.parametrize("mode", model.MODES)
-def test_pretraining_step_makes_no_host_sync(mode, monkeypatch):
+def test_pretraining_step_makes_no_host_sync(mode):
     # Issue 7 (fast path): forward, backward, LARS and the EMA of a whole pre-training step contain no operation
     # whose result the host must wait for (tests/sync_ops.py; on one H100 the joint step made 18 before), with the
     # RoI pooling an accelerator uses (the CPU's groups boxes by level with one sync: free on a CPU).
-    import functools
-
     import byol
     import lars
-    import roi_head
     from sync_ops import SyncOpCounter
 
-    monkeypatch.setattr(roi_head, "multilevel_roi_align",
-                        functools.partial(roi_head.multilevel_roi_align, sync_free=True))
     net = model.ADePT(mode, depth=18)
+    net.pool_sync_free(True)
     opt = lars.LARS(lars.param_groups(net), lr=0.01)
     views, boxes = views_and_boxes(size=64)
     with SyncOpCounter() as counter:

@@ -129,43 +129,75 @@ def test_persistent_workers_cross_epochs_and_resume_like_in_process(pool, tmp_pa
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.parametrize("scope", train.COMPILE_SCOPES)
 @pytest.mark.parametrize("backend", [
     "aot_eager",  # Dynamo capture + AOTAutograd's forward/backward graphs, no code generation: fast
-    # SLOW, opt-in: Inductor generates and compiles C++ for 4 graphs, minutes with a cold cache (RESULTS.md section 8)
+    # SLOW, opt-in: Inductor generates and compiles C++ for every graph, minutes with a cold cache (RESULTS.md 8, 9)
     pytest.param("inductor", marks=pytest.mark.skipif(not os.environ.get("ADEPT_TEST_INDUCTOR"),
                                                       reason="slow (compiles C++); set ADEPT_TEST_INDUCTOR=1")),
 ])
-def test_compile_matches_eager_and_keeps_checkpoint_keys(pool, tmp_path, monkeypatch, backend):
-    """--compile (issue 7): the first step's losses equal eager ones (same weights, batch and seed; Inductor may
-    reorder float sums), checkpoint and export keys are unchanged (in-place compile: no `_orig_mod.`), a compiled
-    run resumes from its checkpoint and an eager run loads it. train.py compiles with the default backend
-    (Inductor); the fast case swaps in aot_eager, which checks the same capture, guards and autograd split."""
+def test_compile_matches_eager_and_keeps_checkpoint_keys(pool, tmp_path, monkeypatch, backend, scope):
+    """--compile [extractors|model] (issue 7): the first step's losses equal eager ones (same weights, batch and seed;
+    Inductor may reorder float sums; fallback_random keeps eager's random anchor sampling), checkpoint and export keys
+    are unchanged (in-place compile: no `_orig_mod.`), a compiled run resumes from its checkpoint and an eager run
+    loads it. train.py compiles with the default backend (Inductor); the fast case swaps in aot_eager, which checks
+    the same capture, guards and autograd split."""
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
     real = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, backend=backend, **k))
     torch._dynamo.reset()
     try:
-        train.main(tiny_args(pool, tmp_path / "eager", "--max-steps", "1"))
-        graphs = counters["stats"]["unique_graphs"]
-        train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "1", "--compile"))
-        # dynamic=False: 2 view sides (64, 32) x 2 grad modes (online, target under no_grad), shared by the branches
-        assert counters["stats"]["unique_graphs"] - graphs == 4
-        eager, compiled = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-                           for d in ("eager", "compiled"))
-        for k in ("loss", "loss_rpn", "loss_det"):  # bench smoke, 64/32 px: |diff| 3.9e-4 on 0.72
-            assert compiled[0][k] == pytest.approx(eager[0][k], rel=1e-2, abs=1e-3), k
-        a, b = load(tmp_path / "eager" / "checkpoint.pth"), load(tmp_path / "compiled" / "checkpoint.pth")
-        assert a["model"].keys() == b["model"].keys()
-        assert load(tmp_path / "eager" / "pretrained.pth")["state_dict"].keys() == \
-            load(tmp_path / "compiled" / "pretrained.pth")["state_dict"].keys()
-        train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "2", "--compile"))  # resumes at step 1
-        recs = [json.loads(line) for line in (tmp_path / "compiled" / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
-        train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "3"))  # eager loads the compiled checkpoint
-        assert load(tmp_path / "compiled" / "checkpoint.pth")["step"] == 3
+        with inductor_config.patch(fallback_random=True):  # Inductor: the anchor sampling draws as eager
+            train.main(tiny_args(pool, tmp_path / "eager", "--max-steps", "1"))
+            graphs = counters["stats"]["unique_graphs"]
+            train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "1", "--compile", scope))
+            # extractors, dynamic=False: 2 view sides (64, 32) x 2 grad modes (online, target under no_grad), shared by
+            # the branches; model: the whole forward of the step, no graph break (Encoder.sync_free)
+            assert counters["stats"]["unique_graphs"] - graphs == {"extractors": 4, "model": 1}[scope]
+            eager, compiled = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                               for d in ("eager", "compiled"))
+            for k in ("loss", "loss_rpn", "loss_det"):  # bench smoke, 64/32 px: |diff| 3.9e-4 on 0.72
+                assert compiled[0][k] == pytest.approx(eager[0][k], rel=1e-2, abs=1e-3), k
+            a, b = load(tmp_path / "eager" / "checkpoint.pth"), load(tmp_path / "compiled" / "checkpoint.pth")
+            assert a["model"].keys() == b["model"].keys()
+            assert load(tmp_path / "eager" / "pretrained.pth")["state_dict"].keys() == \
+                load(tmp_path / "compiled" / "pretrained.pth")["state_dict"].keys()
+            train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "2", "--compile", scope))  # resumes at 1
+            recs = [json.loads(line) for line in (tmp_path / "compiled" / "log.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+            train.main(tiny_args(pool, tmp_path / "compiled", "--max-steps", "3"))  # eager loads the compiled one
+            assert load(tmp_path / "compiled" / "checkpoint.pth")["step"] == 3
     finally:
         torch._dynamo.reset()  # drop the compiled graphs: later tests run eager
+
+
+@pytest.mark.parametrize("mode", ["joint", "byol"])
+def test_compile_model_is_one_graph_without_recompiles(mode):
+    """train.compile_model: Dynamo captures the whole forward of a step as one graph, and three steps reuse it (no
+    graph break from a host read, no recompile from the anchor cache). A host read added to the step fails this."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    net = train.model_lib.ADePT(mode, depth=18, fpn_channels=32)
+    counter = CompileCounter()
+    real = torch.nn.Module.compile
+    torch._dynamo.reset()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, backend=counter, **k))
+            train.compile_model(net)
+        B, K, S = 2, 4, 64
+        views = [torch.randn(B, 3, S, S), torch.randn(B, 3, S, S), torch.randn(B, 3, S // 2, S // 2)]
+        side = torch.tensor([0.15, 0.3, 0.6, 0.95])  # every FPN level gets a box
+        boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
+                 for s in (S, S, S // 2)]  # (B, K, 4) xyxy
+        for _ in range(3):
+            net(views, boxes)["loss"].backward()
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pool, tmp_path, monkeypatch):
@@ -268,11 +300,22 @@ def test_lr_schedule():
     assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
 
 
-def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path):
+# train.py under torchrun as is, and with --compile model under DDP (each process compiles; torch.compile's backend
+# swapped for aot_eager, as in the compile test above, through a `python -c` launcher)
+AOT_EAGER_LAUNCHER = ["--no-python", sys.executable, "-c",
+                      "import sys, torch, train; real = torch.nn.Module.compile; torch.nn.Module.compile = "
+                      "lambda self, *a, **k: real(self, *a, backend='aot_eager', **k); train.main(sys.argv[1:])"]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile-model"])
+def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path, compiled):
+    launcher = AOT_EAGER_LAUNCHER if compiled else [str(ROOT / "train.py")]
+    extra = ["--compile", "model"] if compiled else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train.py"), *tiny_args(pool, tmp_path, "--mode", "joint", "--max-steps", "2")]
+           *launcher, *tiny_args(pool, tmp_path, "--mode", "joint", "--max-steps", "2", *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "weights identical on 2 processes" in r.stdout
+    assert "weights identical on 2 processes: True" in r.stdout
+    assert '"compile": "model"' in r.stdout if compiled else '"compile": null' in r.stdout
     assert (tmp_path / "pretrained.pth").exists()
