@@ -47,6 +47,14 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
 COMPILE_SCOPES = ("extractors", "model")  # --compile: compile_extractors, compile_model
+COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
+                "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
+                "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
+                "compile on 2 cores with a cold cache; bench/RESULTS.md section 8). 'model': the whole\n"
+                "forward, both branches, RPN + Eq. 1, RoIAlign, heads, Eq. 7 (one graph, and its backward),\n"
+                "for GPUs whose step is bound by launching small kernels (bench/RESULTS.md section 9).\n"
+                "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU,\n"
+                "bench/RESULTS.md 4e)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,15 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on the device on each batch (color_device.py: the same parameters; pixels < 0.5 level apart "
                         "on average, up to ~12 after a hue shift; ~1/3 less CPU per sample in the workers, "
                         "bench/RESULTS.md 4e)")
-    p.add_argument("--compile", nargs="?", const="extractors", choices=COMPILE_SCOPES,
-                   help="issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
-                        "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
-                        "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
-                        "compile on 2 cores with a cold cache; bench/RESULTS.md section 8). 'model': the whole\n"
-                        "forward, both branches, RPN + Eq. 1, RoIAlign, heads, Eq. 7 (one graph, and its backward),\n"
-                        "for GPUs whose step is bound by launching small kernels (bench/RESULTS.md section 9).\n"
-                        "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU,\n"
-                        "bench/RESULTS.md 4e)")
+    p.add_argument("--compile", nargs="?", const="extractors", choices=COMPILE_SCOPES, help=COMPILE_HELP)
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -212,11 +212,14 @@ def compile_model(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
     Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
 
     The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
-    bit, no host read), so Dynamo captures a joint or soco step as one forward graph and AOTAutograd its backward
-    as one more (tests/test_train.py). On a GPU that turns the ~5,300 operators a joint step dispatches
-    (bench/op_counts.py) into far fewer fused kernels. What stays outside: the loss's backward call, lars.LARS and
-    byol.ema_update (foreach ops, ~25 calls). --rpn-proposals adds a host read (NMS), hence a graph break.
-    Checkpoint keys are unchanged, as with compile_extractors.
+    bit, no host read), so Dynamo captures the step of every mode as one forward graph and AOTAutograd its
+    backward as one more (tests/test_train.py). Of the ~5,300 operators a joint step dispatches eagerly, ~1,000
+    remain (convolutions and other extern kernels) beside ~3,000 generated fused kernels (bench/op_counts.py
+    --compiled, on a CPU), without eager's per-operator autograd and dispatcher work. What stays outside: the
+    loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its
+    output size is read by the host) the step splits into several graphs. Under torchrun, DDP wraps the compiled
+    module: the gradients' all-reduce starts after the compiled backward instead of overlapping it. Checkpoint
+    keys are unchanged, as with compile_extractors.
     """
     net.pool_sync_free(True)
     net.compile(dynamic=dynamic)

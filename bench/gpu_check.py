@@ -17,15 +17,17 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        difference), host syncs, ms per batch of 128 x three views; with --compile also torch.compile'd.
     2. joint step, the issue's table: bench/pretrain_step.py, ResNet-50, 224/112, batch 64 and 128, bf16 +
        channels_last: images/s, ratio to the bare convnet, GFLOP/image, MFU against 790 TFLOP/s, peak memory.
+    2b. with --compile, if 240 s of budget are left (it runs right after stage 2): the joint step eager vs the
+       whole forward torch.compile'd (train.compile_model, train.py --compile model: one graph, its backward one
+       more), batch 128, interleaved in one run (--compare-compile model): does compiling remove the ~105 ms per
+       step that did not grow with the batch? (The old stage 6 compiled the extractors alone; never reached.)
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
     4. bench/roi_align_levels.py: sync-free (masked) vs grouped RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
        each train step by operator and its host syncs (the H100 run found ours at 0.77x torchvision's speed).
     5b. bench/data_pipeline.py on this machine's CPU cores: three-view samples/s with 0, 1 and 4 loader workers (the
        2-core development VM measured 240-270 in-process but 130-190 through a worker, goal 250 per worker).
-    6. --compile (if budget is left): the joint step eager vs the whole forward torch.compile'd (train.compile_model,
-       train.py --compile model: one graph, its backward one more), batch 128, interleaved in one run
-       (--compare-compile model): does compiling remove the ~105 ms per step that did not grow with the batch?
+
 
 Public: main(argv).
 """
@@ -238,6 +240,9 @@ def stages(a, device) -> list:
         ("1b. colour on the device (train.py --color-on device)", 60, lambda: check_color_device(a, device)),
         ("2. joint step, bf16 + channels_last", 60,
          lambda: pretrain_step.main(r50 + ["--batch-size", "64,128", "--amp", "--channels-last", "--count-syncs"])),
+        ("2b. torch.compile, the whole model", 240 if a.compile else 10**9,
+         lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
+                                           "model", "--no-bare"])),
         ("3a. ablation: bf16, no channels_last", 60,
          lambda: pretrain_step.main(r50 + ["--batch-size", "64", "--amp"])),
         ("3b. ablation: fp32 (TF32 convs)", 60, lambda: pretrain_step.main(r50 + ["--batch-size", "64"])),
@@ -247,9 +252,6 @@ def stages(a, device) -> list:
                                            "--steps", "6", "--rounds", "2", "--warmup", "2", "--profile"])),
         ("5b. data pipeline (this machine's CPU)", 40,
          lambda: data_pipeline.main(["--workers", "0,1,4", "--samples", "640", "--epochs", "0"])),
-        ("6. torch.compile", 150 if a.compile else 10**9,
-         lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
-                                           "model", "--no-bare"])),
     ]
 
 
@@ -257,7 +259,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny settings: check that the script runs")
     p.add_argument("--budget-s", type=float, default=480, help="skip a stage that would start past its budget")
-    p.add_argument("--compile", action="store_true", help="stage 6: torch.compile (minutes of compilation)")
+    p.add_argument("--compile", action="store_true",
+                   help="stage 2b (the whole model) and 1b's color_batch torch.compile'd (minutes of compilation)")
     a = p.parse_args(argv)
     out = Path(os.environ.get("OUT") or "/tmp")
     sys.stdout = Tee(out / "gpu_check.md")

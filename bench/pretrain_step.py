@@ -222,8 +222,8 @@ def count_syncs(fn) -> int:
 
 
 def build(args, device, scope: str | None = None):
-    """ADePT from seed 0 and its LARS; scope (default --compile): None (eager), "extractors"
-    (train.compile_extractors) or "model" (train.compile_model), as train.py --compile does."""
+    """ADePT from seed 0 and its LARS, compiled as train.py --compile SCOPE does: scope "" = eager, "extractors"
+    (train.compile_extractors), "model" (train.compile_model); None = --compile's."""
     torch.manual_seed(0)
     net = model_lib.ADePT(args.mode, args.depth).to(device)
     if args.channels_last:
@@ -261,7 +261,7 @@ def optimizer_costs(net, opt, device) -> dict:
 def run_batch(args, net, opt, B: int, device) -> dict:
     views, boxes = make_batch(B, args.size, args.small_size, net.num_boxes, device, args.channels_last)
     fns = {"joint": lambda: joint_step(net, opt, views, boxes, args)}
-    if not args.no_bare:
+    if not args.no_bare:  # with --compile model the bare step stays eager (it calls the extractors directly)
         fns["bare"] = lambda: bare_step(net, views, args)
     flops = {k: count_flops(fn) / B for k, fn in fns.items()}
     if device.type == "cuda":
@@ -308,21 +308,23 @@ def compare_compile(args, B: int, device) -> list[dict]:
     bare = [name for name in names if name in ("eager", "extractors")] if not args.no_bare else []
     fns.update({f"bare_{name}": (lambda n=runs[name][0]: bare_step(n, views, args)) for name in bare})
     per_round: dict = {}
-    t = report.time_rounds(fns, args.steps, args.rounds, args.warmup, device, per_round)  # bare compiles nothing new
+    graphs0 = _dynamo_graphs()
+    t = report.time_rounds(fns, args.steps, args.rounds, args.warmup, device, per_round)
+    graphs_in_rounds = _dynamo_graphs() - graphs0  # recompiles after the first step, all models (0 expected)
     print("  s per step in each round: " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in ts)
                                                      for k, ts in per_round.items()), flush=True)
     for name, row in rows.items():
         row.update(img_s=B / t[name], step_ms=1e3 * t[name], speedup=t["eager"] / t[name],
-                   compile_s=row["first_s"] - rows["eager"]["first_s"],
+                   graphs_in_rounds=graphs_in_rounds, compile_s=row["first_s"] - rows["eager"]["first_s"],
                    loss_abs_diff=abs(row["loss"] - rows["eager"]["loss"]))
         if name in bare:
             row.update(bare_ms=1e3 * t[f"bare_{name}"], bare_speedup=t["bare_eager"] / t[f"bare_{name}"])
-    rows["eager"]["peak_mem_GiB"] = peak_memory_gib(device)  # CPU: the process's; CUDA: the batch's, all models
+    rows["eager"]["peak_mem_GiB"] = peak_memory_gib(device)  # the process so far, all models (CPU: RSS)
     return list(rows.values())
 
 
 COMPARE_COLUMNS = ["batch", "compiled", "dynamic", "img_s", "speedup", "step_ms", "bare_ms", "bare_speedup", "first_s",
-                   "compile_s", "loss_abs_diff", "graphs", "peak_mem_GiB"]
+                   "compile_s", "loss_abs_diff", "graphs", "graphs_in_rounds", "peak_mem_GiB"]
 COLUMNS = ["batch", "joint_img_s", "bare_img_s", "ratio", "joint_step_ms", "GFLOP_img", "bare_GFLOP_img", "TFLOP_s",
            "MFU_pct", "peak_mem_GiB", "lars_ms", "lars_loop_ms", "loop_max_diff", "ema_ms", "syncs_step"]
 
@@ -336,7 +338,8 @@ def main(argv=None) -> list[dict]:
     print(f"settings: mode {args.mode}, ResNet-{args.depth}, views {args.size}/{args.size}/{args.small_size}, K=4, "
           f"amp(bf16)={args.amp and device.type == 'cuda'}, channels_last={args.channels_last}, "
           f"compile={'eager vs ' + ', '.join(args.compare_compile) if args.compare_compile else args.compile}, "
-          f"dynamic={args.dynamic}, steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
+          f"dynamic={args.dynamic}{' (bare step eager)' if args.compile == 'model' else ''}, "
+          f"steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
           f"peak memory = {'max_memory_allocated per batch size' if device.type == 'cuda' else 'peak RSS so far'}",
           flush=True)
     if args.compare_compile:

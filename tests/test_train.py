@@ -173,10 +173,11 @@ def test_compile_matches_eager_and_keeps_checkpoint_keys(pool, tmp_path, monkeyp
         torch._dynamo.reset()  # drop the compiled graphs: later tests run eager
 
 
-@pytest.mark.parametrize("mode", ["joint", "byol"])
+@pytest.mark.parametrize("mode", train.model_lib.MODES)
 def test_compile_model_is_one_graph_without_recompiles(mode):
-    """train.compile_model: Dynamo captures the whole forward of a step as one graph, and three steps reuse it (no
-    graph break from a host read, no recompile from the anchor cache). A host read added to the step fails this."""
+    """train.compile_model: Dynamo captures the whole forward of a step as one graph in every mode, and three steps
+    reuse it (no graph break from a host read, no recompile from the anchor cache). A host read added to the step
+    fails this."""
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
