@@ -47,6 +47,7 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
 COMPILE_SCOPES = ("extractors", "model")  # --compile: compile_extractors, compile_model
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
                 "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
                 "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
@@ -94,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on average, up to ~12 after a hue shift; ~1/3 less CPU per sample in the workers, "
                         "bench/RESULTS.md 4e)")
     p.add_argument("--compile", nargs="?", const="extractors", choices=COMPILE_SCOPES, help=COMPILE_HELP)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode, with --compile (default: torch's). reduce-overhead replays the\n"
+                        "compiled step as CUDA graphs (GPUs only: no kernel launches from the host; not yet measured)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
@@ -184,12 +188,14 @@ def build_model(args, device) -> model_lib.ADePT:
     net = model_lib.maybe_sync_bn(net, device).to(device)
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    if args.compile_mode and not args.compile:
+        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile [extractors|model]")
     if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
-        (compile_model if args.compile == "model" else compile_extractors)(net)
+        (compile_model if args.compile == "model" else compile_extractors)(net, mode=args.compile_mode)
     return net
 
 
-def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
+def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
     """--compile (issue 7): torch.compile the feature extractor f of both branches in place (nn.Module.compile).
 
     Only f = backbone + FPN, the part of the step with static shapes (RoIAlign, the RPN's sampling and the losses
@@ -200,14 +206,14 @@ def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False) -> No
     dynamic: torch.compile's. False (default): static shapes, 4 graphs: 2 view sides (V1/V2, V3) x 2 grad modes
     (online with grad, target under no_grad); the two branches share them (the weights are graph inputs). None
     recompiles V3 with symbolic sizes: 3 graphs, but slower to compile on CPU (501 s vs 323 s with a cold cache,
-    ResNet-18, bench/RESULTS.md section 8) and no faster per step.
+    ResNet-18, bench/RESULTS.md section 8) and no faster per step. mode: torch.compile's (--compile-mode).
     """
     for branch in (net.online, net.target):
         f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
-        f.compile(dynamic=dynamic)
+        f.compile(dynamic=dynamic, mode=mode)
 
 
-def compile_model(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
+def compile_model(net: model_lib.ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
     """--compile model (issue 7): torch.compile the whole ADePT.forward in place (nn.Module.compile): f, the RPN and
     Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
 
@@ -219,10 +225,11 @@ def compile_model(net: model_lib.ADePT, dynamic: bool | None = False) -> None:
     loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its
     output size is read by the host) the step splits into several graphs. Under torchrun, DDP wraps the compiled
     module: the gradients' all-reduce starts after the compiled backward instead of overlapping it. Checkpoint
-    keys are unchanged, as with compile_extractors.
+    keys are unchanged, as with compile_extractors. mode (--compile-mode): torch.compile's; "reduce-overhead"
+    replays forward and backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them).
     """
     net.pool_sync_free(True)
-    net.compile(dynamic=dynamic)
+    net.compile(dynamic=dynamic, mode=mode)
 
 
 def load_init(net: model_lib.ADePT, path: str) -> None:

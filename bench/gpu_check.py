@@ -21,6 +21,8 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        whole forward torch.compile'd (train.compile_model, train.py --compile model: one graph, its backward one
        more), batch 128, interleaved in one run (--compare-compile model): does compiling remove the ~105 ms per
        step that did not grow with the batch? (The old stage 6 compiled the extractors alone; never reached.)
+    2c. the same with CUDA graphs (--compile-mode reduce-overhead; --compare-compile model:reduce-overhead), if
+       120 s are left (2b's Triton kernels are cached by then); a model whose first step fails is reported.
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
     4. bench/roi_align_levels.py: sync-free (masked) vs grouped RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
@@ -243,6 +245,9 @@ def stages(a, device) -> list:
         ("2b. torch.compile, the whole model", 240 if a.compile else 10**9,
          lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
                                            "model", "--no-bare"])),
+        ("2c. torch.compile, the whole model as CUDA graphs", 120 if a.compile else 10**9,
+         lambda: pretrain_step.main(r50 + ["--batch-size", "128", "--amp", "--channels-last", "--compare-compile",
+                                           "model:reduce-overhead", "--no-bare"])),
         ("3a. ablation: bf16, no channels_last", 60,
          lambda: pretrain_step.main(r50 + ["--batch-size", "64", "--amp"])),
         ("3b. ablation: fp32 (TF32 convs)", 60, lambda: pretrain_step.main(r50 + ["--batch-size", "64"])),

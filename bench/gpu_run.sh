@@ -8,8 +8,9 @@
 # Environment knobs (seconds / study.py flags):
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
 #     CHECK_S     gpu_check.py's --budget-s, default 360 (stages 1-5 took 46 s on one H100, 5b ~40 s, 1b's compile
-#                 ~30-60 s (estimate); stage 2b, the whole model compiled, runs after stage 2 if 240 s are left:
-#                 an estimate, on the CPU it compiled in 1.7x the extractors' time); 0 skips gpu_check
+#                 ~30-60 s (estimate); stage 2b, the whole model compiled, runs after stage 2 if 240 s are left
+#                 (an estimate: on the CPU it compiled in 1.7x the extractors' time), 2c, the same with CUDA
+#                 graphs, if 120 s are left); 0 skips gpu_check
 #     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 90;
 #                 0 skips it
 #     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 75; 0 skips

@@ -96,9 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     p.add_argument("--compile", nargs="?", const="extractors", choices=train.COMPILE_SCOPES,
                    help="as train.py --compile: the two feature extractors (plain --compile) or the whole model")
+    p.add_argument("--compile-mode", choices=train.COMPILE_MODES, help="as train.py --compile-mode")
     p.add_argument("--compare-compile", nargs="?", const="extractors",
-                   help="comma list of --compile scopes (extractors, model; plain flag: extractors): eager and each\n"
-                        "in one run, interleaved (one model each); replaces the joint/bare table")
+                   help="comma list of SCOPE[:MODE] (scopes extractors, model; modes as --compile-mode; plain flag:\n"
+                        "extractors), e.g. model,model:reduce-overhead: eager and each in one run, interleaved\n"
+                        "(one model each); replaces the joint/bare table")
     p.add_argument("--dynamic", default="false", choices=("false", "auto"),
                    help="torch.compile dynamic=: false (train.py's: one static graph per view size and grad mode)\n"
                         "or auto (None: the V3 size recompiles once with symbolic sizes)")
@@ -119,8 +121,11 @@ def parse_args(argv=None):
     a.peak_tflops = a.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
     a.dynamic = None if a.dynamic == "auto" else False
     a.compare_compile = a.compare_compile.split(",") if a.compare_compile else []
-    if set(a.compare_compile) - set(train.COMPILE_SCOPES):
-        p.error(f"--compare-compile {','.join(a.compare_compile)}: scopes are {', '.join(train.COMPILE_SCOPES)}")
+    for item in a.compare_compile:
+        scope, _, mode = item.partition(":")
+        if scope not in train.COMPILE_SCOPES or (mode and mode not in train.COMPILE_MODES):
+            p.error(f"--compare-compile {item}: expected SCOPE[:MODE], scopes {', '.join(train.COMPILE_SCOPES)}, "
+                    f"modes {', '.join(train.COMPILE_MODES)}")
     return a
 
 
@@ -222,15 +227,16 @@ def count_syncs(fn) -> int:
 
 
 def build(args, device, scope: str | None = None):
-    """ADePT from seed 0 and its LARS, compiled as train.py --compile SCOPE does: scope "" = eager, "extractors"
-    (train.compile_extractors), "model" (train.compile_model); None = --compile's."""
+    """ADePT from seed 0 and its LARS, compiled as train.py --compile SCOPE --compile-mode MODE does: scope "" =
+    eager, "extractors" (train.compile_extractors), "model" (train.compile_model), optionally ":MODE"; None =
+    --compile's and --compile-mode's."""
     torch.manual_seed(0)
     net = model_lib.ADePT(args.mode, args.depth).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    scope = args.compile if scope is None else scope
+    scope, _, mode = (args.compile or "", None, args.compile_mode) if scope is None else scope.partition(":")
     if scope:
-        (train.compile_model if scope == "model" else train.compile_extractors)(net, args.dynamic)
+        (train.compile_model if scope == "model" else train.compile_extractors)(net, args.dynamic, mode or None)
     opt = lars.LARS(lars.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
     return net.train(), opt
 
@@ -295,17 +301,22 @@ def compare_compile(args, B: int, device) -> list[dict]:
     views, boxes = make_batch(B, args.size, args.small_size, runs["eager"][0].num_boxes, device, args.channels_last)
     rows = {name: {"batch": B, "compiled": name, "dynamic": "auto" if args.dynamic is None else "false"}
             for name in names}
-    for name, (net, opt) in runs.items():
+    for name, (net, opt) in list(runs.items()):
         graphs0 = _dynamo_graphs()
         torch.manual_seed(1)  # the RPN's anchor sampling: the same draw for every model
         report.sync(device)
         t0 = time.perf_counter()
-        loss = float(joint_step(net, opt, views, boxes, args).detach())
-        report.sync(device)
+        try:
+            loss = float(joint_step(net, opt, views, boxes, args).detach())
+            report.sync(device)
+        except Exception as e:  # a mode this machine cannot run: reported, the other models are still timed
+            print(f"  first step {name}: FAILED, {type(e).__name__}: {str(e)[:300]}", flush=True)
+            del runs[name], rows[name]
+            continue
         rows[name].update(first_s=time.perf_counter() - t0, loss=loss, graphs=_dynamo_graphs() - graphs0)
         print(f"  first step {name}: {rows[name]['first_s']:.1f} s, loss {loss:.6f}", flush=True)
     fns = {name: (lambda n=net, o=opt: joint_step(n, o, views, boxes, args)) for name, (net, opt) in runs.items()}
-    bare = [name for name in names if name in ("eager", "extractors")] if not args.no_bare else []
+    bare = [name for name in runs if name in ("eager", "extractors")] if not args.no_bare else []
     fns.update({f"bare_{name}": (lambda n=runs[name][0]: bare_step(n, views, args)) for name in bare})
     per_round: dict = {}
     graphs0 = _dynamo_graphs()
@@ -337,7 +348,8 @@ def main(argv=None) -> list[dict]:
     print(report.header("pre-training step: full joint step vs bare convnet (bench/pretrain_step.py)", device))
     print(f"settings: mode {args.mode}, ResNet-{args.depth}, views {args.size}/{args.size}/{args.small_size}, K=4, "
           f"amp(bf16)={args.amp and device.type == 'cuda'}, channels_last={args.channels_last}, "
-          f"compile={'eager vs ' + ', '.join(args.compare_compile) if args.compare_compile else args.compile}, "
+          f"compile={'eager vs ' + ', '.join(args.compare_compile) if args.compare_compile else args.compile}"
+          f"{' mode ' + args.compile_mode if args.compile_mode and not args.compare_compile else ''}, "
           f"dynamic={args.dynamic}{' (bare step eager)' if args.compile == 'model' else ''}, "
           f"steps {args.steps} in {args.rounds} rounds after {args.warmup} warm-up; "
           f"peak memory = {'max_memory_allocated per batch size' if device.type == 'cuda' else 'peak RSS so far'}",

@@ -301,6 +301,24 @@ def test_lr_schedule():
     assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--compile", "model", "--compile-mode", "reduce-overhead"], [("ADePT", "reduce-overhead")]),
+    (["--compile", "--compile-mode", "max-autotune"], [("FeatureExtractor", "max-autotune")] * 2),
+    (["--compile", "model"], [("ADePT", None)]),
+])
+def test_compile_flags_reach_torch_compile(monkeypatch, flags, expected):
+    """--compile SCOPE --compile-mode MODE: which modules train.build_model compiles, and with which mode (recorded,
+    not compiled: CUDA graphs need a GPU); --compile-mode alone is refused."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: calls.append((type(self).__name__, k["mode"])))
+    args, _ = train.resolve_args(train.parse_args(["--depth", "18", *flags]))
+    train.build_model(args, torch.device("cpu"))
+    assert calls == expected
+    with pytest.raises(SystemExit, match="--compile-mode reduce-overhead needs --compile"):
+        train.build_model(train.resolve_args(train.parse_args(["--compile-mode", "reduce-overhead"]))[0],
+                          torch.device("cpu"))
+
+
 # train.py under torchrun as is, and with --compile model under DDP (each process compiles; torch.compile's backend
 # swapped for aot_eager, as in the compile test above, through a `python -c` launcher)
 AOT_EAGER_LAUNCHER = ["--no-python", sys.executable, "-c",
