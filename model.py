@@ -18,7 +18,8 @@ Symbols (paper -> code)
 Public
     Backbone, FPN, FeatureExtractor        f; `FeatureExtractor(depth, fpn_norm, p6, weights_path)`
     Encoder                                f, g, p: what the target branch copies and averages
-    ADePT(mode, ...)                       forward(views, boxes) -> dict of losses for one pre-training step
+    ADePT(mode, ...)                       forward(views, boxes) -> dict of losses for one pre-training step;
+                                           pool_sync_free(): RoI pooling without host reads on every device
     export_pretrained(model, use_online)   the weights fine-tuning loads (keys: backbone.*, fpn.*, rpn.*, box_head.*)
     maybe_sync_bn(module)                  SyncBN when running distributed on GPUs
 """
