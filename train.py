@@ -48,6 +48,7 @@ CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
 COMPILE_SCOPES = ("extractors", "model")  # --compile: compile_extractors, compile_model
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the step as CUDA graphs
 COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
                 "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
                 "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
@@ -96,14 +97,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bench/RESULTS.md 4e)")
     p.add_argument("--compile", nargs="?", const="extractors", choices=COMPILE_SCOPES, help=COMPILE_HELP)
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="torch.compile's mode, with --compile (default: torch's). reduce-overhead replays the\n"
-                        "compiled step as CUDA graphs (GPUs only: no kernel launches from the host; not yet measured)")
+                   help="torch.compile's mode, with --compile (default: torch's). reduce-overhead (and max-autotune)\n"
+                        "replay the step as CUDA graphs, with --compile model only (GPUs: no kernel launches from\n"
+                        "the host; not yet measured)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (CPU preset: 60; 0 = no cap)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.compile_mode and not a.compile:
+        p.error(f"--compile-mode {a.compile_mode} needs --compile [extractors|model]")
+    if a.compile_mode in CUDA_GRAPH_MODES and a.compile != "model":
+        # with f compiled apart a step replays several graphs, and a replay may overwrite the outputs of the last
+        # (separate mode: the frozen extractor's three views); one graph per step is what CUDA graphs suit
+        p.error(f"--compile-mode {a.compile_mode} (CUDA graphs) needs --compile model")
+    return a
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
@@ -188,8 +197,6 @@ def build_model(args, device) -> model_lib.ADePT:
     net = model_lib.maybe_sync_bn(net, device).to(device)
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    if args.compile_mode and not args.compile:
-        raise SystemExit(f"--compile-mode {args.compile_mode} needs --compile [extractors|model]")
     if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
         (compile_model if args.compile == "model" else compile_extractors)(net, mode=args.compile_mode)
     return net

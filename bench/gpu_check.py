@@ -22,7 +22,8 @@ Stages (each one's failure is printed and the next stage still runs; exit status
        more), batch 128, interleaved in one run (--compare-compile model): does compiling remove the ~105 ms per
        step that did not grow with the batch? (The old stage 6 compiled the extractors alone; never reached.)
     2c. the same with CUDA graphs (--compile-mode reduce-overhead; --compare-compile model:reduce-overhead), if
-       120 s are left (2b's Triton kernels are cached by then); a model whose first step fails is reported.
+       120 s are left (Inductor compiles again, the mode is part of its cache key, but reuses 2b's Triton
+       binaries); a model whose first two steps fail is reported and left out.
     3. fast-path ablations at batch 64: bf16 without channels_last; fp32 (TF32 convolutions, cuDNN's default).
     4. bench/roi_align_levels.py: sync-free (masked) vs grouped RoI pooling (syncs, time), batch 64 and 128.
     5. bench/finetune_step.py: Mask R-CNN R50-FPN, 2 images of 800 x 1067, bf16, ours vs torchvision; --profile:
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny settings: check that the script runs")
     p.add_argument("--budget-s", type=float, default=480, help="skip a stage that would start past its budget")
     p.add_argument("--compile", action="store_true",
-                   help="stage 2b (the whole model) and 1b's color_batch torch.compile'd (minutes of compilation)")
+                   help="stages 2b and 2c (the whole model, without and with CUDA graphs) and 1b's color_batch\n"
+                        "torch.compile'd (minutes of compilation)")
     a = p.parse_args(argv)
     out = Path(os.environ.get("OUT") or "/tmp")
     sys.stdout = Tee(out / "gpu_check.md")

@@ -7,13 +7,13 @@
 #                                                  # $OUT/e2e_color_device_log.jsonl
 # Environment knobs (seconds / study.py flags):
 #     DEADLINE_S  whole script, default 540 (the device tool's call limit is 600)
-#     CHECK_S     gpu_check.py's --budget-s, default 360 (stages 1-5 took 46 s on one H100, 5b ~40 s, 1b's compile
+#     CHECK_S     gpu_check.py's --budget-s, default 420 (stages 1-5 took 46 s on one H100, 5b ~40 s, 1b's compile
 #                 ~30-60 s (estimate); stage 2b, the whole model compiled, runs after stage 2 if 240 s are left
 #                 (an estimate: on the CPU it compiled in 1.7x the extractors' time), 2c, the same with CUDA
 #                 graphs, if 120 s are left); 0 skips gpu_check
-#     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 90;
-#                 0 skips it
-#     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 75; 0 skips
+#     E2E_S       the train.py run (ResNet-50, 224/112, batch 128, bf16 + channels_last, 12 workers), default 60
+#                 (gpu_check may take CHECK_S + 60 s: the tool's call limit is 600 s); 0 skips it
+#     E2E_DEVICE_S  the same run with --color-on device (colour on the GPU, color_device.py), default 60; 0 skips
 #                 it; it runs only if that many seconds + 15 are left (else it says so)
 #     STUDY_ARGS  study.py flags, default empty (skipped; the H100 study part is in results/gpu_part_h100.md), e.g.
 #                 "--preset gpu --methods scratch,joint --fractions 1 --iters 600 --pre-steps 200 --shots none
@@ -30,9 +30,9 @@ set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_run}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
-CHECK_S=${CHECK_S:-360}
-E2E_S=${E2E_S:-90}
-E2E_DEVICE_S=${E2E_DEVICE_S:-75}
+CHECK_S=${CHECK_S:-420}
+E2E_S=${E2E_S:-60}
+E2E_DEVICE_S=${E2E_DEVICE_S:-60}
 STUDY_ARGS=${STUDY_ARGS:-}
 START=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }

@@ -303,20 +303,29 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("flags, expected", [
     (["--compile", "model", "--compile-mode", "reduce-overhead"], [("ADePT", "reduce-overhead")]),
-    (["--compile", "--compile-mode", "max-autotune"], [("FeatureExtractor", "max-autotune")] * 2),
+    (["--compile", "--compile-mode", "max-autotune-no-cudagraphs"],
+     [("FeatureExtractor", "max-autotune-no-cudagraphs")] * 2),
     (["--compile", "model"], [("ADePT", None)]),
 ])
 def test_compile_flags_reach_torch_compile(monkeypatch, flags, expected):
     """--compile SCOPE --compile-mode MODE: which modules train.build_model compiles, and with which mode (recorded,
-    not compiled: CUDA graphs need a GPU); --compile-mode alone is refused."""
+    not compiled: CUDA graphs need a GPU)."""
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: calls.append((type(self).__name__, k["mode"])))
     args, _ = train.resolve_args(train.parse_args(["--depth", "18", *flags]))
     train.build_model(args, torch.device("cpu"))
     assert calls == expected
-    with pytest.raises(SystemExit, match="--compile-mode reduce-overhead needs --compile"):
-        train.build_model(train.resolve_args(train.parse_args(["--compile-mode", "reduce-overhead"]))[0],
-                          torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile-mode", "default"], "--compile-mode default needs --compile"),
+    (["--compile", "--compile-mode", "reduce-overhead"], "(CUDA graphs) needs --compile model"),
+    (["--compile", "extractors", "--compile-mode", "max-autotune"], "(CUDA graphs) needs --compile model"),
+])
+def test_compile_mode_without_its_scope_is_refused(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 # train.py under torchrun as is, and with --compile model under DDP (each process compiles; torch.compile's backend
