@@ -13,8 +13,9 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: lr_at, parse_args, resolve_args, anchor_sizes, compile_extractors, compile_model, color_fn, setup_distributed,
-save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, compile_extractors, compile_model,
+color_fn, setup_distributed, save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed,
+main.
 """
 from __future__ import annotations
 
@@ -106,13 +107,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (CPU preset: 60; 0 = no cap)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    check_compile_flags(p, a)
+    return a
+
+
+def check_compile_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--compile-mode needs --compile; the CUDA-graph modes need --compile model: with f compiled apart a step
+    replays several graphs, and a replay may overwrite the outputs of the one before (separate mode: the frozen
+    extractor's three views). One graph per step is what CUDA graphs suit."""
     if a.compile_mode and not a.compile:
         p.error(f"--compile-mode {a.compile_mode} needs --compile [extractors|model]")
     if a.compile_mode in CUDA_GRAPH_MODES and a.compile != "model":
-        # with f compiled apart a step replays several graphs, and a replay may overwrite the outputs of the last
-        # (separate mode: the frozen extractor's three views); one graph per step is what CUDA graphs suit
         p.error(f"--compile-mode {a.compile_mode} (CUDA graphs) needs --compile model")
-    return a
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
