@@ -22,6 +22,7 @@ Public
                                            pool_sync_free(): RoI pooling without host reads on every device
     export_pretrained(model, use_online)   the weights fine-tuning loads (keys: backbone.*, fpn.*, rpn.*, box_head.*)
     maybe_sync_bn(module)                  SyncBN when running distributed on GPUs
+    compile_extractors(net), compile_model(net)   torch.compile of f alone or of the whole step (train.py --compile)
 """
 from __future__ import annotations
 
@@ -257,12 +258,13 @@ class ADePT(nn.Module):
     def anchors(self, sizes: list, device) -> torch.Tensor:
         """All levels' anchors (N, 4) for these feature sizes, built once per (sizes, device): make_anchors copies
         its ratios host -> device, a synchronising copy on CUDA, and the anchors never change."""
-        if torch.compiler.is_compiling():  # train.compile_model: in the graph (shapes only), no cache to guard on
-            return torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
         key = (tuple(sizes), str(device))
-        if key not in self._anchors:
-            self._anchors[key] = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
-        return self._anchors[key]
+        anchors = self._anchors.get(key)
+        if anchors is None:
+            anchors = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
+            if not torch.compiler.is_compiling():  # compile_model: built in the graph; a cache write would recompile
+                self._anchors[key] = anchors
+        return anchors
 
     @torch.no_grad()
     def add_rpn_proposals(self, feats1, views, boxes, transforms):
@@ -323,3 +325,41 @@ def maybe_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
+
+
+def compile_extractors(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
+    """train.py --compile (issue 7): torch.compile the feature extractor f of both branches in place
+    (nn.Module.compile).
+
+    Only f = backbone + FPN, the part of the step with static shapes (RoIAlign, the RPN's sampling and the losses
+    stay eager). In place: the module tree, its parameters (shared with LARS and byol.ema_update) and its
+    state_dict keys are unchanged (no `_orig_mod.` prefix), so checkpoints load with or without --compile. The
+    byol mode runs the backbone alone (Encoder.forward), so that is what it compiles.
+
+    dynamic: torch.compile's. False (default): static shapes, 4 graphs: 2 view sides (V1/V2, V3) x 2 grad modes
+    (online with grad, target under no_grad); the two branches share them (the weights are graph inputs). None
+    recompiles V3 with symbolic sizes: 3 graphs, but slower to compile on CPU (501 s vs 323 s with a cold cache,
+    ResNet-18, bench/RESULTS.md section 8) and no faster per step. mode: torch.compile's (--compile-mode).
+    """
+    for branch in (net.online, net.target):
+        f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
+        f.compile(dynamic=dynamic, mode=mode)
+
+
+def compile_model(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
+    """train.py --compile model (issue 7): torch.compile the whole ADePT.forward in place (nn.Module.compile): f,
+    the RPN and Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
+
+    The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
+    bit, no host read), so Dynamo captures the step of every mode as one forward graph and AOTAutograd its
+    backward as one more (tests/test_train.py). Of the ~5,300 operators a joint step dispatches eagerly, ~1,000
+    remain (convolutions and other extern kernels) beside ~3,000 generated fused kernels (bench/op_counts.py
+    --compiled, on a CPU), without eager's per-operator autograd and dispatcher work. What stays outside: the
+    loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its
+    output size is read by the host) the step splits into several graphs. Under torchrun, DDP wraps the compiled
+    module: the gradients' all-reduce starts after the compiled backward instead of overlapping it. Checkpoint
+    keys are unchanged, as with compile_extractors. mode (--compile-mode): torch.compile's; "reduce-overhead"
+    replays forward and backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them).
+    """
+    net.pool_sync_free(True)
+    net.compile(dynamic=dynamic, mode=mode)

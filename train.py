@@ -13,9 +13,8 @@ lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, compile_extractors, compile_model,
-color_fn, setup_distributed, save_atomic, make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed,
-main.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, color_fn, setup_distributed, save_atomic,
+make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 # (24 : 32) with finetune.py's CPU anchors (COCO's / 4, 8..128 px, for this data's 8-96 px objects).
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
-COMPILE_SCOPES = ("extractors", "model")  # --compile: compile_extractors, compile_model
+COMPILE_SCOPES = ("extractors", "model")  # --compile: model.compile_extractors, model.compile_model
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the step as CUDA graphs
 COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
@@ -204,45 +203,9 @@ def build_model(args, device) -> model_lib.ADePT:
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
-        (compile_model if args.compile == "model" else compile_extractors)(net, mode=args.compile_mode)
+        compile_fn = model_lib.compile_model if args.compile == "model" else model_lib.compile_extractors
+        compile_fn(net, mode=args.compile_mode)
     return net
-
-
-def compile_extractors(net: model_lib.ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """--compile (issue 7): torch.compile the feature extractor f of both branches in place (nn.Module.compile).
-
-    Only f = backbone + FPN, the part of the step with static shapes (RoIAlign, the RPN's sampling and the losses
-    stay eager). In place: the module tree, its parameters (shared with LARS and byol.ema_update) and its
-    state_dict keys are unchanged (no `_orig_mod.` prefix), so checkpoints load with or without --compile. The
-    byol mode runs the backbone alone (Encoder.forward), so that is what it compiles.
-
-    dynamic: torch.compile's. False (default): static shapes, 4 graphs: 2 view sides (V1/V2, V3) x 2 grad modes
-    (online with grad, target under no_grad); the two branches share them (the weights are graph inputs). None
-    recompiles V3 with symbolic sizes: 3 graphs, but slower to compile on CPU (501 s vs 323 s with a cold cache,
-    ResNet-18, bench/RESULTS.md section 8) and no faster per step. mode: torch.compile's (--compile-mode).
-    """
-    for branch in (net.online, net.target):
-        f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
-        f.compile(dynamic=dynamic, mode=mode)
-
-
-def compile_model(net: model_lib.ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """--compile model (issue 7): torch.compile the whole ADePT.forward in place (nn.Module.compile): f, the RPN and
-    Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
-
-    The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
-    bit, no host read), so Dynamo captures the step of every mode as one forward graph and AOTAutograd its
-    backward as one more (tests/test_train.py). Of the ~5,300 operators a joint step dispatches eagerly, ~1,000
-    remain (convolutions and other extern kernels) beside ~3,000 generated fused kernels (bench/op_counts.py
-    --compiled, on a CPU), without eager's per-operator autograd and dispatcher work. What stays outside: the
-    loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its
-    output size is read by the host) the step splits into several graphs. Under torchrun, DDP wraps the compiled
-    module: the gradients' all-reduce starts after the compiled backward instead of overlapping it. Checkpoint
-    keys are unchanged, as with compile_extractors. mode (--compile-mode): torch.compile's; "reduce-overhead"
-    replays forward and backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them).
-    """
-    net.pool_sync_free(True)
-    net.compile(dynamic=dynamic, mode=mode)
 
 
 def load_init(net: model_lib.ADePT, path: str) -> None:

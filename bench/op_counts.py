@@ -6,7 +6,7 @@ per step that did not grow with the batch (bench/RESULTS.md). Both counts are th
 measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
     joint      one pre-training step by phase: forward, backward, lars.LARS, byol.ema_update
     bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
-    compiled   --compiled: the joint forward + backward with train.compile_model (train.py --compile model): the
+    compiled   --compiled: the joint forward + backward with model.compile_model (train.py --compile model): the
                operators still dispatched and the kernels Inductor generated (C++ here, Triton on a GPU)
     color      color_device.color_batch on one batch of one view (train.py --color-on device: 3 per step)
     finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
@@ -56,15 +56,22 @@ def count_ops(fn, counter_type=SyncOpCounter) -> tuple[int, int]:
     return counter.ops, counter.total
 
 
+def views_and_boxes(B: int, K: int, size: int) -> tuple[list, list]:
+    """Random views V1, V2 (B, 3, size, size), V3 (B, 3, size/2, size/2) and K boxes each (B, K, 4) xyxy, sized so
+    that every FPN level gets boxes."""
+    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
+    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]  # (K,) box sides as fractions of the view
+    boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
+             for s in (size, size, size // 2)]
+    return views, boxes
+
+
 def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
     torch.manual_seed(0)
     net = model_lib.ADePT("joint", depth=depth)
     net.pool_sync_free(True)  # the RoI pooling a GPU runs
     opt = lars.LARS(lars.param_groups(net), lr=0.01)
-    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
-    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]  # (K,) every FPN level gets boxes
-    boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
-             for s in (size, size, size // 2)]  # (B, K, 4) xyxy
+    views, boxes = views_and_boxes(B, K, size)
     state = {}
 
     def forward():
@@ -100,20 +107,16 @@ def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
 
 
 def compiled_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
-    """The joint step's forward + backward with train.compile_model (Inductor): the aten operators still dispatched
+    """The joint step's forward + backward with model.compile_model (Inductor): the aten operators still dispatched
     (extern kernels: convolutions, matmuls, roi_align, ...) and the kernels Inductor generated for the step (each
     run once per step). On a CPU those are C++ loops, on a GPU Triton kernels; the fusion differs, the order of
     magnitude is what this shows. Compiling takes minutes on a CPU."""
-    import train
     from torch._inductor import metrics
 
     torch.manual_seed(0)
     net = model_lib.ADePT("joint", depth=depth)
-    train.compile_model(net)
-    views = [torch.randn(B, 3, size, size), torch.randn(B, 3, size, size), torch.randn(B, 3, size // 2, size // 2)]
-    side = torch.tensor([0.15, 0.3, 0.6, 0.95])[torch.arange(K) % 4]
-    boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
-             for s in (size, size, size // 2)]
+    model_lib.compile_model(net)
+    views, boxes = views_and_boxes(B, K, size)
 
     def step():
         net.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import lars
 import selective_search
 import synthetic
 import train
+from test_model import views_and_boxes  # (B, K, size) -> three views and their K boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +176,7 @@ def test_compile_matches_eager_and_keeps_checkpoint_keys(pool, tmp_path, monkeyp
 
 @pytest.mark.parametrize("mode", train.model_lib.MODES)
 def test_compile_model_is_one_graph_without_recompiles(mode):
-    """train.compile_model: Dynamo captures the whole forward of a step as one graph in every mode, and three steps
+    """model.compile_model: Dynamo captures the whole forward of a step as one graph in every mode, and three steps
     reuse it (no graph break from a host read, no recompile from the anchor cache). A host read added to the step
     fails this."""
     from torch._dynamo.testing import CompileCounter
@@ -188,12 +189,8 @@ def test_compile_model_is_one_graph_without_recompiles(mode):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, backend=counter, **k))
-            train.compile_model(net)
-        B, K, S = 2, 4, 64
-        views = [torch.randn(B, 3, S, S), torch.randn(B, 3, S, S), torch.randn(B, 3, S // 2, S // 2)]
-        side = torch.tensor([0.15, 0.3, 0.6, 0.95])  # every FPN level gets a box
-        boxes = [torch.cat([torch.zeros(B, K, 2), (side * s)[None, :, None].expand(B, K, 2)], -1)
-                 for s in (S, S, S // 2)]  # (B, K, 4) xyxy
+            train.model_lib.compile_model(net)
+        views, boxes = views_and_boxes(size=64)
         for _ in range(3):
             net(views, boxes)["loss"].backward()
         assert counter.frame_count == 1
