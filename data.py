@@ -24,6 +24,9 @@ Public
     PretrainDataset(image_root, proposals, K=4, seed=0, size=224, small_size=112, v3_mode="downsample", ...)
     collate_channels_last(items) -> dict                            default_collate, views in channels_last
     EpochSampler(sampler)                                           yields (epoch, index): for persistent workers
+    SkipSampler(dataset, num_replicas, rank, ...)                   DistributedSampler + mid-epoch resume (.skip)
+    make_loader(dataset, sampler, batch_size, workers, device)      the run's one loader (persistent, pinned)
+    to_device(batch, device, channels_last, color=None)             views, boxes, transforms, rpn_boxes on the device
     ensure_synthetic_dataset(root=None, seed=0, ...) -> Path;  synthetic_scene(rng, size)   (from synthetic.py)
     embedded_pool() -> (image folder, proposals file)              the embedded default data, made once
     main(argv)                                                      CLI: draw samples as a PNG (figures.plot_views)
@@ -115,19 +118,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class PretrainDataset(torch.utils.data.Dataset):
     """Unlabelled images under image_root (any depth) + their selective-search proposals -> three views, K boxes.
 
-    proposals: a dict {relative posix path: (N, 4) xyxy original pixels} or a path for
-    selective_search.load_proposals. Checked up front: an empty folder or readable images without proposals (more
-    than max_missing of them; those few are skipped with a warning) raise ValueError; unreadable images without
-    proposals (selective search skips them) are skipped with a warning. An image with an empty proposal array gets
-    the whole image as its one box (SoCo). Item (dict): v1, v2 uint8 (3, S, S), v3 uint8 (3, s, s); b1, b2, b3 float32
-    (K, 4) xyxy in their view's pixels; t1, t2, t3 float32 (4,) affine (sx, tx, sy, ty) original -> view; c1, c2, c3
-    float32 (12,) the view's colour parameters (augment.COLOR_FIELDS), already applied to the pixels with
-    color_on="loader" (the default), to be applied on the device by color_device.color_batch with "device"; index;
+    proposals: a dict {relative posix path: (N, 4) xyxy original pixels} or a path for selective_search.load_proposals.
+    Checked up front: an empty folder or readable images without proposals (more than max_missing of them; those few are
+    skipped with a warning) raise ValueError; unreadable images without proposals (selective search skips them) are
+    skipped with a warning. An image with an empty proposal array gets the whole image as its one box (SoCo). Item
+    (dict): v1, v2 uint8 (3, S, S), v3 uint8 (3, s, s); b1, b2, b3 float32 (K, 4) xyxy in their view's pixels (b1 after
+    SoCo's box jitter, for L_det); r1 float32 (K, 4): V1's boxes before the jitter, Eq. 1's pseudo ground truth with b2,
+    b3 (3.2: the RPN regresses the selective-search boxes); t1, t2, t3 float32 (4,) affine (sx, tx, sy, ty) original ->
+    view; c1, c2, c3 float32 (12,) the view's colour parameters (augment.COLOR_FIELDS), already applied to the pixels
+    with color_on="loader" (the default), to be applied on the device by color_device.color_batch with "device"; index;
     replaced (the image was unreadable and replaced), fallback (no proposal was visible in all views: the box is the
     region common to all views). Per-sample randomness comes from sample_seed(seed, epoch, index), so a sample is the
     same whatever the number of workers or processes; call set_epoch(e) before building each epoch's DataLoader
-    (persistent_workers=False), or sample (epoch, index) items with EpochSampler (persistent workers). Views are
-    (3, S, S) permuted views of (S, S, 3) arrays: the default collate stacks them into a new batch tensor.
+    (persistent_workers=False), or sample (epoch, index) items with EpochSampler (persistent workers). Views are (3, S,
+    S) permuted views of (S, S, 3) arrays: the default collate stacks them into a new batch tensor.
     """
 
     def __init__(self, image_root, proposals, K: int = 4, seed: int = 0, size: int = 224, small_size: int = 112,
@@ -222,7 +226,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         if not len(boxes):  # no proposal: the whole image (SoCo)
             boxes = np.array([[0, 0, W, H]], np.float32)
         views, chosen, mapped, fallback = self._choose(boxes, H, W, g)
-        out = {"index": index, "replaced": j != index, "fallback": fallback}
+        if mapped is None:  # the fallback box: map it here (render_views would), to keep V1's before the jitter
+            mapped = map_boxes_views(chosen, views)[1]  # (3, K, 4) xyxy view pixels, clipped
+        out = {"index": index, "replaced": j != index, "fallback": fallback,
+               "r1": torch.from_numpy(mapped[0].astype(np.float32))}  # render_views jitters a copy
         rendered = render_views(image, chosen, views, g, self.color, self.jitter, mapped, self.color_on)
         for k, (v, (px, b, c)) in enumerate(zip(views, rendered), 1):
             out[f"v{k}"], out[f"b{k}"], out[f"c{k}"] = px, b, c
@@ -269,6 +276,40 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class SkipSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that skips the first `skip` indices of this epoch (mid-epoch resume)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def make_loader(dataset, sampler, batch_size: int, workers: int, device) -> torch.utils.data.DataLoader:
+    """One loader for the whole run (workers persist across epochs); pinned memory and channels_last batches on CUDA."""
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       collate_fn=collate_channels_last if device.type == "cuda" else None)
+
+
+def to_device(batch: dict, device, channels_last: bool, color=None):
+    """uint8 views -> normalised float on the device (normalisation on the device, not in the loader), after their
+    colour if `color` (color_fn's) is given: color(views, the batch's c1..c3 parameters). Returns views, boxes (L_det's
+    b1..b3), transforms (t1..t3, or None) and rpn_boxes (Eq. 1's r1, b2, b3, or None: a batch without r1)."""
+    fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    views = [batch[f"v{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]  # uint8 (B, 3, S, S)
+    if color is not None:
+        views = [color(v, batch[f"c{j}"].to(device, non_blocking=True)) for j, v in zip((1, 2, 3), views)]
+    views = [normalize(v).contiguous(memory_format=fmt) for v in views]
+    boxes = [batch[f"b{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]
+    transforms = [batch[f"t{j}"].to(device, non_blocking=True) for j in (1, 2, 3)] if "t1" in batch else None
+    rpn_boxes = [batch["r1"].to(device, non_blocking=True), *boxes[1:]] if "r1" in batch else None
+    return views, boxes, transforms, rpn_boxes
 
 
 def main(argv=None):

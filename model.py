@@ -12,6 +12,7 @@ Symbols (paper -> code)
     c, o, d         RPN conv, objectness, deltas (online only) ADePT.rpn
     V1, V2, V3      the three views (224, 224, 112 px)        views[0..2]
     b               K selective-search boxes per image        boxes[j]: (B, K, 4) xyxy in view j's pixels
+    b*              Eq. 1's pseudo ground truth (3.2)          rpn_boxes[j]: the same boxes, V1's before SoCo's jitter
     L = L_RPN + L_det                                         Eq. 8, ADePT.forward
     C               FPN channels (the FPN paper's d = 256)     fpn_channels / FeatureExtractor(channels=)
 
@@ -167,6 +168,7 @@ class Encoder(nn.Module):
         return self.project_boxes(self.extractor(x), boxes)
 
     def project_boxes(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """Eqs. 2-5 without q: feats [P2..P5] of f, boxes (B,K,4) xyxy view pixels -> p(g(RoIAlign(f, b))) (B,K,D)."""
         B, K, _ = boxes.shape
         pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides,
                                                sync_free=self.sync_free)             # (B*K, C, 7, 7)
@@ -185,14 +187,22 @@ class ADePT(nn.Module):
                            RPN's top-K proposals of V1 (top 64 before NMS, 4.1.3) mapped into V2 and V3
     fpn_channels           C of the FPN, RPN and 4conv1fc head (paper: 256; the CPU study narrows it, see study.py)
     anchor_sizes           one anchor side per level P2..P5 (4.1.3: 24, 48, 96, 192 px for 224 px views)
+    rpn_views              the views (1-3) whose features Eq. 1 trains on, averaged. Default all three: "these
+                           views are passed through the feature extractor and the resulting features are fed to the
+                           RPN" (3); 4.1.3 names only the 224 px images. # DEVIATION (interpretation, flag
+                           train.py --rpn-views): the paper says neither which views nor how they are combined.
     """
 
     def __init__(self, mode: str = "joint", depth: int = 50, fpn_norm: str = "bn", head: str = "4conv1fc",
                  rpn_grad_to_backbone: bool = False, rpn_proposals: bool = False, num_boxes: int = 4,
-                 fpn_channels: int = FPN_CHANNELS, anchor_sizes: tuple = rpn.PRETRAIN_ANCHOR_SIZES):
+                 fpn_channels: int = FPN_CHANNELS, anchor_sizes: tuple = rpn.PRETRAIN_ANCHOR_SIZES,
+                 rpn_views: tuple = (1, 2, 3)):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+        if not rpn_views or not set(rpn_views) <= {1, 2, 3} or len(set(rpn_views)) != len(rpn_views):
+            raise ValueError(f"rpn_views must be distinct views among 1, 2, 3, not {rpn_views!r}")
+        self.rpn_views = tuple(sorted(rpn_views))
         self.mode, self.rpn_grad_to_backbone, self.rpn_proposals = mode, rpn_grad_to_backbone, rpn_proposals
         self.num_boxes, self.anchor_sizes = num_boxes, tuple(anchor_sizes)
         self.online = Encoder(depth, fpn_norm, head, global_pool=(mode == "byol"), channels=fpn_channels)
@@ -217,9 +227,12 @@ class ADePT(nn.Module):
         return self
 
     def forward(self, views: list[torch.Tensor], boxes: list[torch.Tensor],
-                transforms: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """views: V1 (B,3,224,224), V2 (B,3,224,224), V3 (B,3,112,112), normalised; boxes: 3 x (B,K,4) view pixels;
-        transforms: 3 x (B,4) original -> view affine maps, needed only with rpn_proposals.
+                transforms: list[torch.Tensor] | None = None,
+                rpn_boxes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Eq. 8: L = L_RPN + L_det for one batch. views: V1 (B,3,224,224), V2 (B,3,224,224), V3 (B,3,112,112),
+        normalised; boxes: 3 x (B,K,4) view pixels (L_det's, V1's jittered as SoCo's); transforms: 3 x (B,4)
+        original -> view affine maps, needed only with rpn_proposals; rpn_boxes: 3 x (B,K,4) Eq. 1's pseudo ground
+        truth, the selective-search boxes themselves (data.py's r1, b2, b3: V1's before the jitter); None: boxes.
 
         Returns loss (the total), loss_rpn and loss_det, each a scalar tensor.
         """
@@ -231,7 +244,8 @@ class ADePT(nn.Module):
             loss_det = byol.byol_loss(q[0], q[1], z[0], z[1])
             return {"loss": loss_det, "loss_rpn": zero, "loss_det": loss_det}
         feats = [self.online.extractor(v) for v in views]  # 3 x [P2..P5]
-        loss_rpn = self.rpn_loss(feats, views, boxes) if self.rpn is not None else zero
+        rpn_boxes = boxes if rpn_boxes is None else rpn_boxes
+        loss_rpn = self.rpn_loss(feats, views, rpn_boxes) if self.rpn is not None else zero
         loss_det = zero
         if self.mode != "separate":
             if self.rpn_proposals:
@@ -243,9 +257,10 @@ class ADePT(nn.Module):
         return {"loss": loss_rpn + loss_det, "loss_rpn": loss_rpn, "loss_det": loss_det}  # Eq. 8
 
     def rpn_loss(self, feats, views, boxes) -> torch.Tensor:
-        """Eq. 1 on every view, the view's K selective-search boxes as pseudo ground truth (3.2)."""
+        """Eq. 1 on each of rpn_views, the view's K selective-search boxes as pseudo ground truth (3.2); their mean."""
         total = views[0].new_zeros(())
-        for fj, vj, bj in zip(feats, views, boxes):
+        for j in self.rpn_views:
+            fj, vj, bj = feats[j - 1], views[j - 1], boxes[j - 1]
             if not self.rpn_grad_to_backbone:  # Table 4's best row: the backbone receives only L_det
                 fj = [x.detach() for x in fj]
             logits, deltas = self.rpn(fj)  # (B, N), (B, N, 4)
@@ -253,7 +268,7 @@ class ADePT(nn.Module):
             labels, target_deltas = rpn.rpn_targets(anchors, bj)
             loss_cls, loss_reg = rpn.rpn_loss(logits, deltas, labels, target_deltas)
             total = total + loss_cls + loss_reg
-        return total / len(views)
+        return total / len(self.rpn_views)
 
     def anchors(self, sizes: list, device) -> torch.Tensor:
         """All levels' anchors (N, 4) for these feature sizes, built once per (sizes, device): make_anchors copies
@@ -309,7 +324,7 @@ def _too_small(boxes: torch.Tensor, min_side: float = 2.0) -> torch.Tensor:
 
 
 def export_pretrained(model: ADePT, use_online: bool = False) -> dict[str, torch.Tensor]:
-    """The weights fine-tuning loads: backbone.*, fpn.*, box_head.*, rpn.* (4.2: the target branch by default).
+    """The weights fine-tuning loads: backbone.*, fpn.*, box_head.*, rpn.* (3: "only the target branch is kept").
 
     # DEVIATION (flag --export-online): SoCo's code exports the online branch; the paper keeps the target branch.
     """

@@ -8,13 +8,17 @@ soco run: --init), soco (L_det only: the SoCo baseline), byol (image-level BYOL 
 
 Optimisation (4.2, reference.md): LARS (lars.py: momentum 0.9, trust coefficient 0.001, weight decay 1e-5; biases and
 norm parameters excluded from weight decay and trust ratio), lr = base_lr x global batch / 256 with linear warm-up from
-lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1).
+lr/100 then cosine to 0; EMA momentum tau from byol.tau_schedule (0.99 -> 1). The paper gives "a learning rate of 0.1
+annealed to 0 with a cosine scheduler" (4.2) and no batch size or warm-up.
+# DEVIATION (SoCo's code; flags --base-lr, --warmup-epochs 0): 0.1 read as the base of SoCo's linear scaling rule,
+# and SoCo's 10 warm-up epochs (reference.md). log.jsonl records the lr of every logged step.
 
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
 log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, color_fn, setup_distributed, save_atomic,
-make_loader, train_step (one step of Eq. 8), train_loop, exit_distributed, main.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, rpn_views, color_fn, setup_distributed,
+save_atomic, save_checkpoint, load_checkpoint, train_step (one step of Eq. 8), train_loop,
+exit_distributed, main.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import augment
@@ -73,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="d of the FPN, RPN and head (3: FPN's 256; DEVIATION, the CPU study: 128 for speed)")
     p.add_argument("--epochs", type=int, help="4.2: 100")
     p.add_argument("--batch-size", type=int, help="images per process (SoCo: 128 per GPU)")
-    p.add_argument("--base-lr", type=float, help="4.2: 0.1, scaled by global batch / 256")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up from lr/100 (SoCo: 10)")
+    p.add_argument("--base-lr", type=float, help="4.2: 0.1; DEVIATION (SoCo): scaled by global batch / 256")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up from lr/100; DEVIATION (SoCo: 10; the paper names none: 0)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (SoCo: 1e-5)")
     p.add_argument("--tau-base", type=float, default=0.99, help="3.3: EMA momentum at step 0 (-> 1 by cosine)")
     p.add_argument("--anchor-sizes", help="4.1.3: anchor side per level P2..P5 (24,48,96,192 for 224 px views; "
@@ -83,7 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="4.1.2: V1/V2 side (224)")
     p.add_argument("--small-size", type=int, help="4.1.2: V3 side (112)")
     p.add_argument("--v3-independent", action="store_true",
-                   help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2)")
+                   help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2); V2 stays\n"
+                        "the paper's crop of V1 (SoCo crops it from the image)")
+    p.add_argument("--min-visible", type=float, default=augment.MIN_VISIBLE,
+                   help="a box is drawn only if each view shows this share of it (reference.md: 'visible in all\n"
+                        "views'). DEVIATION: SoCo takes any overlap (~0); 0.5 keeps the views on the same region")
+    p.add_argument("--rpn-views", default="1,2,3",
+                   help="views whose features Eq. 1 trains on, averaged (3: 'these views are ... fed to the RPN').\n"
+                        "DEVIATION (interpretation): the paper names neither the views nor how they combine")
     p.add_argument("--rpn-grad-to-backbone", action="store_true", help="Table 4: let L_RPN reach the backbone")
     p.add_argument("--rpn-proposals", action="store_true", help="Table 4: SS + RPN proposals for the head")
     p.add_argument("--export-online", action="store_true",
@@ -147,6 +158,17 @@ def anchor_sizes(spec: str) -> tuple:
     return sizes
 
 
+def rpn_views(spec: str) -> tuple:
+    """--rpn-views '1,2,3' -> (1, 2, 3): distinct views among 1 (V1), 2 (V2), 3 (V3)."""
+    try:
+        views = tuple(int(v) for v in str(spec).split(","))
+    except ValueError:
+        views = ()
+    if not views or not set(views) <= {1, 2, 3} or len(set(views)) != len(views):
+        raise SystemExit(f"--rpn-views {spec!r}: expected distinct views among 1, 2, 3, e.g. 1,2,3 or 1")
+    return views
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process when RANK is unset."""
     if "RANK" not in os.environ:
@@ -187,14 +209,15 @@ def build_data(args):
     if not proposals.exists():
         raise SystemExit(f"{proposals}: proposals file not found")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
-                                small_size=args.small_size, color_on=args.color_on,
+                                small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
                                 v3_mode="independent" if args.v3_independent else "downsample")
 
 
 def build_model(args, device) -> model_lib.ADePT:
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     net = model_lib.ADePT(args.mode, args.depth, args.fpn_norm, args.head, args.rpn_grad_to_backbone,
-                          args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes))
+                          args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes),
+                          rpn_views=rpn_views(args.rpn_views))
     if args.mode == "separate":
         if not args.init:
             raise SystemExit("--mode separate needs --init PATH: the pretrained.pth of a --mode soco run (4.2)")
@@ -230,29 +253,9 @@ def color_fn(args):
     return torch.compile(color_device.color_batch, dynamic=False) if args.compile else color_device.color_batch
 
 
-def to_device(batch: dict, device, channels_last: bool, color=None):
-    """uint8 views -> normalised float on the device (normalisation on the device, not in the loader), after their
-    colour if `color` (color_fn's) is given: color(views, the batch's c1..c3 parameters)."""
-    fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
-    views = [batch[f"v{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]  # uint8 (B, 3, S, S)
-    if color is not None:
-        views = [color(v, batch[f"c{j}"].to(device, non_blocking=True)) for j, v in zip((1, 2, 3), views)]
-    views = [data.normalize(v).contiguous(memory_format=fmt) for v in views]
-    boxes = [batch[f"b{j}"].to(device, non_blocking=True) for j in (1, 2, 3)]
-    transforms = [batch[f"t{j}"].to(device, non_blocking=True) for j in (1, 2, 3)] if "t1" in batch else None
-    return views, boxes, transforms
-
-
-class SkipSampler(DistributedSampler):
-    """DistributedSampler that skips the first `skip` indices of this epoch (mid-epoch resume)."""
-
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
+def save_checkpoint(path: Path, net, opt, step: int, args) -> None:
+    """What auto-resume needs (weights of both branches, LARS state, step; the args for the record), atomically."""
+    save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": vars(args)}, path)
 
 
 def load_checkpoint(path: Path, net, opt) -> int:
@@ -293,20 +296,13 @@ def main(argv=None) -> None:
         log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; weights for fine-tuning {out / 'pretrained.pth'}")
 
 
-def make_loader(dataset, sampler, args, device) -> DataLoader:
-    """One loader for the whole run (workers persist across epochs); pinned memory and channels_last batches on CUDA."""
-    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                      pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                      collate_fn=data.collate_channels_last if device.type == "cuda" else None)
-
-
 def train_step(ddp, net, opt, batch: dict, args, device, tau: float, color=None) -> dict:
     """One optimisation step of Eq. 8 (or its baseline's loss): the views' colour if `color` (color_fn), forward under
     bf16 autocast on CUDA if --amp, backward, LARS, then the target's EMA xi <- tau xi + (1 - tau) theta (3.3). No
     host sync. Returns the losses."""
-    views, boxes, transforms = to_device(batch, device, args.channels_last, color)
+    views, boxes, transforms, rpn_boxes = data.to_device(batch, device, args.channels_last, color)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-        losses = ddp(views, boxes, transforms)
+        losses = ddp(views, boxes, transforms, rpn_boxes)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     opt.step()
@@ -329,7 +325,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     """Steps until the end (or --max-steps); checkpoints and logs on rank 0. Returns the last step."""
     out = Path(args.out)
     opt = LARS(param_groups(net), lr=0.0, weight_decay=args.weight_decay)
-    sampler = SkipSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = data.SkipSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} images are fewer than one batch of {args.batch_size} x {world} processes")
@@ -350,7 +346,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     # One loader for the whole run: its workers persist across epochs (a fresh loader per epoch restarted them,
     # which cost a batch's latency every epoch); EpochSampler hands each index to them with its epoch.
     epochs = data.EpochSampler(sampler)
-    loader = make_loader(dataset, epochs, args, device)
+    loader = data.make_loader(dataset, epochs, args.batch_size, args.workers, device)
     color = color_fn(args)  # None: coloured in the loader
     while step < total:
         epoch = step // steps_per_epoch
@@ -372,8 +368,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
             if step % args.ckpt_every == 0 or step == total:
                 check_finite(bad, step, last_good, out)
                 if rank == 0:
-                    save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "args": vars(args)}, out / "checkpoint.pth")
+                    save_checkpoint(out / "checkpoint.pth", net, opt, step, args)
                 last_good = step
             if step >= total:
                 break

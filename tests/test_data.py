@@ -278,6 +278,41 @@ def test_boxes_visible_in_all_views_and_transforms(tmp_path):
             assert torch.allclose(mapped, item["b2"].double(), atol=1e-3)
 
 
+def test_rpn_targets_are_v1_boxes_before_the_jitter(tmp_path):
+    """r1 (Eq. 1's V1 pseudo ground truth) is V1's box before SoCo's jitter: the b1 of the same draw without jitter.
+    The jitter moves some b1 boxes; b2, b3 and the views' geometry do not depend on it."""
+    props = write_images(tmp_path, 4, seed=2)
+    kw = dict(K=4, seed=3, size=64, small_size=32, color=False)
+    on, off = data.PretrainDataset(tmp_path, props, **kw), data.PretrainDataset(tmp_path, props, jitter=False, **kw)
+    moved = 0
+    for i in range(len(on)):
+        for e in range(3):
+            a, b = on[(e, i)], off[(e, i)]
+            assert torch.equal(a["r1"], b["b1"]) and torch.equal(b["r1"], b["b1"])
+            assert torch.equal(a["b2"], b["b2"]) and torch.equal(a["b3"], b["b3"]) and torch.equal(a["t1"], b["t1"])
+            moved += int((a["b1"] != a["r1"]).any(1).sum())
+    assert moved > 0  # p = 0.5 per box: some of the 48 boxes moved
+
+
+def test_min_visible_reaches_the_draw(tmp_path):
+    """min_visible=1: every drawn box lies whole in every view (its clipped box is the unclipped one)."""
+    props = write_images(tmp_path, 4, seed=4)
+    ds = data.PretrainDataset(tmp_path, props, K=4, size=64, small_size=32, jitter=False, color=False,
+                              min_visible=1.0)
+    for i in range(len(ds)):
+        item = ds[(0, i)]
+        if item["fallback"]:
+            continue
+        for k in (2, 3):  # V1 shows the whole image; boxes of V2 / V3 mapped from r1 must not have been clipped
+            sx, tx, sy, ty = item["t1"].double()
+            b1 = item["r1"].double()
+            xs, ys = (b1[:, [0, 2]] - tx) / sx, (b1[:, [1, 3]] - ty) / sy
+            sx, tx, sy, ty = item[f"t{k}"].double()
+            x2, y2 = xs * sx + tx, ys * sy + ty
+            full = torch.stack([x2.min(1).values, y2[:, 0], x2.max(1).values, y2[:, 1]], 1)
+            assert torch.allclose(full, item[f"b{k}"].double(), atol=1e-3)
+
+
 def test_few_or_no_visible_proposals(tmp_path):
     props = write_images(tmp_path, 2)
     rels = sorted(props)

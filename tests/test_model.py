@@ -72,6 +72,35 @@ def test_rpn_detached_by_default_and_switch():
         assert (g is not None and g.abs().sum() > 0) == expect
 
 
+def eq1_on(net, views, boxes, j):
+    """Eq. 1 of view j (0-based) by hand from rpn.py's pieces, on detached features (the default)."""
+    feats = [x.detach() for x in net.online.extractor(views[j])]
+    logits, deltas = net.rpn(feats)
+    anchors = torch.cat(rpn.make_anchors([tuple(x.shape[-2:]) for x in feats], sizes=net.anchor_sizes))
+    labels, targets = rpn.rpn_targets(anchors, boxes[j])
+    return sum(rpn.rpn_loss(logits, deltas, labels, targets))
+
+
+def test_rpn_boxes_and_views_choose_eq1_targets(monkeypatch):
+    """Eq. 1 trains on rpn_boxes (data.py's r1, b2, b3) when given, L_det on boxes; rpn_views picks and averages."""
+    monkeypatch.setattr(rpn, "sample_anchors", lambda labels, *a, **k: labels)  # every labelled anchor: no randomness
+    views, boxes = views_and_boxes(B=1, size=128)
+    other = [boxes_for(1, 4, 128, 7), boxes_for(1, 4, 128, 8), boxes_for(1, 4, 64, 9)]
+    net = model.ADePT("joint", depth=18).eval()  # eval: BN statistics, so every call sees the same features
+    with torch.no_grad():
+        base, moved = net(views, boxes), net(views, boxes, rpn_boxes=other)
+        assert torch.equal(moved["loss_det"], base["loss_det"]) and moved["loss_rpn"] != base["loss_rpn"]
+        assert torch.allclose(moved["loss_rpn"], net(views, other)["loss_rpn"])
+        by_view = [eq1_on(net, views, other, j) for j in range(3)]
+        assert torch.allclose(moved["loss_rpn"], sum(by_view) / 3, atol=1e-6)
+        net.rpn_views = (1, 3)
+        assert torch.allclose(net(views, boxes, rpn_boxes=other)["loss_rpn"], (by_view[0] + by_view[2]) / 2,
+                              atol=1e-6)
+    for bad in ((), (0,), (1, 1), (4,)):
+        with pytest.raises(ValueError, match="rpn_views"):
+            model.ADePT("joint", depth=18, rpn_views=bad)
+
+
 def test_separate_mode_trains_only_the_rpn():
     net = model.ADePT("separate", depth=18)
     views, boxes = views_and_boxes(B=1, size=128)

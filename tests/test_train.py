@@ -231,6 +231,19 @@ def test_bad_inputs_fail_before_training(pool, tmp_path):
     (other / "x.png").write_bytes((images / next(iter(selective_search.load_proposals(proposals)))).read_bytes())
     with pytest.raises(ValueError, match="proposals"):
         train.main(tiny_args((other, proposals), tmp_path))
+    for bad in ("0,1", "1,1", "v1", ""):
+        with pytest.raises(SystemExit, match="--rpn-views"):
+            train.main(tiny_args(pool, tmp_path, "--rpn-views", bad))
+
+
+def test_rpn_views_and_min_visible_flags_reach_model_and_data(pool, tmp_path):
+    args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path, "--rpn-views", "3,1",
+                                                            "--min-visible", "0.8")))
+    assert train.build_model(args, torch.device("cpu")).rpn_views == (1, 3)
+    assert train.build_data(args).min_visible == 0.8
+    args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path)))
+    assert train.build_model(args, torch.device("cpu")).rpn_views == (1, 2, 3)  # 3: all views feed the RPN
+    assert train.build_data(args).min_visible == 0.5
 
 
 def test_lars_excludes_biases_and_norms_from_trust_and_decay():
