@@ -48,7 +48,8 @@ cv2.setNumThreads(0)
 
 # "Visible" in a view: the box clipped to the view keeps >= MIN_VISIBLE of its (unclipped) area there, so that the
 # views show mostly the same region, and both clipped sides are >= MIN_BOX_SIDE view pixels (RoIAlign needs some
-# extent; the same 2 px floor as model._too_small). SoCo only asks for any overlap; half the box is stricter.
+# extent; the same 2 px floor as model._too_small).
+# DEVIATION (flag train.py --min-visible): SoCo only asks for any overlap; half the box is stricter.
 MIN_VISIBLE = 0.5
 MIN_BOX_SIDE = 2.0
 

@@ -21,12 +21,14 @@ Init (--init): an ADePT pretrained.pth (default: runs/pretrain/pretrained.pth wh
 (random init) or "torchvision:PATH" (a local torchvision ResNet checkpoint for the backbone only). Which weights were
 loaded and which start fresh is printed (detector.load_pretrained).
 
-Outputs in --out: subset.json (the chosen train image / annotation ids, seed), checkpoint.pth (atomic, auto-resumed),
-log.jsonl, model_final.pth ({"state_dict", "config", "cat_ids", "names"}), metrics.json (COCO AP box [and mask]; VOC
-mAP50 novel / all with --shots). export.py turns model_final.pth into a torchvision model.
+Outputs in --out: subset.json (the chosen train image / annotation ids, seed; kept by resume and --eval-only),
+checkpoint.pth (atomic; auto-resumed by a run with the same RUN_KEYS flags only), log.jsonl (lines after the resumed
+step dropped: they are redone), model_final.pth ({"state_dict", "config", "cat_ids", "names", "args"}; --eval-only
+evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all with --shots). An empty val set or
+train subset is refused before training. export.py turns model_final.pth into a torchvision model.
 
-Public: PAPER, CPU, parse_args, resolve, build_datasets, build_detector, lr_at, InfiniteSampler, train_loop,
-train_step, resume, evaluate, main.
+Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, InfiniteSampler,
+train_loop, train_step, check_same_run, resume, evaluate, main (read_checkpoint, trim_log: runtime.py).
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ from tqdm import tqdm
 import coco_data
 import model as model_lib
 from detector import Detector, DetectorConfig, load_pretrained
-from train import anchor_sizes, exit_distributed, save_atomic, setup_distributed  # one of each for both scripts
+from runtime import exit_distributed, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log
+from train import anchor_sizes  # one parser for both scripts
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
@@ -60,6 +63,11 @@ CPU = dict(anchor_sizes="8,16,32,64,128", depth=18, batch_size=4, lr=0.02, warmu
            max_size=256, test_size=144,
            workers=1, ckpt_every=50, log_every=10, roi_batch=32, test_proposals=100, max_dets=20, iters=200)
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
+# The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
+DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
+RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "shots",
+            "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size", "max_size",
+            "roi_batch", "anchor_sizes", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,6 +169,11 @@ def build_datasets(args, log=print):
             f"classes; skipped {cs.skipped or 'nothing'}")
     if train.cat_ids != val.cat_ids:
         raise SystemExit(f"train categories {train.cat_ids} differ from val categories {val.cat_ids}")
+    if not any(val.anns.values()):  # COCOeval would report AP 0 / -1 after the whole schedule (load_coco: no images)
+        raise SystemExit(f"{vj}: the val set has {len(val.images)} images and no usable annotation: nothing to "
+                         "evaluate; give a val JSON with boxes")
+    if args.detector == "mask":
+        coco_data.require_masks(val)  # mask AP needs every val mask: refuse now, not after training
     novel = _novel_ids(args.novel, train)
     record = {"seed": args.seed, "train_json": str(tj)}
     if args.shots:
@@ -170,6 +183,9 @@ def build_datasets(args, log=print):
     else:
         keep = coco_data.label_fraction_subset(train.images, args.label_fraction, args.seed)
         record.update(protocol="label_fraction", fraction=args.label_fraction, image_ids=keep)
+    if not (sum(map(len, keep.values())) if args.shots else sum(len(train.anns[i]) for i in keep)):
+        raise SystemExit(f"{tj}: the train subset ({record['protocol']}, seed {args.seed}) has no usable annotation: "
+                         "nothing to train on")
     return train, val, keep, novel, record
 
 
@@ -209,6 +225,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
     keys of this rank (resume). Iteration-based training: no epoch boundary to synchronise."""
 
     def __init__(self, n: int, rank: int, world: int, seed: int, start: int = 0):
+        if n < 1:
+            raise ValueError("InfiniteSampler: no items to sample (empty train subset)")
         self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
 
     def __iter__(self):
@@ -272,26 +290,33 @@ def main(argv=None) -> dict | None:
     args, preset = resolve(parse_args(argv))
     rank, world, device = setup_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    out = Path(args.out)
+    out, ck, final = Path(args.out), None, None
+    if args.eval_only:  # the run's own subset / schedule / init (model_final.pth's args), the flags' data paths
+        final = read_checkpoint(out / "model_final.pth", ("state_dict", "config"), "finetune.py model")
+        vars(args).update({k: v for k, v in final.get("args", {}).items() if k in RUN_KEYS and k not in DATA_KEYS})
+    elif (out / "checkpoint.pth").exists():
+        ck = read_checkpoint(out / "checkpoint.pth", ("model", "optimizer", "step"), "finetune.py checkpoint")
+        check_same_run(out / "checkpoint.pth", ck, args)
     log(f"preset: {preset} ({'data path given' if args.train_json else 'embedded synthetic dataset'}); flags "
         f"override it\n{json.dumps({**vars(args), 'world_size': world, 'device': str(device)})}")
     train, val, keep, novel, record = build_datasets(args, log)
-    if args.eval_only:
-        args.init = "none"  # the weights come from model_final.pth below
-    det = build_detector(args, len(train.cat_ids), log)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(record, out / "subset.json")
-    log(f"train subset: {len(record['image_ids'])} images ({record['protocol']}); ids in {out / 'subset.json'}")
     if not args.eval_only:
-        train_loop(args, det, train, keep, rank, world, device, out, log)
+        det = build_detector(args, len(train.cat_ids), log)
+        if rank == 0 and ck is None:  # a resumed run keeps the subset.json it was trained on
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(record, out / "subset.json")
+        log(f"train subset: {len(record['image_ids'])} images ({record['protocol']}); ids in {out / 'subset.json'}")
+        train_loop(args, det, train, keep, rank, world, device, out, log, ck)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return None
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    final = final or read_checkpoint(out / "model_final.pth", ("state_dict", "config"), "finetune.py model")
+    det = Detector(DetectorConfig(**final["config"]))  # its own config, as eval.predict_checkpoint
     det.load_state_dict(final["state_dict"])
+    if final.get("cat_ids", val.cat_ids) != val.cat_ids:
+        raise SystemExit(f"{out / 'model_final.pth'}: categories {final['cat_ids']} differ from {val.path}'s")
     metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots), out=out)
     metrics.update(iters=args.iters, detector=args.detector, init=args.init, train_images=len(record["image_ids"]))
     write_json(metrics, out / "metrics.json")
@@ -299,8 +324,9 @@ def main(argv=None) -> dict | None:
     return metrics
 
 
-def train_loop(args, det, train, keep, rank, world, device, out: Path, log) -> None:
-    """SGD iterations args.iters (resumed from out/checkpoint.pth); writes log.jsonl, checkpoints, model_final.pth."""
+def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: dict | None = None) -> None:
+    """SGD iterations args.iters (resumed from ck, out/checkpoint.pth's content); writes log.jsonl, checkpoints,
+    model_final.pth."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {world} processes")
     per = args.batch_size // world
@@ -308,7 +334,9 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log) -> N
                                          seed=args.seed)
     det = model_lib.maybe_sync_bn(det, device).to(device)
     opt = torch.optim.SGD(param_groups(det, args.weight_decay), lr=args.lr, momentum=0.9)
-    step = resume(out / "checkpoint.pth", det, opt, log)
+    step = resume(out / "checkpoint.pth", ck, det, opt, log)
+    if rank == 0:
+        trim_log(out / "log.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(TrainStep(det)) if world > 1 else TrainStep(det)
     sampler = InfiniteSampler(len(dataset), rank, world, args.seed, start=step * per)
     loader = torch.utils.data.DataLoader(dataset, per, sampler=sampler, num_workers=args.workers,
@@ -342,17 +370,26 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log) -> N
     bar.close()
     if rank == 0:
         save_atomic({"state_dict": det.state_dict(), "config": asdict(det.cfg), "cat_ids": train.cat_ids,
-                     "names": train.names}, out / "model_final.pth")
+                     "names": train.names, "args": vars(args)}, out / "model_final.pth")
         log(f"done: {step} iterations, {seen / (time.perf_counter() - t0):.2f} images/s; {out / 'model_final.pth'}")
 
 
-def resume(path: Path, det, opt, log) -> int:
-    """Auto-resume: weights and optimizer from an existing checkpoint (weights_only); returns its step (0 if none)."""
-    if not path.exists():
+def check_same_run(path: Path, ck: dict, args) -> None:
+    """Refuse to resume a checkpoint written with other RUN_KEYS flags: it would continue another model, subset or
+    schedule, and subset.json / metrics.json would describe a run the model never had."""
+    refuse_other_run(path, ck.get("args", {}), vars(args), RUN_KEYS)
+
+
+def resume(path: Path, ck: dict | None, det, opt, log) -> int:
+    """Weights and optimizer from ck (path's content, read_checkpoint + check_same_run); its step, 0 without ck."""
+    if ck is None:
         return 0
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    det.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
+    try:
+        det.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # a checkpoint without saved args, of another model
+        raise SystemExit(f"{path}: does not fit the model built from the flags ({str(e)[:300]}); pass another --out "
+                         "for a new run") from e
     log(f"resumed from {path} at step {ck['step']}")
     return ck["step"]
 

@@ -13,7 +13,8 @@ Symbols (paper -> code)
     p*, t*   anchor i's label {1, 0} and target deltas labels (B, N), target_deltas (B, N, 4) (rpn_targets)
     lambda   weight of the regression term            lam = 1.0
     N_cls    normaliser of the log loss               number of sampled anchors (labels >= 0) in the batch
-    N_reg    normaliser of the smooth-L1 term         the same count (as torchvision / detectron2 do)
+    N_reg    normaliser of the smooth-L1 term         the same count (torchvision's convention; [19] uses N_cls = 256,
+                                                      N_reg ~ 2400 anchor locations and lambda = 10, a similar balance)
     N        anchors of one image, levels concatenated; A = anchors per location (3 ratios x 1 size)
 
 Public
@@ -211,7 +212,7 @@ def rpn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, t
 
     L_cls = binary cross-entropy on the logits (the paper's log loss on p = sigmoid(logit)), summed over the sampled
     anchors (labels >= 0). L_reg = smooth L1 (beta = 1/9, torchvision's RPN) summed over the positive anchors and
-    the 4 coordinates. N_cls = N_reg = number of sampled anchors in the batch (torchvision/detectron2; at least 1,
+    the 4 coordinates. N_cls = N_reg = number of sampled anchors in the batch (torchvision's convention; at least 1,
     so an image with no boxes gives a finite loss and loss_reg = 0). lambda = 1. Masks instead of boolean indexing:
     no host synchronisation on GPU. Returns (loss_cls, loss_reg) scalars; the total is their sum.
     """
@@ -262,8 +263,10 @@ def generate_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: list
 
     Per image: the top pre_nms_top_n anchors by objectness on each level, decode, clip to the image, drop boxes
     with a side < min_size, NMS at nms_thresh per level (torchvision batched_nms, level as the group), then the top
-    post_nms_top_n by score. Pre-training (4.1.3): 64 before NMS, K = 4 after. Fine-tuning (torchvision/detectron2
-    Faster R-CNN FPN): 2000 per level before NMS, 1000 after. No gradient flows through the proposals.
+    post_nms_top_n by score. Pre-training (4.1.3): 64 before NMS, K = 4 after; 4.1.3's "top 64 proposals before
+    non-maximum suppression" read per level, as torchvision and detectron2 apply pre_nms_top_n (an interpretation).
+    Fine-tuning (torchvision/detectron2 Faster R-CNN FPN): 2000 per level before NMS, 1000 after. No gradient flows
+    through the proposals.
     Returns a list of B tuples (boxes (k, 4) xyxy, scores (k,) sigmoid probabilities), k <= post_nms_top_n,
     sorted by decreasing score.
     """

@@ -13,20 +13,21 @@ annealed to 0 with a cosine scheduler" (4.2) and no batch size or warm-up.
 # DEVIATION (SoCo's code; flags --base-lr, --warmup-epochs 0): 0.1 read as the base of SoCo's linear scaling rule,
 # and SoCo's 10 warm-up epochs (reference.md). log.jsonl records the lr of every logged step.
 
-Outputs (rank 0 only) in --out: checkpoint.pth (atomic, every --ckpt-every steps and at the end; auto-resume),
-log.jsonl, pretrained.pth (the target branch, keys backbone.* fpn.* box_head.* rpn.*; see model.export_pretrained).
+Outputs (rank 0 only) in --out: checkpoint.pth (atomic and fsynced, every --ckpt-every steps and at the end, never
+with a non-finite weight; auto-resumed, only by the same run: check_same_run), log.jsonl (losses, lr, tau, images/s,
+images replaced and samples without a visible box so far), pretrained.pth (the target branch, keys backbone.* fpn.*
+box_head.* rpn.*; see model.export_pretrained; its meta holds the run's args).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, rpn_views, color_fn, setup_distributed,
-save_atomic, save_checkpoint, load_checkpoint, train_step (one step of Eq. 8), train_loop,
-exit_distributed, main.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, rpn_views, color_fn, save_checkpoint,
+check_same_run, load_checkpoint, train_step (one step of Eq. 8), check_finite, train_loop, main. Process group and
+atomic writes: runtime.py (setup_distributed, save_atomic, exit_distributed are re-exported here).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ import color_device
 import data
 import model as model_lib
 from lars import LARS, param_groups
+from runtime import (all_processes_sum, check_same_data, exit_distributed, read_checkpoint, refuse_other_run,
+                     replicas_identical, save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -49,6 +52,12 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 # (24 : 32) with finetune.py's CPU anchors (COCO's / 4, 8..128 px, for this data's 8-96 px objects).
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
+# What fixes a run's model, data stream and schedule: a checkpoint resumes only a run that agrees on these and on
+# SAME_RUN_SCHEDULE. --max-steps may change (extend or cut a run; the cosine is laid over the new total)
+RESUME_KEYS = ("mode", "depth", "fpn_norm", "head", "fpn_channels", "anchor_sizes", "num_boxes", "size", "small_size",
+               "v3_independent", "min_visible", "rpn_views", "rpn_grad_to_backbone", "rpn_proposals", "base_lr",
+               "warmup_epochs", "weight_decay", "tau_base", "seed")
+SAME_RUN_SCHEDULE = ("global_batch", "steps_per_epoch")  # where a step lands in the data stream
 COMPILE_SCOPES = ("extractors", "model")  # --compile: model.compile_extractors, model.compile_model
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the step as CUDA graphs
@@ -64,9 +73,12 @@ COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", default="joint", choices=model_lib.MODES, help="4.2: joint / separate; baselines soco, byol")
+    p.add_argument("--mode", default="joint", choices=model_lib.MODES,
+                   help="4.2: joint / separate; baselines soco, byol")
     p.add_argument("--data", help="image folder tree (ImageNet train layout); default: the embedded synthetic pool")
     p.add_argument("--proposals", help="selective-search proposals file (selective_search.py, 4.1.1)")
+    p.add_argument("--max-missing", type=int, default=0,
+                   help="images under --data without proposals to skip with a warning (default: refuse to start)")
     p.add_argument("--out", default="runs/pretrain", help="output folder (checkpoint.pth, log.jsonl, pretrained.pth)")
     p.add_argument("--init", help="separate mode (4.2): a soco run's pretrained.pth or checkpoint.pth")
     p.add_argument("--depth", type=int, help="ResNet depth (paper: 50; CPU preset: 18)")
@@ -169,34 +181,6 @@ def rpn_views(spec: str) -> tuple:
     return views
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process when RANK is unset."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def save_atomic(obj, path: Path) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint. A failed write (a full
-    disk) keeps the previous file, removes the partial temp file and raises an OSError naming the file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        kept = "the previous one is kept" if path.exists() else "no earlier one exists"
-        raise OSError(f"could not write {path} ({e}); {kept}") from e
-
-
 def build_data(args):
     """The dataset: --data/--proposals, or the embedded pool with its cached selective search."""
     if args.data:
@@ -206,10 +190,12 @@ def build_data(args):
         root, proposals = Path(args.data), Path(args.proposals)
     else:
         root, proposals = data.embedded_pool()
-    if not proposals.exists():
-        raise SystemExit(f"{proposals}: proposals file not found")
+    if not (glob.glob(str(proposals)) if any(c in str(proposals) for c in "*?[") else proposals.exists()):
+        raise SystemExit(f"{proposals}: proposals file not found (a glob such as 'ss.shard*of4.npz' takes the shards "
+                         "of selective_search.py --shard i/n)")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
                                 small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
+                                max_missing=args.max_missing,
                                 v3_mode="independent" if args.v3_independent else "downsample")
 
 
@@ -234,9 +220,12 @@ def build_model(args, device) -> model_lib.ADePT:
 def load_init(net: model_lib.ADePT, path: str) -> None:
     """Separate mode: the extractor and head of both branches from a soco run (weights_only: no code runs)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    enc = {("extractor." + k if k.startswith(("backbone.", "fpn.")) else k): v for k, v in state.items()
-           if not k.startswith("rpn.")}
+    if "model" in state:  # a checkpoint.pth: its target branch, the one pretrained.pth exports (3)
+        enc = {k.removeprefix("target."): v for k, v in state["model"].items() if k.startswith("target.")}
+    else:
+        state = state.get("state_dict", state)
+        enc = {("extractor." + k if k.startswith(("backbone.", "fpn.")) else k): v for k, v in state.items()
+               if not k.startswith("rpn.")}
     for branch in (net.online, net.target):
         missing, unexpected = branch.load_state_dict(enc, strict=False)
         missing = [k for k in missing if not k.startswith("projector.")]
@@ -253,14 +242,27 @@ def color_fn(args):
     return torch.compile(color_device.color_batch, dynamic=False) if args.compile else color_device.color_batch
 
 
-def save_checkpoint(path: Path, net, opt, step: int, args) -> None:
-    """What auto-resume needs (weights of both branches, LARS state, step; the args for the record), atomically."""
-    save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": vars(args)}, path)
+def save_checkpoint(path: Path, net, opt, step: int, args, schedule: dict) -> None:
+    """What auto-resume needs (weights of both branches, LARS state, step) and what check_same_run compares (the
+    args, the schedule: global batch, steps per epoch, total steps), atomically."""
+    save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                 "schedule": schedule}, path)
 
 
-def load_checkpoint(path: Path, net, opt) -> int:
-    """Auto-resume: restore weights and optimizer state; returns the step."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+def check_same_run(path: Path, ck: dict, args, schedule: dict) -> None:
+    """Refuse to resume a checkpoint of another run: the step would land elsewhere in the data, lr and tau schedules
+    (another global batch or dataset size) or continue another experiment (RESUME_KEYS). The world size may change
+    when the global batch does not: a DistributedSampler then hands out the same indices in the same order."""
+    refuse_other_run(path, {**ck.get("args", {}), **ck.get("schedule", {})}, {**vars(args), **schedule},
+                     (*RESUME_KEYS, *SAME_RUN_SCHEDULE))
+
+
+def load_checkpoint(path: Path, net, opt, args=None, schedule: dict | None = None) -> int:
+    """Auto-resume: check it is the same run (if args are given), restore weights and optimizer state; returns the
+    step."""
+    ck = read_checkpoint(path, ("model", "optimizer", "step"), "train.py checkpoint")
+    if args is not None:
+        check_same_run(path, ck, args, schedule or {})
     net.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     return ck["step"]
@@ -279,6 +281,7 @@ def main(argv=None) -> None:
     if world > 1:  # rank 0 generates data/proposals once; the others wait, then open them
         dist.barrier()
         dataset = dataset or build_data(args)
+        check_same_data(dataset, world)
     net = build_model(args, device)
     step = train_loop(args, dataset, net, rank, world, device, log)
     if world > 1:
@@ -290,10 +293,11 @@ def main(argv=None) -> None:
         out = Path(args.out)
         meta = {"mode": args.mode, "depth": args.depth, "fpn_norm": args.fpn_norm, "head": args.head,
                 "fpn_channels": args.fpn_channels, "anchor_sizes": list(anchor_sizes(args.anchor_sizes)),
-                "branch": "online" if args.export_online else "target", "steps": step}
+                "branch": "online" if args.export_online else "target", "steps": step, "args": vars(args)}
         save_atomic({"state_dict": model_lib.export_pretrained(net, args.export_online), "meta": meta},
                     out / "pretrained.pth")
-        log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; weights for fine-tuning {out / 'pretrained.pth'}")
+        log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; "
+            f"weights for fine-tuning {out / 'pretrained.pth'}")
 
 
 def train_step(ddp, net, opt, batch: dict, args, device, tau: float, color=None) -> dict:
@@ -330,9 +334,12 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} images are fewer than one batch of {args.batch_size} x {world} processes")
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    schedule = {"global_batch": args.batch_size * world, "steps_per_epoch": steps_per_epoch, "total_steps": total}
     step = 0
     if (out / "checkpoint.pth").exists():
-        step = load_checkpoint(out / "checkpoint.pth", net, opt)
+        step = load_checkpoint(out / "checkpoint.pth", net, opt, args, schedule)
+        if rank == 0:
+            trim_log(out / "log.jsonl", step)
         log(f"resumed from {out / 'checkpoint.pth'} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     # find_unused_parameters: with the CPU's grouped RoI pooling (roi_head.multilevel_roi_align), a batch whose boxes
@@ -343,6 +350,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, seen, last_good = time.perf_counter(), 0, step
     bad = torch.zeros((), dtype=torch.bool, device=device)  # non-finite flag, read only when logging (no sync)
+    counts = torch.zeros(2, dtype=torch.int64)  # CPU: images replaced (unreadable), samples with no visible box
     # One loader for the whole run: its workers persist across epochs (a fresh loader per epoch restarted them,
     # which cost a batch's latency every epoch); EpochSampler hands each index to them with its epoch.
     epochs = data.EpochSampler(sampler)
@@ -359,16 +367,20 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
             torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)  # anchor sampling: resume-exact
             losses = train_step(ddp, net, opt, batch, args, device, tau, color)
             bad |= ~torch.isfinite(losses["loss"].detach())
+            counts += torch.stack([batch["replaced"].sum(), batch["fallback"].sum()])
             step, seen = step + 1, seen + args.batch_size * world
             bar.update(1)
             if step % args.log_every == 0 or step == total:
-                check_finite(bad, step, last_good, out)
+                check_finite(bad, step, last_good, out, world)
+                replaced, fallback = all_processes_sum(counts, device, world)
                 log_step(out / "log.jsonl" if rank == 0 else None, bar, losses, step=step, epoch=epoch, lr=lr,
-                         tau=tau, images_per_s=round(seen / (time.perf_counter() - t0), 2))
+                         tau=tau, images_per_s=round(seen / (time.perf_counter() - t0), 2), replaced=replaced,
+                         fallback=fallback)
             if step % args.ckpt_every == 0 or step == total:
-                check_finite(bad, step, last_good, out)
+                check_finite(bad, step, last_good, out, world, [t for t in net.state_dict().values()
+                                                                if t.is_floating_point()])
                 if rank == 0:
-                    save_checkpoint(out / "checkpoint.pth", net, opt, step, args)
+                    save_checkpoint(out / "checkpoint.pth", net, opt, step, args, schedule)
                 last_good = step
             if step >= total:
                 break
@@ -376,35 +388,20 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     return step
 
 
-def replicas_identical(net: torch.nn.Module, world: int) -> bool:
-    """DDP's contract, checked once at the end: every process holds the same parameters (a float64 checksum each).
-
-    BN running statistics are left out: with plain BN (CPU) each process updates them from its own batch, and DDP
-    re-broadcasts rank 0's at the next forward; with SyncBN (GPU) they agree anyway.
-    """
-    sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
-    gathered = [torch.zeros_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path) -> None:
-    """Stop on a non-finite loss before anything is written: the last good checkpoint stays intact."""
-    if bad.item():
-        raise FloatingPointError(f"non-finite loss at or before step {step}; the last good checkpoint "
+def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path, world: int = 1,
+                 tensors: list[torch.Tensor] | None = None) -> None:
+    """Stop, on every process, before anything is written when any process saw a non-finite loss (DDP has averaged
+    its gradients into every replica, so rank 0's own loss may look fine) or, with `tensors` (the checkpoint's), one
+    of them holds a non-finite value: the last good checkpoint stays intact. One host sync (and all_reduce)."""
+    flag = bad.to(torch.int32)  # () on the device
+    if tensors:
+        flag |= (~torch.stack(torch._foreach_norm(tensors)).isfinite().all()).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise FloatingPointError(f"non-finite loss or weights at or before step {step}; the last good checkpoint "
                                  f"({out / 'checkpoint.pth'}, step {last_good}) is left intact. Lower --base-lr or "
                                  "check the data.")
-
-
-def exit_distributed() -> None:
-    """End a torchrun process cleanly: destroy the group, flush, and skip the interpreter's teardown
-    (reference.md trap: gloo workers can SIGABRT at interpreter exit). No-op in a single process."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if "RANK" in os.environ:
-        os._exit(0)
 
 
 if __name__ == "__main__":

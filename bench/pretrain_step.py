@@ -144,7 +144,7 @@ def _paper_like_boxes(B: int, K: int, side: int, zoom: torch.Tensor, g) -> torch
 
 
 def make_batch(B: int, size: int, small: int, K: int, device, channels_last: bool, seed: int = 0):
-    """Random uint8 views normalised on the device (as train.to_device) and K boxes per view sized like real ones.
+    """Random uint8 views normalised on the device (as data.to_device) and K boxes per view sized like real ones.
 
     Returns views [V1 (B,3,S,S), V2 (B,3,S,S), V3 (B,3,s,s)] float and boxes 3 x (B,K,4) xyxy view pixels. Box
     sizes follow 4.1.1/4.1.2: V1 is the whole image resized, so sqrt(wh) = 0.3-0.8 S; V2 is a crop of area

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,12 +46,13 @@ def test_one_step_per_mode(pool, tmp_path, mode):
     train.main(tiny_args(pool, tmp_path, "--mode", mode, "--max-steps", "1"))
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 1 and all(k in rec for k in ("loss", "loss_rpn", "loss_det", "lr", "tau", "images_per_s"))
+    assert rec["replaced"] == 0 and 0 <= rec["fallback"] <= 2  # counts of images replaced / samples with no box
     assert (rec["loss_rpn"] > 0) == (mode == "joint")
     state = load(tmp_path / "pretrained.pth")
     prefixes = {k.split(".")[0] for k in state["state_dict"]}
     expected = {"joint": {"backbone", "fpn", "box_head", "rpn"}, "soco": {"backbone", "fpn", "box_head"},
                 "byol": {"backbone", "fpn"}}[mode]
-    assert prefixes == expected and state["meta"]["branch"] == "target"
+    assert prefixes == expected and state["meta"]["branch"] == "target" and state["meta"]["args"]["mode"] == mode
 
 
 def test_separate_mode_from_a_soco_run(pool, tmp_path):
@@ -61,6 +63,11 @@ def test_separate_mode_from_a_soco_run(pool, tmp_path):
     for k, v in soco.items():  # extractor and head are frozen: exported unchanged
         assert torch.equal(v, sep[k]), k
     assert any(k.startswith("rpn.") for k in sep)
+    # the soco run's checkpoint.pth works as --init too: its target branch is what its pretrained.pth holds
+    train.main(tiny_args(pool, tmp_path / "sep2", "--mode", "separate", "--init",
+                         str(tmp_path / "soco" / "checkpoint.pth"), "--max-steps", "1"))
+    sep2 = load(tmp_path / "sep2" / "pretrained.pth")["state_dict"]
+    assert all(torch.equal(v, sep2[k]) for k, v in soco.items())
     with pytest.raises(SystemExit, match="--init"):
         train.main(tiny_args(pool, tmp_path / "x", "--mode", "separate"))
 
@@ -73,7 +80,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     real = torch.save
 
     def disk_full(obj, f, *a, **k):
-        Path(f).write_bytes(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")
         raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(torch, "save", disk_full)
@@ -84,18 +91,85 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
 
 
+def test_resume_refuses_another_run(pool, tmp_path):
+    """A checkpoint resumes only the run that wrote it: another global batch (the step would land elsewhere in the
+    data and the schedules) or another experiment flag is refused before any step, naming the file and the keys."""
+    train.main(tiny_args(pool, tmp_path, "--max-steps", "2", "--ckpt-every", "2"))
+    for extra, key in ((("--batch-size", "4"), "global_batch"), (("--rpn-proposals",), "rpn_proposals"),
+                       (("--rpn-views", "1"), "rpn_views"), (("--seed", "1"), "seed")):
+        with pytest.raises(SystemExit, match=f"checkpoint.pth: written by a different run .*{key}"):
+            train.main(tiny_args(pool, tmp_path, "--max-steps", "2", *extra))
+    assert load(tmp_path / "checkpoint.pth")["step"] == 2
+    train.main(tiny_args(pool, tmp_path, "--max-steps", "2", "--workers", "1", "--log-every", "2"))  # same run
+
+
+def test_proposal_shards_by_glob(pool, tmp_path):
+    """--proposals takes a glob (the shards of selective_search.py --shard i/n)."""
+    images, proposals = pool
+    args, _ = train.resolve_args(train.parse_args(tiny_args((images, proposals.parent / "proposal*.npz"), tmp_path)))
+    assert len(train.build_data(args)) == 8
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    ok, bad = torch.zeros((), dtype=torch.bool), torch.ones((), dtype=torch.bool)
+    train.check_finite(ok, 3, 2, tmp_path, tensors=[torch.ones(4), torch.zeros(2, 2)])
+    for flag, tensors in ((bad, None), (ok, [torch.ones(4), torch.tensor([1.0, float("nan")])]),
+                          (ok, [torch.tensor([float("inf")])])):
+        with pytest.raises(FloatingPointError, match="step 2.*left intact"):
+            train.check_finite(flag, 3, 2, tmp_path, tensors=tensors)
+
+
+def _two_process_checks(rank, world, port, out):
+    """One of 2 gloo processes: rank 1 alone saw a non-finite loss, and lists one image more."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    seen = {"sum": train.all_processes_sum(torch.tensor([rank, 1]), torch.device("cpu"), world)}
+    try:
+        train.check_finite(torch.tensor(rank == 1), 5, 4, Path(out), world)
+    except FloatingPointError:
+        seen["finite_raised"] = True
+
+    class Listing:  # what check_same_data reads of a PretrainDataset
+        root, files = Path(out), np.array([b"a.jpg", b"b.jpg"] + [b"c.jpg"] * rank)
+
+        def __len__(self):
+            return len(self.files)
+
+    try:
+        train.check_same_data(Listing(), world)
+    except RuntimeError as e:
+        seen["data_raised"] = "different images" in str(e)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # reference.md trap: skip the interpreter teardown of a gloo process
+
+
+def test_cross_process_checks(tmp_path):
+    """A non-finite loss on rank 1 only stops rank 0 too (before it would write the checkpoint), and processes that
+    list different images refuse to train."""
+    import socket
+
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    torch.multiprocessing.spawn(_two_process_checks, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == {"sum": [1, 2], "finite_raised": True, "data_raised": True}, rank
+
+
 def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
     args = ["--mode", "joint", "--max-steps", "4", "--ckpt-every", "2"]
     train.main(tiny_args(pool, tmp_path / "a", *args))
 
     real = train.lr_at
 
-    def crash_at_step_3(step, *a):
-        if step == 2:  # the checkpoint of step 2 is written; the process "dies" before step 3
+    def crash_at_step_4(step, *a):
+        if step == 3:  # step 3 is done and logged, the checkpoint is step 2's; the process "dies" before step 4
             raise KeyboardInterrupt
         return real(step, *a)
 
-    monkeypatch.setattr(train, "lr_at", crash_at_step_3)
+    monkeypatch.setattr(train, "lr_at", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(pool, tmp_path / "b", *args))
     assert load(tmp_path / "b" / "checkpoint.pth")["step"] == 2
@@ -103,6 +177,9 @@ def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
     train.main(tiny_args(pool, tmp_path / "b", *args))
     a, b = load(tmp_path / "a" / "checkpoint.pth"), load(tmp_path / "b" / "checkpoint.pth")
     assert a["step"] == b["step"] == 4
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]  # step 3's line, logged before the crash, is not repeated
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

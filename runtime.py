@@ -1,0 +1,146 @@
+"""What a torchrun training script needs besides its model (train.py, finetune.py): the process group from torchrun's
+environment, checks across processes, and checkpoint writes that a crash or power loss cannot corrupt.
+
+Public
+    setup_distributed() -> (rank, world, device)     from RANK / WORLD_SIZE / LOCAL_RANK; one process when RANK is unset
+    exit_distributed()                                destroy the group and exit without the interpreter's teardown
+    replicas_identical(net, world) -> bool            every process holds the same parameters (DDP's contract)
+    check_same_data(dataset, world)                   every process lists the same images (RuntimeError if not)
+    all_processes_sum(counts, device, world) -> list  integer counts summed over the processes
+    save_atomic(obj, path)                            torch.save to a temp file, fsync, rename, fsync the folder
+    read_checkpoint(path, keys, what) -> dict         torch.load(weights_only) with errors naming the file
+    refuse_other_run(path, saved, now, keys)          SystemExit naming the keys whose values differ (auto-resume)
+    trim_log(path, step)                              drop log.jsonl lines after a resumed step, atomically
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process when RANK is unset."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temp file, fsync it, then rename (and fsync the folder): a crash or a power loss leaves the previous
+    file or the new one, never a half-written one. A failed write (a full disk) keeps the previous file, removes the
+    partial temp file and raises an OSError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename: a power loss leaves the old file or the new
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is kept" if path.exists() else "no earlier one exists"
+        raise OSError(f"could not write {path} ({e}); {kept}") from e
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replicas_identical(net: torch.nn.Module, world: int) -> bool:
+    """DDP's contract, checked once at the end: every process holds the same parameters (a float64 checksum each).
+
+    BN running statistics are left out: with plain BN (CPU) each process updates them from its own batch, and DDP
+    re-broadcasts rank 0's at the next forward; with SyncBN (GPU) they agree anyway.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def all_processes_sum(counts: torch.Tensor, device, world: int) -> list[int]:
+    """(n,) int64 counts of this process -> their sums over all processes (an all_reduce on the device if world > 1)."""
+    if world > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def check_same_data(dataset, world: int) -> None:
+    """Every process walks its own file system: they must list the same images (a node missing files would make the
+    DistributedSampler split another list, or the epochs end at different steps and DDP hang)."""
+    mine = (len(dataset), hashlib.sha1(b"\0".join(dataset.files.tolist())).hexdigest())
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if any(x != everyone[0] for x in everyone):
+        raise RuntimeError(f"{dataset.root}: the processes list different images (count, hash of the list per rank: "
+                           f"{everyone}); every node needs the same files")
+
+
+def exit_distributed() -> None:
+    """End a torchrun process cleanly: destroy the group, flush, and skip the interpreter's teardown
+    (reference.md trap: gloo workers can SIGABRT at interpreter exit). No-op in a single process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "RANK" in os.environ:
+        os._exit(0)
+
+
+def read_checkpoint(path: Path, keys=(), what: str = "checkpoint") -> dict:
+    """torch.load(weights_only: a file never runs code) with a SystemExit naming the file when it is missing,
+    unreadable (a truncated or corrupt zip) or lacks `keys`."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated zip, unpickling error...: whatever torch.load raises
+        raise SystemExit(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); if truncated or corrupt, "
+                         "delete it or pass another --out") from e
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise SystemExit(f"{path}: not a {what} (no {missing})")
+    return ck
+
+
+def refuse_other_run(path: Path, saved: dict, now: dict, keys) -> None:
+    """Auto-resume only the run that wrote `path`: SystemExit naming each of `keys` whose saved value differs from
+    now's (keys the checkpoint predates are not compared)."""
+    diffs = [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in keys if k in saved and saved[k] != now.get(k)]
+    if diffs:
+        raise SystemExit(f"{path}: written by a different run ({'; '.join(diffs)}); rerun with its flags to resume it, "
+                         "or pass another --out for a new run")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log.jsonl lines after `step` (written between the last checkpoint and a crash: the resumed run redoes
+    them) and a line cut short by the crash, atomically."""
+    if path.exists():  # one flat JSON object a line: complete when it ends with "}"
+        lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}") and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, path)
