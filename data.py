@@ -158,7 +158,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         if len(missing) > max_missing:
             raise ValueError(f"{source}: no proposals for {len(absent) - len(unreadable)} of {len(files)} images "
                              f"under {self.root} (e.g. {missing[:3]}); it has {len(proposals)} entries, e.g. "
-                             f"{list(proposals)[:3]}. Run selective_search.py on this folder or pass its file.")
+                             f"{list(proposals)[:3]}. Rerun the command that made it, `python selective_search.py "
+                             f"{self.root} OUT.npz [--shard i/n] [options]`, with the same OUT (for shard files: their "
+                             "name without .shard{i}of{n}) and options: it retries the images it recorded as "
+                             "unreadable and adds missing ones. Or pass the proposals file made for this folder.")
         if missing or unreadable:
             warnings.warn(f"{source}: skipping {len(missing)} images without proposals (e.g. {missing[:3]}) and "
                           f"{len(unreadable)} unreadable ones (e.g. {unreadable[:3]})")

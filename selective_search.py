@@ -17,7 +17,8 @@ Proposals file (one per shard; loadable with np.load(..., allow_pickle=False)): 
     paths (N,) unicode relative paths (posix, sorted), offsets (N+1,) int64, boxes (total, 4) float32 xyxy,
     levels (N,) uint8 index into LEVELS, sizes (N, 2) int32 (W, H), unreadable (U,) and unreadable_reason (U,)
     unicode, config () unicode JSON. Image i owns boxes[offsets[i]:offsets[i + 1]]. An unreadable image gets no
-    entry (it is listed in `unreadable`); the dataset then reports it as missing.
+    entry (it is listed in `unreadable`); the dataset skips it if it cannot read it either, else it reports it as
+    missing, and a rerun of precompute retries it (precompute).
 
 Public
     selective_search(image_rgb, preset, max_side, grouping) -> (N, 4) float32 xyxy, sorted
@@ -30,6 +31,7 @@ Public
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import json
 import multiprocessing
@@ -37,6 +39,8 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cv2
@@ -243,29 +247,21 @@ def _process_image(root: str, rel: str, cfg: dict):
 def _run_chunk(task: tuple) -> tuple[int, int]:
     """Worker: selective search on one chunk of images, written as one part file. -> (chunk index, #images)."""
     index, root, rels, part, cfg = task
-    paths, counts, boxes, levels, sizes, bad, reasons = [], [], [], [], [], [], []
-    for rel in rels:
-        out = _process_image(root, rel, cfg)
-        if isinstance(out, str):
-            bad.append(rel)
-            reasons.append(out)
-            continue
-        paths.append(rel)
-        counts.append(len(out[0]))
-        boxes.append(out[0])
-        levels.append(LEVELS.index(out[1]))
-        sizes.append(out[2])
-    _save_npz_atomic(Path(part), **_arrays(paths, np.asarray(counts, dtype=np.int64), boxes, levels, sizes, bad,
-                                           reasons, cfg))
+    done = [(rel, _process_image(root, rel, cfg)) for rel in rels]
+    ok, bad = [(r, o) for r, o in done if not isinstance(o, str)], [(r, o) for r, o in done if isinstance(o, str)]
+    _save_npz_atomic(Path(part), **_arrays([r for r, _ in ok], [len(o[0]) for _, o in ok],
+                                           np.concatenate([np.zeros((0, 4), np.float32)] + [o[0] for _, o in ok]),
+                                           [LEVELS.index(o[1]) for _, o in ok], [o[2] for _, o in ok],
+                                           [r for r, _ in bad], [o for _, o in bad], cfg))
     return index, len(rels)
 
 
-def _arrays(paths, counts, boxes, levels, sizes, bad, reasons, cfg) -> dict:
-    """The proposals-file arrays (see the module docstring); counts (N,) boxes per image."""
+def _arrays(paths, counts, boxes, levels, sizes, unreadable, unreadable_reason, cfg) -> dict:
+    """The proposals-file arrays (see the module docstring); counts (N,) boxes per image, boxes (total, 4)."""
     return {"paths": np.asarray(paths, dtype=str), "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            "boxes": np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
-            "levels": np.asarray(levels, dtype=np.uint8), "sizes": np.asarray(sizes, np.int32).reshape(-1, 2),
-            "unreadable": np.asarray(bad, dtype=str), "unreadable_reason": np.asarray(reasons, dtype=str),
+            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "levels": np.asarray(levels, dtype=np.uint8),
+            "sizes": np.asarray(sizes, np.int32).reshape(-1, 2), "unreadable": np.asarray(unreadable, dtype=str),
+            "unreadable_reason": np.asarray(unreadable_reason, dtype=str),
             "config": np.asarray(json.dumps(cfg, sort_keys=True))}
 
 
@@ -274,9 +270,7 @@ def _is_complete(path: Path, rels: list[str], cfg: dict) -> bool:
 
     The grouping is provenance, not part of the comparison: both give the same boxes (bench/RESULTS.md 3b), so a
     file made with either stays valid (recomputing ImageNet's would cost ~50-130 core-hours)."""
-    def key(c: dict) -> dict:
-        return {k: v for k, v in c.items() if k != "grouping"}
-
+    key = lambda c: {k: v for k, v in c.items() if k != "grouping"}  # noqa: E731
     try:
         with np.load(path, allow_pickle=False) as z:
             same_cfg = key(json.loads(str(z["config"]))) == key(json.loads(json.dumps(cfg)))
@@ -285,21 +279,45 @@ def _is_complete(path: Path, rels: list[str], cfg: dict) -> bool:
         return False
 
 
-def _merge(parts: list[Path], out: Path, cfg: dict) -> None:
-    """Concatenate the part files (in chunk order) into the shard's proposals file, atomically."""
+def _read(files: list[Path]) -> dict:
+    """Proposals files -> their arrays concatenated in order, as _arrays' arguments (counts (N,), no offsets)."""
     loaded = []
-    for part in parts:
-        with np.load(part, allow_pickle=False) as z:
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
             loaded.append({k: z[k] for k in z.files})
-    counts = np.concatenate([np.diff(z["offsets"]) for z in loaded]) if loaded else np.zeros(0, np.int64)
-    cat = lambda key: [x for z in loaded for x in z[key].tolist()]  # noqa: E731
-    arrays = _arrays(cat("paths"), counts, [z["boxes"] for z in loaded], cat("levels"),
-                     [s for z in loaded for s in z["sizes"]], cat("unreadable"), cat("unreadable_reason"), cfg)
-    _save_npz_atomic(out, **arrays)
+    loaded = loaded or [_arrays([], [], [], [], [], [], [], {})]  # an empty shard
+    cat = {k: np.concatenate([z[k] for z in loaded]) for k in loaded[0] if k not in ("offsets", "config")}
+    return {**cat, "counts": np.concatenate([np.diff(z["offsets"]) for z in loaded])}
+
+
+def _patch(out: Path, retried: list[Path], cfg: dict) -> dict[str, str]:
+    """Insert into the shard's file out the images that its retry files (then deleted) read, in path order,
+    atomically -> {image read now: the failure out had recorded}; the others keep their recorded failure."""
+    new = _read(retried)
+    for f in retried:
+        f.unlink()
+    if not len(new["paths"]):
+        return {}  # out is not even read
+    old = _read([out])
+    pos = np.searchsorted(old["paths"], new["paths"])  # (R,) where they go: both sorted, disjoint
+    at = {"boxes": np.repeat(np.concatenate([[0], np.cumsum(old["counts"])])[pos], new["counts"])}  # (R's boxes,)
+    arrays = {k: np.insert(old[k].astype(np.result_type(old[k], new[k])), at.get(k, pos), new[k], axis=0)
+              for k in ("paths", "counts", "boxes", "levels", "sizes")}  # result_type: no truncated path
+    still = ~np.isin(old["unreadable"], new["paths"])
+    _save_npz_atomic(out, **_arrays(**arrays, unreadable=old["unreadable"][still],
+                                    unreadable_reason=old["unreadable_reason"][still], cfg=cfg))
+    return dict(zip(old["unreadable"][~still].tolist(), old["unreadable_reason"][~still].tolist()))
+
+
+def _chunks(root, rels: list[str], size: int, work: Path, name: str, cfg: dict) -> list[tuple]:
+    """rels in chunks of size -> tasks (index c, root, relative paths, part file work/'{name}{c:06d}.npz', cfg)."""
+    return [(c, str(root), rels[s: s + size], str(work / f"{name}{c:06d}.npz"), cfg)
+            for c, s in enumerate(range(0, len(rels), size))]
 
 
 def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
-    """Run _run_chunk over tasks on a spawn Pool (or in-process for workers <= 1), with a progress bar."""
+    """Run _run_chunk over tasks with a progress bar: in-process for workers <= 1, else on a spawn process pool with
+    one chunk in flight per worker, so that a worker's death (OOM killer, crash in OpenCV) names its chunks."""
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="img", disable=not progress, dynamic_ncols=True)
@@ -307,11 +325,29 @@ def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
         for task in tasks:
             bar.update(_run_chunk(task)[1])
     else:  # spawn: safe with threads (OpenCV, torch) in the parent; workers import this module by name
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=cv2.setNumThreads,
-                                                       initargs=(1,)) as pool:
-            for _, n in pool.imap_unordered(_run_chunk, tasks):
-                bar.update(n)
+        todo, running, n = tasks[::-1], {}, min(workers, len(tasks))
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=cv2.setNumThreads,
+                                 initargs=(1,)) as pool:
+            while todo or running:
+                while todo and len(running) < n:
+                    task = todo.pop()
+                    running[pool.submit(_run_chunk, task)] = task
+                for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    task = running.pop(f)
+                    if isinstance(f.exception(), BrokenProcessPool):  # the others in flight fail with it
+                        lost = [task] + [t for g, t in running.items() if not g.done() or g.exception()]
+                        raise RuntimeError(_died(lost, f.exception())) from f.exception()
+                    bar.update(f.result()[1])
     bar.close()
+
+
+def _died(lost: list[tuple], error: BaseException) -> str:
+    """The error of a dead worker: the chunks in flight (first .. last image), and what to do."""
+    chunks = "; ".join(f"{Path(t[3]).stem} ({t[2][0]} .. {t[2][-1]})" for t in sorted(lost, key=lambda t: t[0]))
+    return (f"a selective-search worker process died (killed, e.g. by the OOM killer, or crashed in OpenCV: {error}) "
+            f"in one of the chunks {chunks} under {lost[0][1]}. The finished chunks are kept in "
+            f"{Path(lost[0][3]).parent}: rerun the same command to resume (fewer --workers or a --max-side if memory "
+            "ran out).")
 
 
 def precompute(image_root, out_path, preset: str = "paper", workers: int | None = os.cpu_count(),
@@ -322,8 +358,11 @@ def precompute(image_root, out_path, preset: str = "paper", workers: int | None 
 
     Resumable: each chunk of chunk_size images is written atomically to '<out>.parts/partNNNNNN.npz'; a rerun only
     computes the chunks whose part is missing or stale; when all are there they are merged atomically into the
-    output (and the parts are deleted unless keep_parts). Returns the summary dict that is also printed.
-    workers > 1 uses a 'spawn' Pool: a calling script needs the `if __name__ == "__main__":` guard. Run one
+    output (and the parts are deleted unless keep_parts). A dead worker stops the run with an error naming its chunks.
+    A rerun also retries the images an earlier run recorded as unreadable (a failure may be transient: I/O, memory)
+    and inserts those it reads now. Automatic, not a flag: a truly corrupt image costs a read and a failed decode
+    (ms) per rerun, and the output is rewritten only when one is recovered. Returns the summary dict, also printed.
+    workers > 1 uses 'spawn' processes: a calling script needs the `if __name__ == "__main__":` guard. Run one
     precompute per output file at a time (under torchrun: rank 0 only, then a barrier). grouping: see
     selective_search; resolved, it enters the file's config when not "opencv" (files made by OpenCV's grouping
     before this option existed have no such key). It is recorded only: an existing file made with the other
@@ -346,29 +385,39 @@ def precompute(image_root, out_path, preset: str = "paper", workers: int | None 
     start, tasks = time.time(), []
     if not _is_complete(out, rels, cfg):
         work.mkdir(exist_ok=True)
-        chunks = [rels[s: s + chunk_size] for s in range(0, len(rels), chunk_size)]
-        parts = [work / f"part{c:06d}.npz" for c in range(len(chunks))]
-        tasks = [(c, str(image_root), chunk, str(parts[c]), cfg) for c, chunk in enumerate(chunks)
-                 if not _is_complete(parts[c], chunk, cfg)]
+        chunks = _chunks(image_root, rels, chunk_size, work, "part", cfg)
+        tasks = [t for t in chunks if not _is_complete(Path(t[3]), t[2], cfg)]
         _run_tasks(tasks, workers or 1, progress)
-        _merge(parts, out, cfg)
+        _save_npz_atomic(out, **_arrays(**_read([Path(t[3]) for t in chunks]), cfg=cfg))  # the parts, in order
+    done = {t[0] for t in tasks}
+    with np.load(out, allow_pickle=False) as z:  # failures recorded by an earlier run (not this one's chunks)
+        retry = [p for p in z["unreadable"].tolist() if bisect.bisect_left(rels, p) // chunk_size not in done]
+    retries, recovered = _chunks(image_root, retry, chunk_size, work, "retry", cfg), {}
+    if retries:
+        work.mkdir(exist_ok=True)
+        _run_tasks(retries, workers or 1, progress)
+        recovered = _patch(out, [Path(t[3]) for t in retries], cfg)
     if not keep_parts and work.exists():
         shutil.rmtree(work)
-    return _summarise(out, tasks, time.time() - start)
+    return _summarise(out, tasks, len(retry), recovered, time.time() - start)
 
 
-def _summarise(out: Path, tasks: list, seconds: float) -> dict:
-    """Print and return: images computed this run, images/s, per-level counts, unreadable images (whole shard)."""
+def _summarise(out: Path, tasks: list, retried: int, recovered: dict, seconds: float) -> dict:
+    """Print and return: images computed this run, images/s, per-level counts, unreadable images (whole shard) with
+    their recorded failure, images read on retry (recovered: {path: the failure recorded before})."""
     with np.load(out, allow_pickle=False) as z:
         levels, bad, why = z["levels"], z["unreadable"].tolist(), z["unreadable_reason"].tolist()
     computed = sum(len(t[2]) for t in tasks)
     summary = {"out_path": str(out), "images": len(levels) + len(bad), "computed": computed,
                "computed_chunks": sorted(t[0] for t in tasks), "seconds": seconds,
                "images_per_s": computed / seconds if seconds > 0 else 0.0,
-               "levels": {name: int((levels == k).sum()) for k, name in enumerate(LEVELS)}, "unreadable": bad}
+               "levels": {name: int((levels == k).sum()) for k, name in enumerate(LEVELS)}, "unreadable": bad,
+               "retried": retried, "recovered": recovered}
+    notes = [f"unreadable: {p} ({r})" for p, r in zip(bad, why)] + [f"read on retry: {p} (had failed: {r})"
+                                                                     for p, r in recovered.items()]
     print(f"[selective_search] {out}: {summary['images']} images, {computed} computed in {seconds:.1f} s "
-          f"({summary['images_per_s']:.2f} images/s); fallback levels {summary['levels']}; "
-          f"{len(bad)} unreadable" + "".join(f"\n  unreadable: {p} ({r})" for p, r in zip(bad, why)), flush=True)
+          f"({summary['images_per_s']:.2f} images/s), {retried} earlier failures retried; fallback levels "
+          f"{summary['levels']}; {len(bad)} unreadable" + "".join(f"\n  {n}" for n in notes), flush=True)
     return summary
 
 
@@ -387,18 +436,10 @@ def _expand(path) -> list[Path]:
 def read_proposal_arrays(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A proposals file, a glob or a list of shard files -> merged (paths (N,) str, offsets (N+1,) int64,
     boxes (total, 4) float32), without building per-image objects (for 1.28 M images)."""
-    paths, counts, boxes = [], [], []
-    for f in _expand(path):
-        with np.load(f, allow_pickle=False) as z:
-            paths.append(z["paths"])
-            counts.append(np.diff(z["offsets"]))
-            boxes.append(z["boxes"])
-    paths_all = np.concatenate(paths) if paths else np.zeros(0, dtype=str)
-    if len(np.unique(paths_all)) != len(paths_all):
+    z = _read(_expand(path))
+    if len(np.unique(z["paths"])) != len(z["paths"]):
         raise ValueError(f"the proposals files {path} hold the same image more than once")
-    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64)
-    return paths_all, offsets, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
+    return z["paths"], np.concatenate([[0], np.cumsum(z["counts"])]).astype(np.int64), z["boxes"]
 
 
 def load_proposals(path) -> dict[str, np.ndarray]:
@@ -410,7 +451,8 @@ def load_proposals(path) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Pre-compute selective-search proposals (ADePT sections 3.2, 4.1.1) for "
                                 "every .jpg/.jpeg/.png under IMAGE_ROOT, filtered with 1/3 <= w/h <= 3 and "
-                                "0.3 <= sqrt(wh)/sqrt(WH) <= 0.8. Resumable: rerun the same command after a kill.")
+                                "0.3 <= sqrt(wh)/sqrt(WH) <= 0.8. Resumable: rerun the same command after a kill or a "
+                                "dead worker; a rerun also retries the images recorded as unreadable.")
     p.add_argument("image_root", help="folder tree of images (e.g. ImageNet train/)")
     p.add_argument("out", help="proposals .npz (with --shard i/n: out.shard{i}of{n}.npz)")
     p.add_argument("--preset", default="paper", choices=list(PRESETS),

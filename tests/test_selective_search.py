@@ -1,6 +1,8 @@
 """Tests for selective_search.py (paper sections 3.2, 4.1.1): filter bounds, SoCo fallback levels, determinism,
 decoding, and the resumable, shardable, multi-process precompute on tiny generated images."""
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -183,36 +185,42 @@ def test_precompute_workers_identical(image_root, tmp_path):
 
 def test_precompute_resumes_after_kill(image_root, tmp_path, monkeypatch):
     ss.precompute(image_root, tmp_path / "full.npz", workers=1, chunk_size=2, progress=False)
-    real, done = ss._run_chunk, []
+    real, done = ss._run_chunk, []  # done: the part files written, by name
+    parts = lambda *c: [f"part{k:06d}" for k in c]  # noqa: E731
 
     def dies_on_chunk_2(task):
         if task[0] == 2:
             raise KeyboardInterrupt("simulated kill")
-        done.append(task[0])
+        done.append(Path(task[3]).stem)
         return real(task)
 
     monkeypatch.setattr(ss, "_run_chunk", dies_on_chunk_2)
     out = tmp_path / "resumed.npz"
     with pytest.raises(KeyboardInterrupt):
         ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)
-    assert done == [0, 1] and not out.exists()
+    assert done == parts(0, 1) and not out.exists()
     assert sorted(p.name for p in (tmp_path / "resumed.npz.parts").glob("part*.npz")) == [
         "part000000.npz", "part000001.npz"]
 
     def counts(task):
-        done.append(task[0])
+        done.append(Path(task[3]).stem)
         return real(task)
 
     monkeypatch.setattr(ss, "_run_chunk", counts)
-    done.clear()
+    done.clear()  # b/bad.jpg, recorded unreadable in part 1 by the killed run, is retried once (it fails again)
     summary = ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False, keep_parts=True)
-    assert done == [2, 3] and summary["computed_chunks"] == [2, 3] and summary["computed"] == 4
+    assert done == parts(2, 3) + ["retry000000"] and summary["computed_chunks"] == [2, 3]
+    assert summary["computed"] == 4 and summary["retried"] == 1 and summary["recovered"] == {}
     assert_same_file(out, tmp_path / "full.npz")
-    done.clear()  # a complete output is not recomputed
-    assert ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)["computed"] == 0 and done == []
+    assert sorted(p.name for p in (tmp_path / "resumed.npz.parts").iterdir()) == [f"{p}.npz" for p in parts(0, 1, 2, 3)]
+    done.clear()  # a complete output is not recomputed: only its recorded failure is retried
+    summary = ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)
+    assert summary["computed"] == 0 and done == ["retry000000"] and summary["unreadable"] == ["b/bad.jpg"]
+    assert_same_file(out, tmp_path / "full.npz")
     out.unlink()  # lost final file and no parts: everything again
+    done.clear()
     ss.precompute(image_root, out, workers=1, chunk_size=2, progress=False)
-    assert done == [0, 1, 2, 3]
+    assert done == parts(0, 1, 2, 3)  # a failure of this run is not retried in it
     done.clear()  # another filter setting makes the old output stale
     assert ss.precompute(image_root, out, workers=1, chunk_size=2, min_side=32, progress=False)["computed"] == 8
 
@@ -229,6 +237,82 @@ def test_precompute_deleted_part_recomputed(image_root, tmp_path, monkeypatch):
     assert done == [1]
     for key, value in read_all(out).items():
         np.testing.assert_array_equal(value, reference[key])
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in the main thread after `seconds`: a hang fails the test instead of the suite."""
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s: hung?")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# Loaded at start-up by the spawned workers only (PYTHONPATH): SIGKILL, as the OOM killer sends, on reading one image.
+KILLER = """import os, signal
+import numpy as np
+_fromfile = np.fromfile
+def fromfile(file, *args, **kwargs):
+    if os.environ.get("SS_TEST_KILL_ON") and str(file).endswith(os.environ["SS_TEST_KILL_ON"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _fromfile(file, *args, **kwargs)
+np.fromfile = fromfile
+"""
+
+
+def test_precompute_worker_killed_names_chunk_and_resumes(image_root, tmp_path, monkeypatch):
+    """A worker killed while it reads top.png (last of 4 chunks of 2) stops the run within a bounded time (a Pool used
+    to hang) with an error naming that chunk; the finished parts are kept and a rerun computes only the others."""
+    ss.precompute(image_root, tmp_path / "ref.npz", workers=1, chunk_size=2, progress=False)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hook"))
+    monkeypatch.setenv("SS_TEST_KILL_ON", "top.png")
+    out = tmp_path / "p.npz"
+    with time_limit(90), pytest.raises(RuntimeError, match=r"worker process died") as err:
+        ss.precompute(image_root, out, workers=2, chunk_size=2, progress=False)
+    assert "part000003 (b/z.PNG .. top.png)" in str(err.value) and "rerun the same command" in str(err.value)
+    kept = sorted(int(p.stem[4:]) for p in (tmp_path / "p.npz.parts").glob("part*.npz"))
+    assert not out.exists() and len(kept) >= 2 and 3 not in kept  # chunk 3 started after two had finished
+    monkeypatch.delenv("SS_TEST_KILL_ON")
+    with time_limit(90):
+        summary = ss.precompute(image_root, out, workers=2, chunk_size=2, progress=False)
+    assert summary["computed_chunks"] == sorted({0, 1, 2, 3} - set(kept))
+    assert_same_file(out, tmp_path / "ref.npz")
+
+
+def test_precompute_retries_recorded_failures(image_root, tmp_path, capsys):
+    """An image that failed once (corrupt, then restored) is retried by a rerun and enters the file as in a run where
+    it never failed; the dataset, which refused the folder (the image reads now but has no proposals), accepts it.
+    The truly corrupt b/bad.jpg is retried too and stays listed with its reason."""
+    data = pytest.importorskip("data")
+    image = image_root / "b/c/long_name_sorted_inside.png"  # longer than every other path: no truncated string
+    write_rgb(image, make_image(9))
+    ss.precompute(image_root, tmp_path / "ref.npz", workers=1, chunk_size=3, progress=False)
+    good = image.read_bytes()
+    image.write_bytes(good[:100])  # truncated: cannot decode
+    out = tmp_path / "p.npz"
+    assert ss.precompute(image_root, out, workers=1, chunk_size=3, progress=False)["unreadable"] == [
+        "b/bad.jpg", "b/c/long_name_sorted_inside.png"]
+    image.write_bytes(good)
+    with pytest.raises(ValueError, match=r"no proposals for 1 of 9 images.*python selective_search\.py"):
+        data.PretrainDataset(image_root, out)
+    capsys.readouterr()
+    summary = ss.precompute(image_root, out, workers=1, chunk_size=1, progress=False)  # 2 retry files
+    assert summary["computed"] == 0 and summary["retried"] == 2 and summary["unreadable"] == ["b/bad.jpg"]
+    assert summary["recovered"] == {"b/c/long_name_sorted_inside.png": "cannot decode"}
+    printed = capsys.readouterr().out
+    assert "unreadable: b/bad.jpg (cannot decode)" in printed and "had failed: cannot decode" in printed
+    assert_same_file(out, tmp_path / "ref.npz")
+    assert not (tmp_path / "p.npz.parts").exists()
+    with pytest.warns(UserWarning, match="1 unreadable"):
+        assert len(data.PretrainDataset(image_root, out)) == 8
 
 
 def test_shards_union_equals_unsharded(image_root, tmp_path):
