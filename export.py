@@ -5,20 +5,24 @@ Not a paper section: it lets users fine-tune or deploy the models of 4.3 / 4.4 w
 torchvision: `torchvision_model(num_classes, mask=...)` assembles torchvision.models.detection.FasterRCNN / MaskRCNN
 from torchvision's own components to match detector.Detector (weights=None, nothing downloaded):
     backbone  BackboneWithFPN(resnetD with BatchNorm2d, FPN with BatchNorm2d norm_layer, LastLevelMaxPool = P6)
-    RPN       RPNHead(256, 3, conv_depth=1); AnchorGenerator sizes ((32,), ..., (512,)), ratios (0.5, 1, 2);
-              2000 / 1000 proposals (pre / post NMS) in training, 1000 / 1000 at test
+    RPN       RPNHead(256, A, conv_depth=1); AnchorGenerator one size per level (default (32,), ..., (512,)), ratios
+              (default 0.5, 1, 2; A of them); 2000 / 1000 proposals (pre per level / post NMS) in training, default
+              1000 / 1000 at test, NMS 0.7
     box head  FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d) (or [] convs, [1024, 1024] for 2fc);
-              FastRCNNPredictor(1024, C + 1); box coder weights (10, 10, 5, 5); 512 RoIs, 25% positive
+              FastRCNNPredictor(1024, C + 1); box coder weights (10, 10, 5, 5); 512 RoIs, 25% positive; score > 0.05,
+              NMS 0.5, 100 detections by default
     mask head MaskRCNNHeads(256, [256] * 4, 1, BatchNorm2d) + MaskRCNNPredictor(256, 256, C + 1)
+`torchvision_args(cfg)` gives the torchvision_model arguments that reproduce a DetectorConfig: its test size, anchor
+sizes and ratios, test-time proposal counts, NMS thresholds, score threshold, detections per image and RoIs per image
+(export_torchvision writes them to model_tv.json; `load_torchvision(model_tv.pth)` rebuilds and loads the model).
 `to_torchvision(state)` renames a Detector state dict so that model.load_state_dict(sd, strict=True) succeeds; the
 backbone, FPN, RPN-head, box-head, predictor and mask-head outputs then equal ours on the same input (tested).
 End-to-end detections differ slightly: torchvision's MultiScaleRoIAlign uses aligned=False and 2 samples per bin
 (ours: aligned=True, adaptive), its anchors are rounded to integers, and its resize may round sizes differently.
 
-    import torch, export
-    model = export.torchvision_model(num_classes=80, mask=True)          # depth=50, head="4conv1fc" by default
-    model.load_state_dict(torch.load("model_tv.pth", weights_only=True))  # strict
-    model.eval(); out = model([image_float_0_1])                          # torchvision's usual outputs
+    import export
+    model = export.load_torchvision("model_tv.pth")    # torchvision_model(**model_tv.json's builder args), strict load
+    model.eval(); out = model([image_float_0_1])        # torchvision's usual outputs
 
 detectron2: `to_detectron2(pretrained_state)` maps a pretrained.pth onto detectron2's R50-FPN names
 (backbone.bottom_up.stem.conv1.weight / .norm.*, backbone.bottom_up.res2.0.conv1.* ... shortcut.*,
@@ -29,7 +33,8 @@ MODEL.RESNETS.STRIDE_IN_1X1 False (torchvision puts the stride in the 3x3 conv),
 ROI_BOX_HEAD.NORM "SyncBN" (or "BN"), ROI_BOX_HEAD NUM_CONV 4 NUM_FC 1, INPUT.FORMAT "RGB", MODEL.PIXEL_MEAN
 [123.675, 116.28, 103.53], PIXEL_STD [58.395, 57.12, 57.375] (ImageNet statistics on 0-255 RGB).
 
-Public: torchvision_model, to_torchvision, export_torchvision, to_detectron2, export_detectron2, main (CLI):
+Public: torchvision_model, torchvision_args, to_torchvision, export_torchvision, load_torchvision, to_detectron2,
+export_detectron2, main (CLI):
     python export.py torchvision runs/finetune/model_final.pth model_tv.pth      (+ model_tv.json: builder args)
     python export.py detectron2 runs/pretrain/pretrained.pth adept_d2.pkl
 """
@@ -60,22 +65,26 @@ RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50:
 
 
 def torchvision_model(num_classes: int, mask: bool = False, depth: int = 50, head: str = "4conv1fc",
-                      min_size: int = 800, max_size: int = 1333, test_proposals: int = 1000):
-    """torchvision FasterRCNN (mask=False) / MaskRCNN matching detector.Detector; num_classes excludes background."""
+                      min_size: int = 800, max_size: int = 1333, test_proposals: int = 1000,
+                      anchor_sizes=(32, 64, 128, 256, 512), anchor_ratios=(0.5, 1.0, 2.0), rpn_pre_nms_test: int = 1000,
+                      rpn_nms: float = 0.7, score_thresh: float = 0.05, nms_thresh: float = 0.5, max_dets: int = 100,
+                      roi_batch: int = 512):
+    """torchvision FasterRCNN (mask=False) / MaskRCNN matching detector.Detector; num_classes excludes background.
+    The defaults are DetectorConfig's (COCO's); torchvision_args(cfg) gives those of a fine-tuned model."""
     resnet = RESNETS[depth](weights=None)  # BatchNorm2d (not frozen): the BN statistics come from our model
     c2 = 64 if depth < 50 else 256
     backbone = BackboneWithFPN(resnet, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                                [c2, 2 * c2, 4 * c2, 8 * c2], 256, LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(anchor_ratios),) * len(anchor_sizes))
     convs, fcs = ([256] * 4, [1024]) if head == "4conv1fc" else ([], [1024, 1024])
     kw = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-              rpn_anchor_generator=anchors, rpn_head=RPNHead(256, 3, conv_depth=1),
-              rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
-              rpn_pre_nms_top_n_test=max(test_proposals, 1000), rpn_post_nms_top_n_test=test_proposals,
+              rpn_anchor_generator=anchors, rpn_head=RPNHead(256, len(anchor_ratios), conv_depth=1),
+              rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_nms_thresh=rpn_nms,
+              rpn_pre_nms_top_n_test=rpn_pre_nms_test, rpn_post_nms_top_n_test=test_proposals,
               box_head=FastRCNNConvFCHead((256, 7, 7), convs, fcs, norm_layer=nn.BatchNorm2d),
-              box_predictor=FastRCNNPredictor(1024, num_classes + 1), box_batch_size_per_image=512,
-              box_positive_fraction=0.25, box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
-              bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
+              box_predictor=FastRCNNPredictor(1024, num_classes + 1), box_batch_size_per_image=roi_batch,
+              box_positive_fraction=0.25, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
+              box_detections_per_img=max_dets, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0))
     if not mask:
         return FasterRCNN(backbone, num_classes=None, **kw)
     return MaskRCNN(backbone, num_classes=None, mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
@@ -128,8 +137,18 @@ def to_torchvision(state: dict, cfg: DetectorConfig) -> dict:
     return out
 
 
+def torchvision_args(cfg: DetectorConfig) -> dict:
+    """torchvision_model's keyword arguments that reproduce a Detector of this config (JSON-safe: model_tv.json)."""
+    return {"num_classes": cfg.num_classes, "mask": cfg.kind == "mask", "depth": cfg.depth, "head": cfg.head,
+            "min_size": cfg.test_size, "max_size": cfg.max_size, "test_proposals": cfg.rpn_post_nms_test,
+            "anchor_sizes": [int(s) for s in cfg.anchor_sizes], "anchor_ratios": [float(r) for r in cfg.anchor_ratios],
+            "rpn_pre_nms_test": cfg.rpn_pre_nms_test, "rpn_nms": cfg.rpn_nms, "score_thresh": cfg.score_thresh,
+            "nms_thresh": cfg.nms_thresh, "max_dets": cfg.max_dets, "roi_batch": cfg.roi_batch}
+
+
 def export_torchvision(final_path, out_path) -> Path:
-    """model_final.pth (finetune.py) -> torchvision state dict at out_path + builder args in out_path.json."""
+    """model_final.pth (finetune.py) -> torchvision state dict at out_path + builder args (torchvision_args, and
+    "cat_ids", "names") in out_path.json."""
     ck = torch.load(final_path, map_location="cpu", weights_only=True)
     cfg = DetectorConfig(**ck["config"])
     sd = to_torchvision(ck["state_dict"], cfg)
@@ -137,11 +156,18 @@ def export_torchvision(final_path, out_path) -> Path:
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save(sd, tmp)
     os.replace(tmp, out_path)
-    args = {"num_classes": cfg.num_classes, "mask": cfg.kind == "mask", "depth": cfg.depth, "head": cfg.head,
-            "min_size": cfg.test_size, "max_size": cfg.max_size, "cat_ids": ck.get("cat_ids"),
-            "names": ck.get("names")}
+    args = {**torchvision_args(cfg), "cat_ids": ck.get("cat_ids"), "names": ck.get("names")}
     out_path.with_suffix(".json").write_text(json.dumps(args, indent=1))
     return out_path
+
+
+def load_torchvision(path):
+    """export_torchvision's model_tv.pth -> the torchvision model built from model_tv.json, weights loaded strictly."""
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = torchvision_model(**{k: v for k, v in meta.items() if k not in ("cat_ids", "names")})
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model
 
 
 def _d2_backbone_key(k: str) -> str:

@@ -223,27 +223,74 @@ def pretrained_file(tmp_path):
     return path
 
 
-def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys):
+def _with(argv, **flags):
+    """argv with --flag value replaced or appended (flag_name -> --flag-name)."""
+    argv = list(argv)
+    for k, v in flags.items():
+        f = "--" + k.replace("_", "-")
+        if f in argv:
+            argv[argv.index(f) + 1] = str(v)
+        else:
+            argv += [f, str(v)]
+    return argv
+
+
+def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     root, tj, vj = tiny
     out = root / "run"
     argv = ["--detector", "mask", "--train-json", str(tj), "--train-images", str(root / "train"),
             "--val-json", str(vj), "--val-images", str(root / "val"), "--depth", "18", "--batch-size", "2",
-            "--iters", "2", "--min-size", "96", "--max-size", "128", "--test-size", "96", "--roi-batch", "16",
+            "--iters", "4", "--min-size", "96", "--max-size", "128", "--test-size", "96", "--roi-batch", "16",
             "--test-proposals", "20", "--max-dets", "10", "--workers", "0", "--label-fraction", "0.5",
-            "--init", str(pretrained_file(root)), "--out", str(out), "--log-every", "1"]
+            "--init", str(pretrained_file(root)), "--out", str(out), "--log-every", "1", "--ckpt-every", "2"]
+    real_step, calls = finetune.train_step, []
+
+    def crash_at_4(*a, **k):  # steps 1-3 logged, checkpoint at 2, then a crash
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(*a, **k)
+    monkeypatch.setattr(finetune, "train_step", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune.main(argv)
+    text = capsys.readouterr().out
+    assert "preset: paper" in text and "loaded:" in text and "mask_head" in text
+    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    subset_mtime = (out / "subset.json").stat().st_mtime_ns
+    monkeypatch.setattr(finetune, "train_step", real_step)
     metrics = finetune.main(argv)
-    assert set(metrics["bbox"]) >= {"AP", "AP50"} and "segm" in metrics
+    assert "resumed from" in capsys.readouterr().out and (out / "subset.json").stat().st_mtime_ns == subset_mtime
+    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # no 3 twice
+    assert set(metrics["bbox"]) >= {"AP", "AP50"} and "segm" in metrics and metrics["train_images"] == 3
     assert json.loads((out / "metrics.json").read_text())["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"],
                                                                                          nan_ok=True)
     subset = json.loads((out / "subset.json").read_text())
     assert subset["protocol"] == "label_fraction" and len(subset["image_ids"]) == 3
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
-    text = capsys.readouterr().out
-    assert "preset: paper" in text and "loaded:" in text and "mask_head" in text
-    finetune.main(argv[:argv.index("--iters") + 1] + ["3"] + argv[argv.index("--iters") + 2:])
-    assert "resumed" in capsys.readouterr().out
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
-    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 4
+    # another run's flags in this folder: refused naming the checkpoint and the keys, subset.json untouched
+    for flags, diff in (({"label_fraction": 0.25, "seed": 1}, r"label_fraction: 0.5 -> 0.25; seed: 0 -> 1"),
+                        ({"detector": "faster"}, r"detector: 'mask' -> 'faster'"), ({"lr": 0.1}, r"lr: 0.0025 -> 0.1")):
+        with pytest.raises(SystemExit, match=rf"run/checkpoint.pth: written by a different run \({diff}\).*--out"):
+            finetune.main(_with(argv, **flags))
+    # --eval-only evaluates model_final.pth as saved (its config, its run's subset) whatever the model flags
+    m = finetune.main(_with(argv, depth=50, detector="faster", label_fraction=0.25) + ["--eval-only"])
+    assert m["detector"] == "mask" and m["train_images"] == 3 and "segm" in m
+    assert m["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
+    assert (out / "subset.json").stat().st_mtime_ns == subset_mtime
+    # damaged files: errors naming them; a checkpoint without saved args (older runs) of another model too
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="bad/checkpoint.pth: cannot be read"):
+        finetune.main(_with(argv, out=bad))
+    (bad / "model_final.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match="bad/model_final.pth: cannot be read"):
+        finetune.main(_with(argv, out=bad) + ["--eval-only"])
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    del ck["args"]
+    torch.save(ck, bad / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="bad/checkpoint.pth: does not fit"):
+        finetune.main(_with(argv, out=bad, detector="faster"))
     # eval.py --checkpoint re-predicts with model_final.pth and agrees with finetune.py's own evaluation
     assert (out / "predictions.json").exists()
     final_ap = json.loads((out / "metrics.json").read_text())["bbox"]["AP"]
@@ -263,6 +310,30 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys):
     assert a != b and m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
     assert ev.checkpoint_names(["x/model_final.pth", "y/model_final.pth", "y/a.pth", "z/a.pth"]) == \
         ["x", "y", "a_2", "a_3"]
+
+
+def test_empty_splits_refused_before_training(tiny):
+    """No val boxes (AP would be 0 after the whole schedule), no train images, an empty K-shot subset: clear errors
+    naming the JSON, before any model is built."""
+    root, tj, vj = tiny
+    argv = ["--train-json", str(tj), "--train-images", str(root / "train"), "--val-json", str(vj), "--val-images",
+            str(root / "val"), "--detector", "faster", "--depth", "18", "--init", "none", "--iters", "1",
+            "--batch-size", "1", "--workers", "0", "--out", str(root / "run")]
+    empty_val = _bad(root, lambda d: d.update(annotations=[]))
+    with pytest.raises(SystemExit, match=r"bad.json: the val set has 6 images and no usable annotation"):
+        finetune.main(_with(argv, val_json=empty_val, val_images=root / "train"))
+    with pytest.raises((SystemExit, ValueError), match=r"bad.json: no images"):  # coco_data.load_coco's check
+        finetune.main(_with(argv, train_json=_bad(root, lambda d: d.update(images=[], annotations=[]))))
+    no_masks = _bad(root, lambda d: [a.pop("segmentation", None) for a in d["annotations"]])
+    with pytest.raises(ValueError, match=r"bad.json: \d+ annotations have no usable segmentation"):
+        finetune.main(_with(argv, val_json=no_masks, val_images=root / "train", detector="mask"))
+    with pytest.raises(SystemExit, match=r"bad.json: the train subset \(kshot, seed 0\) has no usable annotation"):
+        finetune.main(_with(argv, train_json=_bad(root, lambda d: d.update(annotations=[])), shots=1))
+    with pytest.raises(SystemExit, match=r"bad.json: the train subset \(label_fraction"):
+        finetune.main(_with(argv, train_json=_bad(root, lambda d: d.update(annotations=[]))))
+    assert not (root / "run").exists()
+    with pytest.raises(ValueError, match="no items"):
+        finetune.InfiniteSampler(0, 0, 1, seed=0)
 
 
 def test_kshot_cli_subset_and_voc_metrics(tiny):
@@ -307,18 +378,36 @@ def _randomise_bn(net):
             m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
 
 
+# faster: the CPU preset's anchors 8..128 and test limits, ratios 1/4, 1, 4 (integer anchors: torchvision rounds)
+TV_CONFIGS = {"faster": dict(anchor_sizes=(8, 16, 32, 64, 128), anchor_ratios=(0.25, 1.0, 4.0), rpn_pre_nms_test=300,
+                             rpn_post_nms_test=50, rpn_nms=0.6, score_thresh=0.1, nms_thresh=0.4, max_dets=20,
+                             roi_batch=32),
+              "mask": dict(rpn_post_nms_test=50)}  # DetectorConfig's COCO anchors and limits
+
+
 @pytest.mark.parametrize("kind", ["faster", "mask"])
 def test_torchvision_export_loads_strictly_and_matches(kind):
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.rpn import concat_box_prediction_layers
     torch.manual_seed(0)
-    det = Detector(DetectorConfig(num_classes=4, kind=kind, depth=18)).eval()
+    cfg = DetectorConfig(num_classes=4, kind=kind, depth=18, test_size=96, max_size=128, **TV_CONFIGS[kind])
+    det = Detector(cfg).eval()
     _randomise_bn(det)
-    tv = export.torchvision_model(4, mask=kind == "mask", depth=18, min_size=96, max_size=128, test_proposals=50).eval()
+    tv = export.torchvision_model(**export.torchvision_args(cfg)).eval()
     tv.load_state_dict(export.to_torchvision(det.state_dict(), det.cfg), strict=True)
+    rpn, heads = tv.rpn, tv.roi_heads  # the config's anchors and test-time limits, not torchvision's defaults
+    assert rpn.anchor_generator.sizes == tuple((s,) for s in cfg.anchor_sizes)
+    assert rpn.anchor_generator.aspect_ratios == (cfg.anchor_ratios,) * 5
+    assert (rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh) == \
+        (cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test, cfg.rpn_nms)
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == \
+        (cfg.score_thresh, cfg.nms_thresh, cfg.max_dets)
+    assert heads.fg_bg_sampler.batch_size_per_image == cfg.roi_batch
+    assert tv.transform.min_size == (cfg.test_size,) and tv.transform.max_size == cfg.max_size
     x = torch.randn(1, 3, 128, 192)  # multiples of 64: torchvision derives strides as image // feature size
     with torch.no_grad():
-        ours, theirs = det.extractor(x), list(tv.backbone(x).values())
+        feats = tv.backbone(x)
+        ours, theirs = det.extractor(x), list(feats.values())
         assert len(ours) == len(theirs) == 5
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
         logits, deltas = det.rpn(ours)
@@ -327,6 +416,11 @@ def test_torchvision_export_loads_strictly_and_matches(kind):
         assert torch.allclose(deltas.reshape(-1, 4), reg, atol=1e-5)
         tv_anchors = tv.rpn.anchor_generator(ImageList(x, [(128, 192)]), theirs)[0]
         assert (torch.cat(det.anchors(ours)) - tv_anchors).abs().max() <= 0.5  # same order; tv rounds to integers
+        if kind == "faster":  # integer anchors: the same proposals, as many as the config's test_proposals
+            (props,) = det.proposals(logits, deltas, det.anchors(ours), [(128, 192)])
+            (props_tv,), _ = tv.rpn(ImageList(x, [(128, 192)]), feats)
+            assert len(props) == len(props_tv) == cfg.rpn_post_nms_test
+            assert torch.allclose(props, props_tv, atol=1e-3)
         z = torch.randn(6, 256, 7, 7)
         h, h_tv = det.box_head(z), tv.roi_heads.box_head(z)
         assert torch.allclose(h, h_tv, atol=1e-5)
@@ -358,12 +452,15 @@ def test_export_files_and_detectron2_names(tmp_path):
     state = torch.load(path, weights_only=True)["state_dict"]
     assert len(names) == sum(not k.endswith("num_batches_tracked") for k in state)
     assert np.array_equal(obj["model"]["roi_heads.box_head.fc1.weight"], state["box_head.fcs.0.weight"].numpy())
-    det = Detector(DetectorConfig(num_classes=2, kind="faster", depth=18))
+    det = Detector(DetectorConfig(num_classes=2, kind="faster", depth=18, anchor_sizes=(8, 16, 32, 64, 128),
+                                  rpn_post_nms_test=100, max_dets=20))  # the CPU preset's anchors and limits
     torch.save({"state_dict": det.state_dict(), "config": det.cfg.__dict__, "cat_ids": [3, 7]}, tmp_path / "f.pth")
     out = export.export_torchvision(tmp_path / "f.pth", tmp_path / "tv.pth")
     meta = json.loads(out.with_suffix(".json").read_text())
-    tv = export.torchvision_model(meta["num_classes"], mask=meta["mask"], depth=meta["depth"])
-    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert meta["anchor_sizes"] == [8, 16, 32, 64, 128] and meta["max_dets"] == 20 and meta["cat_ids"] == [3, 7]
+    tv = export.load_torchvision(out)  # model_tv.json's builder args, strict load
+    assert tv.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    assert tv.rpn._post_nms_top_n["testing"] == 100 and tv.roi_heads.detections_per_img == 20
     with pytest.raises(ValueError, match="Cascade"):
         export.to_torchvision({}, DetectorConfig(kind="cascade"))
 
@@ -376,7 +473,8 @@ def test_narrow_detector_loads_narrow_pretraining_and_rejects_wide(tmp_path):
     cfg = DetectorConfig(num_classes=3, kind="mask", depth=18, head="2fc", fpn_channels=128, mask_dim=64)
     det = Detector(cfg)
     report = load_pretrained(det, narrow, verbose=False)
-    assert any(k.startswith("rpn.") for k in report["loaded"]) and any(k.startswith("box_head.") for k in report["loaded"])
+    assert any(k.startswith("rpn.") for k in report["loaded"])
+    assert any(k.startswith("box_head.") for k in report["loaded"])
     assert det.mask_head.logits.in_channels == 64 and det.extractor.out_channels == 128
     wide = tmp_path / "wide.pth"
     torch.save({"state_dict": model.export_pretrained(model.ADePT("joint", depth=18, head="2fc")), "meta": {}}, wide)
