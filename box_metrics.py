@@ -1,7 +1,7 @@
 """VOC mAP50 (paper 4.4, Table 2) and class-agnostic proposal recall (3.2, 4.1.3), in numpy.
 
 eval.py checks its inputs and re-exports these; this file needs only numpy (and a pycocotools COCO for voc_map50's
-ground truth), so it can be copied alone.
+ground truth), so it can be copied alone. Project-local dependencies: none.
 
 Symbols
     mAP50      VOC AP at IoU > 0.5: area under the interpolated PR curve (VOC2010+), or the 11-point VOC07 mean

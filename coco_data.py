@@ -6,7 +6,12 @@ COCO handling (as detectron2 / torchvision train on COCO): crowd annotations (is
 targets (COCOeval still ignores detections on them); images without annotations are kept (RPN and RoI negatives);
 category ids (COCO's are non-contiguous, 1..90) map to labels 1..C in increasing id order and back (`cat_ids`).
 Boxes [x, y, w, h] are clipped to the image; one with a side < MIN_BOX_SIDE px after clipping is skipped and
-counted. Malformed input raises ValueError naming the file and the entry.
+counted. Missing iscrowd / area are filled (0 / box w * h) as pycocotools needs them. Segmentations: a polygon
+with fewer than 6 numbers, an odd count or non-numbers is dropped and counted ("bad polygon"), an annotation left
+with no valid polygon is skipped and counted ("no valid polygon"); `segmentation: []` or none means no mask (the box
+is the training mask, but mask AP needs masks: `require_masks`). Malformed input raises ValueError naming the file
+and the entry: an RLE whose size is not the image's [height, width], a width / height that is not a positive number,
+a category id that is not an int, a split with no images.
 
 Few-shot protocol (4.4.1, TFA [33]): the paper drops TFA's base-training stage, so every class is few-shot: for each
 class, images containing it are drawn (seeded) until exactly K of its instances are collected (images that would
@@ -21,26 +26,30 @@ Symbols
 Public
     MIN_BOX_SIDE, VOC_CLASSES, VOC_NOVEL_SPLITS
     CocoSet = load_coco(json_path, image_root, check_files=True)   .images, .anns (per image id), .cat_ids, .names
+    require_masks(cocoset) -> None        ValueError naming the file when some annotation has no mask (no mask AP)
     label_fraction_subset(image_ids, fraction, seed) -> sorted image ids
     kshot_subset(cocoset, shots, seed, novel=None, base_full=False) -> {image_id: [annotation, ...]}
-    DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict)
+    DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict);
+        in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (eval.predict skips it)
     collate(batch) -> (images list, targets list)
     voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict
+
+Project-local dependencies: none (numpy, torch, OpenCV, pycocotools only): the file can be copied alone.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-
-import data
 
 MIN_BOX_SIDE = 1.0  # px after clipping: thinner boxes carry no usable regression target
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -48,6 +57,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 # TFA [33] / FSRW's three PASCAL VOC base/novel splits (novel class names).
 VOC_NOVEL_SPLITS = {1: ("bird", "bus", "cow", "motorbike", "sofa"), 2: ("aeroplane", "bottle", "cow", "horse", "sofa"),
                     3: ("boat", "cat", "motorbike", "sheep", "sofa")}
+READ_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)  # OpenCV >= 4.10 decodes straight to RGB (as data.py)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class CocoSet:
     names: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)    # reason -> count
     label_of: dict = field(default_factory=dict)   # category id -> label 1..C
+    unmasked: list = field(default_factory=list)   # ids (else locations) of annotations without a usable mask
 
     def label(self, cat_id: int) -> int:
         return self.label_of[cat_id]
@@ -74,9 +85,14 @@ def _need(obj, keys, where: str):
         raise ValueError(f"{where}: missing {missing}: {json.dumps(obj)[:160]}")
 
 
+def _number(v) -> bool:
+    """A finite int or float (a JSON true / false is no number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def load_coco(json_path, image_root, check_files: bool = True) -> CocoSet:
-    """Read and check a COCO detection JSON; ValueError naming the file and the entry for malformed content,
-    FileNotFoundError listing missing image files (check_files)."""
+    """Read and check a COCO detection JSON; ValueError naming the file and the entry for malformed content or a
+    split with no images, FileNotFoundError listing missing image files (check_files)."""
     json_path = str(json_path)
     try:
         with open(json_path) as f:
@@ -85,21 +101,19 @@ def load_coco(json_path, image_root, check_files: bool = True) -> CocoSet:
         raise ValueError(f"{json_path}: not valid JSON ({e})") from e
     _need(d, ("images", "annotations", "categories"), json_path)
     cs = CocoSet(json_path, str(image_root))
-    for i, c in enumerate(d["categories"]):
-        _need(c, ("id",), f"{json_path}: categories[{i}]")
-    cats = sorted(d["categories"], key=lambda c: c["id"])
-    cs.cat_ids, cs.names = [c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats]
-    if len(set(cs.cat_ids)) != len(cs.cat_ids):
-        raise ValueError(f"{json_path}: duplicate category ids {cs.cat_ids}")
-    cs.label_of = {c: i + 1 for i, c in enumerate(cs.cat_ids)}
+    _add_categories(cs, d["categories"])
     for i, im in enumerate(d["images"]):
-        _need(im, ("id", "file_name", "width", "height"), f"{json_path}: images[{i}]")
+        where = f"{json_path}: images[{i}]"
+        _need(im, ("id", "file_name", "width", "height"), where)
+        if not all(_number(im[k]) and im[k] > 0 for k in ("width", "height")):
+            raise ValueError(f"{where}: width {im['width']!r} and height {im['height']!r} must be positive numbers")
         if im["id"] in cs.images:
-            raise ValueError(f"{json_path}: images[{i}]: duplicate image id {im['id']}")
+            raise ValueError(f"{where}: duplicate image id {im['id']}")
         cs.images[im["id"]], cs.anns[im["id"]] = im, []
+    if not cs.images:
+        raise ValueError(f"{json_path}: no images (an empty split: nothing to train on or evaluate)")
     for i, a in enumerate(d["annotations"]):
-        reason = _add_annotation(cs, a, f"{json_path}: annotations[{i}]")
-        if reason:
+        for reason in _add_annotation(cs, a, f"{json_path}: annotations[{i}]"):
             cs.skipped[reason] = cs.skipped.get(reason, 0) + 1
     if check_files:
         missing = [im["file_name"] for im in cs.images.values()
@@ -110,28 +124,82 @@ def load_coco(json_path, image_root, check_files: bool = True) -> CocoSet:
     return cs
 
 
-def _add_annotation(cs: CocoSet, a, where: str) -> str | None:
-    """Check one annotation and file it under its image with its clipped xyxy "box"; returns the reason when it
-    is skipped (crowd, degenerate box), raises ValueError naming the entry when it is malformed."""
+def _add_categories(cs: CocoSet, categories) -> None:
+    """cs.cat_ids / names / label_of from the JSON's categories; ValueError for a non-int or duplicate id."""
+    for i, c in enumerate(categories):
+        _need(c, ("id",), f"{cs.path}: categories[{i}]")
+        if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+            raise ValueError(f"{cs.path}: categories[{i}]: category id {c['id']!r} is not an int")
+    cats = sorted(categories, key=lambda c: c["id"])
+    cs.cat_ids, cs.names = [c["id"] for c in cats], [c.get("name", str(c["id"])) for c in cats]
+    if len(set(cs.cat_ids)) != len(cs.cat_ids):
+        raise ValueError(f"{cs.path}: duplicate category ids {cs.cat_ids}")
+    cs.label_of = {c: i + 1 for i, c in enumerate(cs.cat_ids)}
+
+
+def _valid_polygon(p) -> bool:
+    """A COCO polygon pycocotools can rasterise: a flat list of >= 3 (x, y) pairs of finite numbers."""
+    return isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_number(v) for v in p)
+
+
+def _segmentation(seg, im: dict, where: str):
+    """(usable segmentation or None, number of dropped polygons) of an annotation on image im; ValueError naming
+    the entry for an RLE that is not of the image's [height, width] or a segmentation of another type."""
+    if seg is None or seg == []:
+        return None, 0
+    if isinstance(seg, list):
+        valid = [p for p in seg if _valid_polygon(p)]
+        return valid or None, len(seg) - len(valid)
+    if not isinstance(seg, dict) or "counts" not in seg or not isinstance(seg.get("size"), list):
+        raise ValueError(f"{where}: segmentation {str(seg)[:80]} is neither polygons nor an RLE with size, counts")
+    if [int(v) if _number(v) else v for v in seg["size"]] != [im["height"], im["width"]]:
+        raise ValueError(f"{where}: RLE size {seg['size']} differs from image {im['id']}'s [height, width] "
+                         f"[{im['height']}, {im['width']}]")
+    return seg, 0
+
+
+def _add_annotation(cs: CocoSet, a, where: str) -> list:
+    """Check one annotation and file it under its image with its clipped xyxy "box" (iscrowd, area filled; bad
+    polygons dropped); returns the reasons to count (bad polygon per dropped polygon; crowd, degenerate box or no
+    valid polygon when it is skipped), raises ValueError naming the entry when it is malformed."""
     where += f" (id {a.get('id') if isinstance(a, dict) else '?'})"
     _need(a, ("image_id", "category_id", "bbox"), where)
     if a["image_id"] not in cs.images:
-        raise ValueError(f"{where}: unknown image_id {a['image_id']}")
+        raise ValueError(f"{where}: unknown image_id {a['image_id']!r}")
     if a["category_id"] not in cs.label_of:
-        raise ValueError(f"{where}: unknown category_id {a['category_id']} (categories: {cs.cat_ids})")
+        raise ValueError(f"{where}: unknown category_id {a['category_id']!r} (categories: {cs.cat_ids})")
     b = a["bbox"]
-    if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-            and all(np.isfinite(b))):
+    if not (isinstance(b, list) and len(b) == 4 and all(_number(v) for v in b)):
         raise ValueError(f"{where}: bbox {b!r} is not four finite numbers [x, y, w, h]")
-    if a.get("iscrowd", 0):
-        return "crowd"
     im = cs.images[a["image_id"]]
+    seg, bad = _segmentation(a.get("segmentation"), im, where)
+    reasons = ["bad polygon"] * bad
+    if seg is None:
+        cs.unmasked.append(a.get("id", where))
+    if bad and seg is None:
+        return reasons + ["no valid polygon"]
+    if a.get("iscrowd", 0):
+        return reasons + ["crowd"]
     x1, y1 = min(max(b[0], 0.0), im["width"]), min(max(b[1], 0.0), im["height"])
     x2, y2 = min(max(b[0] + b[2], 0.0), im["width"]), min(max(b[1] + b[3], 0.0), im["height"])
     if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
-        return "degenerate box"
-    cs.anns[a["image_id"]].append({**a, "box": [float(x1), float(y1), float(x2), float(y2)]})
-    return None
+        return reasons + ["degenerate box"]
+    rec = {**a, "iscrowd": 0, "area": a.get("area", float(b[2] * b[3])),
+           "box": [float(x1), float(y1), float(x2), float(y2)]}
+    if "segmentation" in a:
+        rec["segmentation"] = seg or []
+    cs.anns[a["image_id"]].append(rec)
+    return reasons
+
+
+def require_masks(cs: CocoSet) -> None:
+    """ValueError naming the file when some annotation of the split (crowds included) has no usable mask (no
+    segmentation, or only malformed polygons): pycocotools' mask AP needs every ground truth's mask, so a Mask R-CNN
+    run must refuse such a val split before training rather than lose its mask AP after it."""
+    if cs.unmasked:
+        raise ValueError(f"{cs.path}: {len(cs.unmasked)} annotations have no usable segmentation (e.g. ids "
+                         f"{cs.unmasked[:5]}): mask AP cannot be evaluated on this split; train a box-only detector "
+                         "or give a val split with masks")
 
 
 def label_fraction_subset(image_ids, fraction: float, seed: int = 0) -> list:
@@ -173,6 +241,19 @@ def kshot_subset(cs: CocoSet, shots: int, seed: int = 0, novel=None, base_full: 
     return {iid: sorted(anns, key=lambda a: a.get("id", 0)) for iid, anns in sorted(keep.items())}
 
 
+def _decode_image(path) -> np.ndarray:
+    """Any image file -> uint8 (H, W, 3) RGB through OpenCV (8-bit, 3 channels, EXIF orientation applied), as
+    data.decode_image(path, min_side=1); ValueError(f"{path}: ...") when it cannot be read or decoded."""
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from e
+    img = cv2.imdecode(buf, READ_FLAG) if buf.size else None
+    if img is None:
+        raise ValueError(f"{path}: not a decodable image (empty, corrupt, truncated or unsupported format)")
+    return img if READ_FLAG != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def ann_mask(a: dict, h: int, w: int) -> np.ndarray:
     """An annotation's mask uint8 (h, w) from polygons or RLE; the clipped box filled when it has none."""
     seg = a.get("segmentation")
@@ -195,7 +276,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     masks (M, H, W) uint8 (with_masks), image_id. Training flips horizontally with p = 0.5 (seeded per item
     and epoch). keep: {image_id: annotations} (a K-shot set) or a list of image ids; None = all images.
 
-    An image that fails to decode mid-run is replaced by the next one and counted (warning), never a crash.
+    An image that fails to decode (or whose size is not the JSON's) warns, naming the file, and is counted (.bad).
+    Training replaces it by the next one, never a crash. Evaluation (train=False) never substitutes (its predictions
+    would go under the wrong image id): the item is (None, {"image_id", "file_name", "error"}), which eval.predict
+    skips and records, so that only the images actually predicted are evaluated.
     """
 
     def __init__(self, cs: CocoSet, train: bool = True, with_masks: bool = False, keep=None, seed: int = 0):
@@ -218,21 +302,36 @@ class DetectionDataset(torch.utils.data.Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         if not 0 <= i < len(self.ids):
             raise IndexError(f"index {i} out of range for {len(self.ids)} images")
+        if not self.train:
+            iid = self.ids[i]
+            try:
+                img = self._decode(iid)
+            except ValueError as e:
+                self.bad += 1
+                warnings.warn(f"{e}; image {iid} skipped: left out of the evaluation ({self.bad} skipped so far)",
+                              stacklevel=2)
+                return None, {"image_id": iid, "file_name": self.cs.images[iid]["file_name"], "error": str(e)}
+            return self._item(iid, img, epoch)
         for j in range(len(self.ids)):
             iid = self.ids[(i + j) % len(self.ids)]
-            im = self.cs.images[iid]
             try:
-                img = data.decode_image(os.path.join(self.cs.root, im["file_name"]), min_side=1)
-                H, W = img.shape[:2]
-                if (W, H) != (im["width"], im["height"]):
-                    raise ValueError(f"{self.cs.path}: image {iid} ({im['file_name']}) is {W}x{H}, the JSON says "
-                                     f"{im['width']}x{im['height']}")
+                img = self._decode(iid)
             except ValueError as e:
                 self.bad += 1
                 warnings.warn(f"{e}; using the next image instead ({self.bad} replaced so far)", stacklevel=2)
                 continue
             return self._item(iid, img, epoch)
         raise ValueError(f"{self.cs.path}: no image under {self.cs.root} could be decoded")
+
+    def _decode(self, iid):
+        """Image iid as uint8 (H, W, 3) RGB; ValueError naming the file if unreadable or not of the JSON's size."""
+        im = self.cs.images[iid]
+        img = _decode_image(os.path.join(self.cs.root, im["file_name"]))
+        H, W = img.shape[:2]
+        if (W, H) != (im["width"], im["height"]):
+            raise ValueError(f"{self.cs.path}: image {iid} ({im['file_name']}) is {W}x{H}, the JSON says "
+                             f"{im['width']}x{im['height']}")
+        return img
 
     def _item(self, iid, img: np.ndarray, epoch: int):
         H, W = img.shape[:2]

@@ -23,8 +23,11 @@ proposals use xyxy pixels (contract). Masks in results are RLEs with str counts 
 Public
 ------
 - ``predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_thresh=0.5, progress=True)``
-  -> list of COCO result dicts; ``detections_to_coco(output, image_id, cat_ids, score_thresh, mask_thresh)``.
-- ``save_results(results, path)`` (atomic), ``load_results(path)``, ``check_results(results, coco, source)``.
+  -> ``Predictions``: a list of COCO result dicts that also holds ``image_ids`` (the images predicted) and ``skipped``
+  ({image_id: file name} of unreadable images, never evaluated); ``detections_to_coco(output, image_id, cat_ids,
+  score_thresh, mask_thresh)``.
+- ``save_results(results, path)`` (atomic), ``load_results(path)``, ``check_results(results, coco, source)``,
+  ``load_coco(gt) -> COCO`` (iscrowd 0 and area w * h filled where missing, malformed polygons dropped).
 - ``coco_eval(gt, results, iou_type="bbox") -> dict``; ``voc_ap(recall, precision, use_07_metric=False) -> float``;
   ``voc_map50(gt, results, class_ids=None, novel_ids=None, use_07_metric=False, plus_one=False) -> dict``.
 - ``tide(gt, results, iou_type="bbox", fg_iou=0.5, bg_iou=0.1) -> dict``; ``plot_tide(results_by_model, path)``.
@@ -32,9 +35,20 @@ Public
 - from figures.py: ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5)``,
   ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5)``, ``results_by_image(results)``.
 - ``predict_checkpoint(path, gt_path, image_root, out, name=None)``, ``checkpoint_names(paths)``: a model_final.pth's
-  predictions, one distinct results file per checkpoint.
+  predictions, one distinct results file per checkpoint; ``checkpoint_predictions(path, gt_path, image_root)`` ->
+  Predictions (ValueError naming both files when the checkpoint's categories are not the ground truth's).
 - ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null); ``main``.
 VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here.
+
+Results that know their images (``Predictions``) are evaluated on those images only (the ground truth is cut to
+them), so an unreadable val image is left out instead of counting as missed; coco_eval adds ``skipped_images`` and
+``skipped_files``. Mask AP needs a mask on every ground truth: where one has none (or pycocotools fails on them)
+coco_eval(iou_type="segm") warns and returns NaN with the reason under "skipped": box metrics never depend on it.
+Empty results evaluate as COCOeval would: AP 0 where the ground truth has objects, NaN where it has none; a ground
+truth without images raises ValueError.
+
+Project-local dependencies: box_metrics.py, figures.py, tide.py (imported at load); coco_data.py and detector.py
+(--checkpoint only), data.py (the default synthetic split only), selective_search.py (--proposals .npz only).
 """
 from __future__ import annotations
 
@@ -96,13 +110,62 @@ def load_results(path) -> list:
 
 
 def load_coco(gt) -> COCO:
-    """A COCO annotation path or a pycocotools COCO -> COCO (its loading messages silenced)."""
+    """A COCO annotation path or a pycocotools COCO -> COCO (its loading messages silenced), completed for COCOeval
+    in place (``_complete_gt``): iscrowd 0 and area w * h where missing, malformed polygons dropped."""
     if isinstance(gt, COCO):
+        _complete_gt(gt.dataset, "<ground truth>")
         return gt
     if not Path(gt).is_file():
         raise FileNotFoundError(f"ground-truth annotations not found: {gt}")
+    try:
+        with open(gt) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{gt}: not valid JSON ({e})") from e
+    if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("images", "annotations")):
+        raise ValueError(f"{gt}: not a COCO annotation file (an object with images, annotations, categories lists)")
+    _complete_gt(d, gt)
+    coco = COCO()
+    coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(gt))
+        coco.createIndex()
+    return coco
+
+
+def _polygon_ok(p) -> bool:
+    """A polygon pycocotools can rasterise: >= 3 (x, y) pairs of finite numbers (as coco_data checks them)."""
+    return (isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p))
+
+
+def _complete_gt(d: dict, source) -> None:
+    """In place, what pycocotools needs of a ground truth: iscrowd 0 and area = box w * h where missing (COCOeval
+    reads both), malformed polygons dropped (a warning counts them; an annotation left without one has no mask)."""
+    dropped = 0
+    for i, a in enumerate(d.get("annotations", [])):
+        b = a.get("bbox") if isinstance(a, dict) else None
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+            raise ValueError(f"{source}: annotations[{i}] has no bbox [x, y, w, h]: {str(a)[:120]}")
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(b[2] * b[3]))
+        seg = a.get("segmentation")
+        if isinstance(seg, list) and not all(_polygon_ok(p) for p in seg):
+            a["segmentation"] = [p for p in seg if _polygon_ok(p)]
+            dropped += len(seg) - len(a["segmentation"])
+    if dropped:
+        warnings.warn(f"{source}: {dropped} malformed ground-truth polygons dropped (fewer than 6 numbers, an odd "
+                      "count or non-numbers)", stacklevel=3)
+
+
+def _subset(coco: COCO, image_ids) -> COCO:
+    """The ground truth cut to image_ids (their images and annotations; categories kept)."""
+    keep = set(image_ids)
+    sub = COCO()
+    sub.dataset = {**coco.dataset, "images": [im for im in coco.dataset["images"] if im["id"] in keep],
+                   "annotations": [a for a in coco.dataset.get("annotations", []) if a["image_id"] in keep]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.createIndex()
+    return sub
 
 
 def check_results(results: list, coco: COCO, source: str = "<results>") -> None:
@@ -128,12 +191,24 @@ def check_results(results: list, coco: COCO, source: str = "<results>") -> None:
 
 
 def _results(gt, results):
-    """(gt, results path or list) -> (COCO, validated list). Empty results warn (metrics then read 0)."""
+    """(gt, results path or list) -> (COCO, validated list). The COCO is cut to the predicted images when results
+    know them (Predictions.image_ids); ValueError for a ground truth without images or nothing predicted. Empty
+    results warn (AP then reads 0, NaN where the ground truth has no objects)."""
     coco, source = load_coco(gt), str(results) if isinstance(results, (str, Path)) else "<results>"
+    if not coco.getImgIds():
+        raise ValueError(f"{gt if isinstance(gt, (str, Path)) else '<ground truth>'}: the ground truth has no "
+                         "images: nothing to evaluate")
     results = load_results(results) if isinstance(results, (str, Path)) else results
     check_results(results, coco, source)
+    ids = getattr(results, "image_ids", None)
+    if ids is not None and set(ids) != set(coco.getImgIds()):
+        if not ids:
+            raise ValueError(f"{source}: no image was predicted ({len(results.skipped)} unreadable): nothing to "
+                             "evaluate")
+        coco = _subset(coco, ids)
     if not results:
-        warnings.warn(f"{source}: no predictions; every metric is 0", stacklevel=3)
+        warnings.warn(f"{source}: no predictions; AP is 0 (NaN where the ground truth has no such objects)",
+                      stacklevel=3)
     return coco, results
 
 
@@ -160,24 +235,44 @@ def detections_to_coco(output: dict, image_id, cat_ids=None, score_thresh=0.05, 
     return out
 
 
+class Predictions(list):
+    """predict's COCO results (a list, JSON-ready as such) with image_ids: the images predicted, and skipped:
+    {image_id: file name} of the items without an image (unreadable). coco_eval, voc_map50 and tide evaluate the
+    predicted images only; saved to a file (save_results) they are a plain results list again."""
+
+    def __init__(self, results=(), image_ids=(), skipped=None):
+        super().__init__(results)
+        self.image_ids, self.skipped = list(image_ids), dict(skipped or {})
+
+
 @torch.no_grad()
-def predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_thresh=0.5, progress=True) -> list:
-    """Run a detector on (image, target) items -> COCO results (with a tqdm bar).
+def predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_thresh=0.5,
+            progress=True) -> Predictions:
+    """Run a detector on (image, target) items -> COCO results (with a tqdm bar) as Predictions.
 
     Items: image float (3, H, W) in [0, 1] (uint8 is divided by 255) and target a dict with "image_id" or the id.
-    The model follows torchvision's convention (model.eval(); model([img]) -> [dict]); its mode is restored.
+    An item whose image is None (coco_data.DetectionDataset in eval mode: unreadable file) is skipped and recorded
+    in .skipped, never predicted. The model follows torchvision's convention (model.eval(); model([img]) -> [dict]);
+    its mode is restored.
     """
     was_training = model.training
     model.eval().to(device)
-    results = []
+    results = Predictions()
     total = len(dataset) if hasattr(dataset, "__len__") else None
     for image, target in tqdm(dataset, total=total, desc="predict", disable=not progress):
         image_id = target["image_id"] if isinstance(target, dict) else target
         image_id = int(image_id.item()) if torch.is_tensor(image_id) else image_id
+        if image is None:
+            results.skipped[image_id] = target.get("file_name", str(image_id)) if isinstance(target, dict) else ""
+            continue
+        results.image_ids.append(image_id)
         img = image.float() / 255 if image.dtype == torch.uint8 else image.float()  # (3, H, W) in [0, 1]
         (output,) = model([img.to(device)])
         results += detections_to_coco(output, image_id, cat_ids, score_thresh, mask_thresh)
     model.train(was_training)
+    if results.skipped:
+        warnings.warn(f"predict: {len(results.skipped)} unreadable images skipped, left out of the evaluation: "
+                      f"{sorted(map(str, results.skipped.values()))[:5]}", stacklevel=3)  # 3: past no_grad
     return results
 
 
@@ -185,23 +280,62 @@ def predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_
 def coco_eval(gt, results, iou_type="bbox") -> dict:
     """COCOeval AP, AP50, AP75, APs, APm, APl in percent (NaN where COCOeval has no gt, e.g. no small objects).
 
-    gt: annotation path or COCO; results: list or path. iou_type "segm" drops the boxes of the results, so that
-    areas come from the masks (as detectron2 does). Empty results -> all 0 with a warning.
+    gt: annotation path or COCO; results: list, Predictions or path. iou_type "segm" drops the boxes of the results,
+    so that areas come from the masks (as detectron2 does); without a usable mask on every ground truth (or when
+    pycocotools fails on them) it warns and returns NaN with the reason under "skipped". Empty results: 0 where the
+    ground truth has objects, NaN elsewhere, with a warning. Predictions with skipped (unreadable) images add
+    skipped_images (count) and skipped_files (names); only the predicted images are evaluated.
     """
     coco, res = _results(gt, results)
-    if not res:
-        return {k: 0.0 for k in COCO_KEYS}
-    if iou_type == "segm":
-        if any("segmentation" not in r for r in res):
-            raise ValueError("coco_eval(iou_type='segm'): some results have no segmentation")
-        res = [{k: v for k, v in r.items() if k != "bbox"} for r in res]
+    skipped = getattr(results, "skipped", None)
+    extra = {"skipped_images": len(skipped), "skipped_files": sorted(map(str, skipped.values()))} if skipped else {}
+    if iou_type != "segm":
+        return {**_cocoeval_stats(coco, res, iou_type), **extra}
+    if any("segmentation" not in r for r in res):
+        raise ValueError("coco_eval(iou_type='segm'): some results have no segmentation")
+    res = [{k: v for k, v in r.items() if k != "bbox"} for r in res]
+    problem = _segm_problem(coco)
+    if problem is None:
+        try:
+            return {**_cocoeval_stats(coco, res, iou_type), **extra}
+        except Exception as e:  # pycocotools' failure on odd masks must not cost the box metrics
+            problem = f"pycocotools failed on the masks: {type(e).__name__}: {e}"
+    gt_name = gt if isinstance(gt, (str, Path)) else "<ground truth>"
+    warnings.warn(f"{gt_name}: mask AP skipped: {problem}", stacklevel=2)
+    return {**{k: float("nan") for k in COCO_KEYS}, "skipped": problem, **extra}
+
+
+def _cocoeval_stats(coco: COCO, res: list, iou_type: str) -> dict:
+    """COCOeval's first six stats in percent (-1 -> NaN); no results: every detection set empty (AP 0 or NaN)."""
     res = [dict(r) for r in res]  # loadRes adds keys: keep the caller's dicts intact
     with contextlib.redirect_stdout(io.StringIO()):
-        E = COCOeval(coco, coco.loadRes(res), iou_type)
+        if res:
+            dt = coco.loadRes(res)
+        else:  # loadRes rejects an empty list: an empty detection set over the same images and categories
+            dt = COCO()
+            dt.dataset = {"images": coco.dataset["images"], "categories": coco.dataset.get("categories", []),
+                          "annotations": []}
+            dt.createIndex()
+        E = COCOeval(coco, dt, iou_type)
         E.evaluate()
         E.accumulate()
         E.summarize()
     return {k: float(v) * 100 if v >= 0 else float("nan") for k, v in zip(COCO_KEYS, E.stats[:6])}
+
+
+def _segm_problem(coco: COCO) -> str | None:
+    """Why COCO mask AP cannot be computed on this ground truth (an annotation without a mask, an RLE not of its
+    image's size: pycocotools needs every ground truth's mask), None when it can."""
+    anns = coco.dataset.get("annotations", [])
+    missing = [a.get("id") for a in anns if not a.get("segmentation")]
+    if missing:
+        return (f"{len(missing)} of {len(anns)} ground-truth annotations have no segmentation (e.g. ids "
+                f"{missing[:5]}): the split has no masks to evaluate")
+    for a in anns:
+        seg, im = a["segmentation"], coco.imgs.get(a["image_id"], {})
+        if isinstance(seg, dict) and list(seg.get("size", [])) != [im.get("height"), im.get("width")]:
+            return f"annotation {a.get('id')}: RLE size {seg.get('size')} is not its image's [height, width]"
+    return None
 
 
 def tide(gt, results, iou_type="bbox", fg_iou=0.5, bg_iou=0.1) -> dict:
@@ -263,23 +397,50 @@ def checkpoint_names(paths) -> list[str]:
 
 def predict_checkpoint(path, gt_path, image_root, out: Path, name: str | None = None) -> Path:
     """finetune.py's model_final.pth -> predictions on the split (COCO results JSON out/<name>.json; name defaults
-    to checkpoint_names). Loaded with weights_only=True: a checkpoint never runs code."""
+    to checkpoint_names); see checkpoint_predictions."""
+    results = checkpoint_predictions(path, gt_path, image_root)
+    return save_results(results, out / f"{name or checkpoint_names([path])[0]}.json")
+
+
+def checkpoint_predictions(path, gt_path, image_root) -> Predictions:
+    """finetune.py's model_final.pth -> its Predictions on the split gt_path (images under image_root, or
+    image_root/val: the synthetic layout). ValueError naming both files when the checkpoint's categories differ
+    from the ground truth's, or for a split without images. Loaded with weights_only=True: never runs code."""
     import coco_data
     from detector import Detector, DetectorConfig
+    if image_root is None:
+        raise ValueError(f"{path}: give --images, the image folder of {gt_path}")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in ck:
         raise ValueError(f"{path}: not a finetune.py model_final.pth (needs 'state_dict' and 'config')")
+    d = json.loads(Path(gt_path).read_text())
+    if not isinstance(d, dict) or not d.get("images"):
+        raise ValueError(f"{gt_path}: the ground truth has no images: nothing to predict or evaluate")
+    first = d["images"][0].get("file_name", "") if isinstance(d["images"][0], dict) else ""
+    root = Path(image_root)
+    root = root if (root / first).exists() else root / "val"  # the synthetic layout: <root>/val
+    val = coco_data.load_coco(gt_path, root)
+    _check_categories(ck, val, path)
     det = Detector(DetectorConfig(**ck["config"]))
     det.load_state_dict(ck["state_dict"])
-    if image_root is None:
-        raise ValueError(f"{path}: give --images, the image folder of {gt_path}")
-    first = json.loads(Path(gt_path).read_text())["images"][0]["file_name"]
-    root = image_root if (image_root / first).exists() else image_root / "val"  # the synthetic layout: <root>/val
-    val = coco_data.load_coco(gt_path, root)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device,
-                      cat_ids=ck.get("cat_ids", val.cat_ids))
-    return save_results(results, out / f"{name or checkpoint_names([path])[0]}.json")
+    return predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device, cat_ids=val.cat_ids)
+
+
+def _check_categories(ck: dict, val, path) -> None:
+    """ValueError naming the checkpoint and the ground truth when their categories differ (ids or names; without
+    saved cat_ids, the class count): the predictions would be filed under the wrong categories."""
+    ids, names, n = ck.get("cat_ids"), ck.get("names"), ck["config"].get("num_classes")
+    theirs = list(zip(val.cat_ids, val.names))
+    if ids is None:
+        if n is not None and n != len(val.cat_ids):
+            raise ValueError(f"{path}: the checkpoint has {n} classes, {val.path} has {len(val.cat_ids)} categories "
+                             f"{theirs}")
+        return
+    if list(ids) != val.cat_ids or (names is not None and list(names) != val.names):
+        mine = list(zip(ids, names)) if names is not None else list(ids)
+        raise ValueError(f"{path}: the checkpoint's categories (id, name) {mine} differ from those of {val.path}: "
+                         f"{theirs}; evaluate it on the categories it was fine-tuned on")
 
 
 def _proposal_lists(coco: COCO, path):
@@ -328,6 +489,18 @@ def _tables(metrics: dict) -> str:
     return "\n".join(out)
 
 
+def _model_metrics(coco: COCO, res: list, novel, voc07: bool) -> dict:
+    """One model's metrics: box AP, VOC mAP50, TIDE; mask AP and mask TIDE when every result has a mask (when the
+    ground truth has no masks, segm holds NaN and the reason under "skipped", and mask TIDE is left out)."""
+    m = {"bbox": coco_eval(coco, res), "voc": voc_map50(coco, res, novel_ids=novel, use_07_metric=voc07),
+         "tide_bbox": tide(coco, res)}
+    if res and all("segmentation" in r for r in res):
+        m["segm"] = coco_eval(coco, res, "segm")
+        if "skipped" not in m["segm"]:
+            m["tide_segm"] = tide(coco, res, "segm")
+    return m
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate detections as in the ADePT paper: COCO box/mask AP (Table 1), "
                                 "VOC mAP50 for novel/base/all classes (Table 2), TIDE error breakdown (Table 3, "
@@ -356,22 +529,21 @@ def main(argv=None) -> dict:
         parser.error("give --checkpoint model_final.pth, --results R.json (one per model) or --proposals")
     gt_path, image_root = (Path(a.gt), None) if a.gt else _default_gt()
     image_root = Path(a.images) if a.images else image_root
+    predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
-        a.results.append(str(predict_checkpoint(ck, gt_path, image_root, Path(a.out), name)))
+        preds = checkpoint_predictions(ck, gt_path, image_root)
+        a.results.append(str(save_results(preds, Path(a.out) / f"{name}.json")))
+        predicted[a.results[-1]] = preds
     names = a.names or [Path(r).stem for r in a.results]
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")
     novel = [int(c) for c in a.novel.split(",")] if a.novel else None
     coco, models, loaded = load_coco(gt_path), {}, {}
     for name, path in zip(names, a.results):
-        res = load_results(path)
+        res = predicted[path] if path in predicted else load_results(path)
         check_results(res, coco, path)
         loaded[name] = res
-        m = {"bbox": coco_eval(coco, res), "voc": voc_map50(coco, res, novel_ids=novel, use_07_metric=a.voc07),
-             "tide_bbox": tide(coco, res)}
-        if res and all("segmentation" in r for r in res):
-            m["segm"], m["tide_segm"] = coco_eval(coco, res, "segm"), tide(coco, res, "segm")
-        models[name] = m
+        models[name] = _model_metrics(coco, res, novel, a.voc07)
     metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models}
     if a.proposals:
         metrics["proposals"] = proposal_recall(*_proposal_lists(coco, a.proposals))

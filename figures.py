@@ -13,13 +13,18 @@ cell_px     pixel side of one image panel; a figure of R images and M models is 
 
 Public (re-exported by eval.py)
 -------------------------------
-- ``plot_tide(results_by_model, path, size_px=(960, 420), dpi=100) -> Path``.
+- ``plot_tide(results_by_model, path, size_px=(960, 420), dpi=100, types=None) -> Path`` (types: the error types,
+  default tide.py's MAIN_ERRORS + SPECIAL_ERRORS).
 - ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5, cell_px=320, dpi=100)``.
 - ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5, iou_thresh=0.5) -> list of indices``.
-- ``results_by_image(results) -> {image_id: [results]}``; ``find_image(root, file_name) -> RGB uint8 or None``.
+- ``results_by_image(results) -> {image_id: [results]}``; ``find_image(root, file_name) -> RGB uint8 or None``
+  (None, with a warning naming the file, when it is unreadable).
 - ``comparison_figures(coco, results_by_model, tide_by_model, image_root, out, n=4, score_thresh=0.5)``: the CLI's.
 - ``plot_views(samples, path, cell_px=224, dpi=100) -> Path``: pre-training samples (V1, V2, V3 and their K boxes,
   section 4.1.2), one row each; ``python data.py --show N`` draws them.
+
+Project-local dependencies: tide.py, only for plot_tide's default error types (imported when plot_tide is called
+without types); otherwise numpy, matplotlib, pycocotools and OpenCV (find_image): the file can be copied alone.
 """
 from __future__ import annotations
 
@@ -35,8 +40,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from tide import MAIN_ERRORS, SPECIAL_ERRORS  # noqa: E402
-
 
 def _save(fig, path, dpi) -> Path:
     """Write fig as a PNG at dpi (pixel size = figure inches * dpi) and close it."""
@@ -47,9 +50,12 @@ def _save(fig, path, dpi) -> Path:
     return path
 
 
-def plot_tide(results_by_model: dict, path, size_px=(960, 420), dpi=100) -> Path:
-    """Figure 1: grouped bars of dAP per error type (x) for each model (one colour each). PNG of size_px (W, H)."""
-    types = MAIN_ERRORS + SPECIAL_ERRORS
+def plot_tide(results_by_model: dict, path, size_px=(960, 420), dpi=100, types=None) -> Path:
+    """Figure 1: grouped bars of dAP per error type (x; default tide.py's MAIN_ERRORS + SPECIAL_ERRORS) for each
+    model (one colour each). PNG of size_px (W, H)."""
+    if types is None:
+        from tide import MAIN_ERRORS, SPECIAL_ERRORS
+        types = MAIN_ERRORS + SPECIAL_ERRORS
     names = list(results_by_model)
     width = 0.8 / max(len(names), 1)  # the group of bars fills 80% of each slot
     fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
@@ -168,11 +174,20 @@ def plot_side_by_side(images, predictions_by_model: dict, class_names: dict, pat
 
 
 def find_image(root, file_name: str):
-    """RGB uint8 (H, W, 3) of root/file_name (else root/val/file_name, else root/base name), None if absent."""
+    """RGB uint8 (H, W, 3) of root/file_name (else root/val/file_name, else root/base name); None if absent, or
+    unreadable (corrupt, truncated: a warning names the file)."""
     import cv2
     for p in (Path(root) / file_name, Path(root) / "val" / file_name, Path(root) / Path(file_name).name):
         if p.is_file():
-            return cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            try:
+                img = cv2.imdecode(np.fromfile(str(p), dtype=np.uint8), cv2.IMREAD_COLOR)
+            except (OSError, cv2.error):
+                img = None
+            if img is None:
+                warnings.warn(f"{p}: not a decodable image (empty, corrupt or truncated): left out of the figure",
+                              stacklevel=2)
+                return None
+            return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return None
 
 

@@ -44,6 +44,8 @@ Public
 - ``ap101(scores, tps, n_gt) -> float`` TIDE's per-class AP in percent.
 eval.py validates the inputs (known image and category ids, finite scores) and exposes ``eval.tide``;
 figures.py draws the Figure 1 bar chart (``plot_tide``).
+
+Project-local dependencies: none (numpy, pycocotools only): the file can be copied alone.
 """
 from __future__ import annotations
 

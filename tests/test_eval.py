@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as ev  # noqa: E402
+import figures  # noqa: E402
 import tide as tide_mod  # noqa: E402
 
 W = H = 200  # image size of the hand-made ground truths
@@ -69,7 +70,9 @@ def test_coco_ap_perfect_none_and_hand_computed(tmp_path):
     assert m["AP"] == pytest.approx(100) and m["AP50"] == pytest.approx(100) and m["APm"] == pytest.approx(100)
     assert math.isnan(m["APs"]) and math.isnan(m["APl"])  # every object is medium (32^2 .. 96^2 px)
     with pytest.warns(UserWarning, match="no predictions"):
-        assert all(v == 0 for v in ev.coco_eval(path, []).values())
+        empty = ev.coco_eval(path, [])  # 0 where there are objects, NaN (as COCOeval's -1) where there are none
+    assert [empty[k] for k in ("AP", "AP50", "AP75", "APm")] == [0, 0, 0, 0]
+    assert math.isnan(empty["APs"]) and math.isnan(empty["APl"])
     # class 1: TP (0.9), FP (0.8), TP (0.7) at every IoU -> 101-point AP = (51 * 1 + 50 * 2/3) / 101; class 3: 100
     res = [det(1, 1, BOX_A, 0.9), det(1, 1, [150, 10, 30, 30], 0.8), det(1, 1, BOX_B, 0.7), det(2, 3, BOX_A, 0.9)]
     m = ev.coco_eval(path, res)
@@ -415,3 +418,110 @@ def test_cli_two_models(tmp_path, capsys):
     assert mpimg.imread(out / "tide.png").shape[:2] == (420, 960)
     with pytest.raises(SystemExit):
         ev.main(["--gt", str(gt_path)])
+
+
+# ---------------------------------------------------------------- review fixes: inputs pycocotools cannot take
+def test_gt_without_area_iscrowd_or_masks(tmp_path, capsys):
+    """A ground truth without area / iscrowd / segmentation: box metrics as usual, mask AP skipped with a reason."""
+    gt = make_gt(GT2)
+    for a in gt["annotations"]:
+        a.pop("area"), a.pop("iscrowd"), a.pop("segmentation")
+    path = write_gt(tmp_path, gt)
+    res = [dict(r, iscrowd=0) for r in perfect(make_gt(GT2))]
+    assert ev.coco_eval(path, res)["AP"] == pytest.approx(100)  # was KeyError 'area' / 'iscrowd' in COCOeval
+    rle = mask_utils.encode(np.asfortranarray(np.ones((H, W), np.uint8)))
+    masked = [dict(r, segmentation={"size": rle["size"], "counts": rle["counts"].decode()}) for r in res]
+    with pytest.warns(UserWarning, match="mask AP skipped: 2 of 2 ground-truth annotations have no segmentation"):
+        m = ev.coco_eval(path, masked, "segm")
+    assert all(math.isnan(m[k]) for k in ev.COCO_KEYS) and "no segmentation" in m["skipped"]
+    rpath = ev.save_results(masked, tmp_path / "masked.json")
+    with pytest.warns(UserWarning, match="mask AP skipped"):
+        out = ev.main(["--gt", str(path), "--results", str(rpath), "--out", str(tmp_path / "out")])
+    model = out["models"]["masked"]
+    assert model["bbox"]["AP"] == pytest.approx(100) and "skipped" in model["segm"] and "tide_segm" not in model
+    gt["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]  # malformed: dropped (then that annotation has no mask)
+    with pytest.warns(UserWarning, match="1 malformed ground-truth polygons dropped"):
+        assert ev.coco_eval(write_gt(tmp_path, gt, "poly.json"), res)["AP"] == pytest.approx(100)
+
+
+class GreyOracle(torch.nn.Module):
+    """A perfect detector for test_coco_data-style images: image k is filled with grey 40 * k; returns its boxes."""
+
+    def __init__(self, cs):
+        super().__init__()
+        self.cs = cs
+
+    def forward(self, images):
+        out = []
+        for img in images:
+            anns = self.cs.anns[int(round(float(img[0, 0, 0]) * 255 / 40))]
+            out.append({"boxes": torch.tensor([a["box"] for a in anns]).reshape(-1, 4), "scores": torch.ones(len(anns)),
+                        "labels": torch.tensor([self.cs.label(a["category_id"]) for a in anns], dtype=torch.int64)})
+        return out
+
+
+def test_unreadable_val_image_is_skipped_not_misfiled(tmp_path):
+    """One truncated val image: a perfect detector keeps AP 100 (it fell to ~69 when the next image's detections
+    were filed under its id), the skipped file is recorded, and only the predicted images are evaluated."""
+    import coco_data
+    from test_coco_data import write_split
+    path, img = write_split(tmp_path, n=4)
+    cs = coco_data.load_coco(path, img)
+    (img / "2.png").write_bytes((img / "2.png").read_bytes()[:40])
+    with pytest.warns(UserWarning, match="2.png"):
+        res = ev.predict(GreyOracle(cs), coco_data.DetectionDataset(cs, train=False), cat_ids=cs.cat_ids,
+                         progress=False)
+    assert res.image_ids == [1, 3, 4] and res.skipped == {2: "2.png"} and {r["image_id"] for r in res} == {1, 3, 4}
+    m = ev.coco_eval(path, res)
+    assert m["AP"] == pytest.approx(100) and m["skipped_images"] == 1 and m["skipped_files"] == ["2.png"]
+    assert ev.voc_map50(path, res)["mAP"] == pytest.approx(100) and ev.tide(path, res)["Miss"] == 0
+    with pytest.raises(ValueError, match="no image was predicted"):
+        ev.coco_eval(path, ev.Predictions([], [], {1: "1.png"}))
+
+
+def _fake_checkpoint(tmp_path, cat_ids, names):
+    """A model_final.pth stand-in: enough for the checks made before the detector is built."""
+    p = tmp_path / "model_final.pth"
+    torch.save({"state_dict": {}, "config": {"num_classes": len(cat_ids)}, "cat_ids": cat_ids, "names": names}, p)
+    return p
+
+
+def test_checkpoint_categories_must_match_the_ground_truth(tmp_path):
+    gt = make_gt(GT2)
+    path = write_gt(tmp_path, gt)
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "1.png"), np.zeros((H, W, 3), np.uint8))
+    args = ["--gt", str(path), "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"), "--checkpoint"]
+    for ids, names in (([1, 2], ["square", "disc"]), ([1, 3], ["square", "circle"])):
+        ck = _fake_checkpoint(tmp_path, ids, names)
+        with pytest.raises(ValueError, match=r"model_final.pth: the checkpoint's categories .* differ .*gt.json"):
+            ev.main(args + [str(ck)])
+
+
+def test_empty_ground_truth_and_empty_results(tmp_path):
+    empty = write_gt(tmp_path, {"images": [], "annotations": [], "categories": list(CATS)}, "empty.json")
+    with pytest.raises(ValueError, match="empty.json: the ground truth has no images"):
+        ev.coco_eval(empty, [])
+    ck = _fake_checkpoint(tmp_path, [1, 3], ["square", "disc"])
+    with pytest.raises(ValueError, match="empty.json: the ground truth has no images"):  # was IndexError
+        ev.main(["--gt", str(empty), "--checkpoint", str(ck), "--images", str(tmp_path), "--out", str(tmp_path)])
+    no_objects = write_gt(tmp_path, make_gt({1: []}), "no_objects.json")
+    with pytest.warns(UserWarning, match="no predictions"):
+        assert all(math.isnan(v) for v in ev.coco_eval(no_objects, []).values())  # nothing to evaluate: NaN
+    large = write_gt(tmp_path, make_gt({1: [(1, [0, 0, 150, 150])]}), "large.json")
+    with pytest.warns(UserWarning, match="no predictions"):
+        m = ev.coco_eval(large, [])
+    assert m["AP"] == m["APl"] == 0 and math.isnan(m["APs"]) and math.isnan(m["APm"])  # as COCOeval: -1 -> NaN
+
+
+def test_figures_skip_an_unreadable_image(tmp_path):
+    gt = make_gt({1: [(1, BOX_A)], 2: [(3, BOX_B)]})
+    coco = ev.load_coco(write_gt(tmp_path, gt))
+    cv2.imwrite(str(tmp_path / "1.png"), np.full((H, W, 3), 90, np.uint8))
+    (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a truncated PNG: cv2 gives None
+    with pytest.warns(UserWarning, match=r"2.png: not a decodable image"):
+        assert figures.find_image(tmp_path, "2.png") is None
+    res = {"m": perfect(gt)}
+    with pytest.warns(UserWarning, match="2.png"):
+        ev.comparison_figures(coco, res, {"m": {"Loc": 1.0}}, tmp_path, tmp_path / "out", n=2)
+    assert mpimg.imread(tmp_path / "out" / "side_by_side.png").shape[:2] == (320, 320)  # the readable image only
