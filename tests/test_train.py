@@ -311,6 +311,10 @@ def test_bad_inputs_fail_before_training(pool, tmp_path):
     for bad in ("0,1", "1,1", "v1", ""):
         with pytest.raises(SystemExit, match="--rpn-views"):
             train.main(tiny_args(pool, tmp_path, "--rpn-views", bad))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "checkpoint.pth").write_bytes(b"PK\x03\x04 cut short by a crash")
+    with pytest.raises(SystemExit, match="ck/checkpoint.pth: cannot be read"):
+        train.main(tiny_args(pool, tmp_path / "ck"))
 
 
 def test_rpn_views_and_min_visible_flags_reach_model_and_data(pool, tmp_path):
