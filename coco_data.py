@@ -30,7 +30,7 @@ Public
     label_fraction_subset(image_ids, fraction, seed) -> sorted image ids
     kshot_subset(cocoset, shots, seed, novel=None, base_full=False) -> {image_id: [annotation, ...]}
     DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict);
-        in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (eval.predict skips it)
+        in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (predict.predict skips it)
     collate(batch) -> (images list, targets list)
     voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict
 
@@ -278,7 +278,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     An image that fails to decode (or whose size is not the JSON's) warns, naming the file, and is counted (.bad).
     Training replaces it by the next one, never a crash. Evaluation (train=False) never substitutes (its predictions
-    would go under the wrong image id): the item is (None, {"image_id", "file_name", "error"}), which eval.predict
+    would go under the wrong image id): the item is (None, {"image_id", "file_name", "error"}), which predict.predict
     skips and records, so that only the images actually predicted are evaluated.
     """
 

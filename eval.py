@@ -22,10 +22,6 @@ proposals use xyxy pixels (contract). Masks in results are RLEs with str counts 
 
 Public
 ------
-- ``predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_thresh=0.5, progress=True)``
-  -> ``Predictions``: a list of COCO result dicts that also holds ``image_ids`` (the images predicted) and ``skipped``
-  ({image_id: file name} of unreadable images, never evaluated); ``detections_to_coco(output, image_id, cat_ids,
-  score_thresh, mask_thresh)``.
 - ``save_results(results, path)`` (atomic), ``load_results(path)``, ``check_results(results, coco, source)``,
   ``load_coco(gt) -> COCO`` (iscrowd 0 and area w * h filled where missing, malformed polygons dropped).
 - ``coco_eval(gt, results, iou_type="bbox") -> dict``; ``voc_ap(recall, precision, use_07_metric=False) -> float``;
@@ -34,21 +30,23 @@ Public
 - ``proposal_recall(gt_boxes, proposals, max_dets=(10, 100, 1000)) -> dict``.
 - from figures.py: ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5)``,
   ``pick_disagreement(predictions_by_model, n, gts=None, score_thresh=0.5)``, ``results_by_image(results)``.
-- ``predict_checkpoint(path, gt_path, image_root, out, name=None)``, ``checkpoint_names(paths)``: a model_final.pth's
-  predictions, one distinct results file per checkpoint; ``checkpoint_predictions(path, gt_path, image_root)`` ->
-  Predictions (ValueError naming both files when the checkpoint's categories are not the ground truth's).
+- ``predict_checkpoint(path, gt_path, image_root, out, name=None)``: a model_final.pth's predictions
+  (predict.checkpoint_predictions) saved to out/<name>.json, one distinct results file per checkpoint
+  (predict.checkpoint_names).
 - ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null); ``main``.
 VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here.
 
-Results that know their images (``Predictions``) are evaluated on those images only (the ground truth is cut to
-them), so an unreadable val image is left out instead of counting as missed; coco_eval adds ``skipped_images`` and
+Results come from predict.py (``predict``, ``checkpoint_predictions``) or from results files. Results that know
+their images (predict.py's ``Predictions``) are evaluated on those images only (the ground truth is cut to them), so
+an unreadable val image is left out instead of counting as missed; coco_eval adds ``skipped_images`` and
 ``skipped_files``. Mask AP needs a mask on every ground truth: where one has none (or pycocotools fails on them)
 coco_eval(iou_type="segm") warns and returns NaN with the reason under "skipped": box metrics never depend on it.
 Empty results evaluate as COCOeval would: AP 0 where the ground truth has objects, NaN where it has none; a ground
 truth without images raises ValueError.
 
-Project-local dependencies: box_metrics.py, figures.py, tide.py (imported at load); coco_data.py and detector.py
-(--checkpoint only), data.py (the default synthetic split only), selective_search.py (--proposals .npz only).
+Project-local dependencies: box_metrics.py, figures.py, predict.py, tide.py (imported at load); through predict.py,
+coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only), selective_search.py
+(--proposals .npz only).
 """
 from __future__ import annotations
 
@@ -64,15 +62,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
 import box_metrics
 from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa: F401 (re-exported)
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
+from predict import checkpoint_names, checkpoint_predictions  # --checkpoint
 from tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -212,70 +208,6 @@ def _results(gt, results):
     return coco, results
 
 
-# ---------------- Predictions of a torchvision-convention detector ------------------------------------------------
-def detections_to_coco(output: dict, image_id, cat_ids=None, score_thresh=0.05, mask_thresh=0.5) -> list:
-    """One image's detector output -> COCO result dicts.
-
-    output: boxes (n, 4) xyxy, labels (n,) contiguous 1..C, scores (n,), masks (n, 1, H, W) float (optional).
-    cat_ids: category id of label l is cat_ids[l - 1]; None keeps the label. Masks are cut at mask_thresh -> RLE.
-    """
-    keep = output["scores"] >= score_thresh  # (n,)
-    boxes = output["boxes"][keep].detach().float().cpu().numpy()  # (k, 4) xyxy
-    labels = output["labels"][keep].cpu().tolist()
-    scores = output["scores"][keep].detach().float().cpu().tolist()
-    if cat_ids is not None and any(not 1 <= lab <= len(cat_ids) for lab in labels):
-        raise ValueError(f"image {image_id}: labels {sorted(set(labels))} outside 1..{len(cat_ids)} (cat_ids)")
-    out = [{"image_id": image_id, "category_id": int(cat_ids[lab - 1] if cat_ids is not None else lab),
-            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])], "score": float(s)}
-           for b, lab, s in zip(boxes, labels, scores)]
-    if "masks" in output and out:
-        m = (output["masks"][keep][:, 0] >= mask_thresh).cpu().numpy().astype(np.uint8)  # (k, H, W)
-        for r, rle in zip(out, mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))):
-            r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-    return out
-
-
-class Predictions(list):
-    """predict's COCO results (a list, JSON-ready as such) with image_ids: the images predicted, and skipped:
-    {image_id: file name} of the items without an image (unreadable). coco_eval, voc_map50 and tide evaluate the
-    predicted images only; saved to a file (save_results) they are a plain results list again."""
-
-    def __init__(self, results=(), image_ids=(), skipped=None):
-        super().__init__(results)
-        self.image_ids, self.skipped = list(image_ids), dict(skipped or {})
-
-
-@torch.no_grad()
-def predict(model, dataset, device="cpu", score_thresh=0.05, cat_ids=None, mask_thresh=0.5,
-            progress=True) -> Predictions:
-    """Run a detector on (image, target) items -> COCO results (with a tqdm bar) as Predictions.
-
-    Items: image float (3, H, W) in [0, 1] (uint8 is divided by 255) and target a dict with "image_id" or the id.
-    An item whose image is None (coco_data.DetectionDataset in eval mode: unreadable file) is skipped and recorded
-    in .skipped, never predicted. The model follows torchvision's convention (model.eval(); model([img]) -> [dict]);
-    its mode is restored.
-    """
-    was_training = model.training
-    model.eval().to(device)
-    results = Predictions()
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    for image, target in tqdm(dataset, total=total, desc="predict", disable=not progress):
-        image_id = target["image_id"] if isinstance(target, dict) else target
-        image_id = int(image_id.item()) if torch.is_tensor(image_id) else image_id
-        if image is None:
-            results.skipped[image_id] = target.get("file_name", str(image_id)) if isinstance(target, dict) else ""
-            continue
-        results.image_ids.append(image_id)
-        img = image.float() / 255 if image.dtype == torch.uint8 else image.float()  # (3, H, W) in [0, 1]
-        (output,) = model([img.to(device)])
-        results += detections_to_coco(output, image_id, cat_ids, score_thresh, mask_thresh)
-    model.train(was_training)
-    if results.skipped:
-        warnings.warn(f"predict: {len(results.skipped)} unreadable images skipped, left out of the evaluation: "
-                      f"{sorted(map(str, results.skipped.values()))[:5]}", stacklevel=3)  # 3: past no_grad
-    return results
-
-
 # ---------------- COCO AP (Table 1) and TIDE (Table 3) ------------------------------------------------------------
 def coco_eval(gt, results, iou_type="bbox") -> dict:
     """COCOeval AP, AP50, AP75, APs, APm, APl in percent (NaN where COCOeval has no gt, e.g. no small objects).
@@ -389,58 +321,11 @@ def _default_gt():
     return root / "annotations" / "val.json", root
 
 
-def checkpoint_names(paths) -> list[str]:
-    """A distinct name per checkpoint: its run folder for a model_final.pth, else the file stem; _i on a clash."""
-    base = [Path(p).resolve().parent.name if Path(p).name == "model_final.pth" else Path(p).stem for p in paths]
-    return [b if base.count(b) == 1 else f"{b}_{i}" for i, b in enumerate(base)]
-
-
 def predict_checkpoint(path, gt_path, image_root, out: Path, name: str | None = None) -> Path:
     """finetune.py's model_final.pth -> predictions on the split (COCO results JSON out/<name>.json; name defaults
     to checkpoint_names); see checkpoint_predictions."""
     results = checkpoint_predictions(path, gt_path, image_root)
     return save_results(results, out / f"{name or checkpoint_names([path])[0]}.json")
-
-
-def checkpoint_predictions(path, gt_path, image_root) -> Predictions:
-    """finetune.py's model_final.pth -> its Predictions on the split gt_path (images under image_root, or
-    image_root/val: the synthetic layout). ValueError naming both files when the checkpoint's categories differ
-    from the ground truth's, or for a split without images. Loaded with weights_only=True: never runs code."""
-    import coco_data
-    from detector import Detector, DetectorConfig
-    if image_root is None:
-        raise ValueError(f"{path}: give --images, the image folder of {gt_path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in ck:
-        raise ValueError(f"{path}: not a finetune.py model_final.pth (needs 'state_dict' and 'config')")
-    d = json.loads(Path(gt_path).read_text())
-    if not isinstance(d, dict) or not d.get("images"):
-        raise ValueError(f"{gt_path}: the ground truth has no images: nothing to predict or evaluate")
-    first = d["images"][0].get("file_name", "") if isinstance(d["images"][0], dict) else ""
-    root = Path(image_root)
-    root = root if (root / first).exists() else root / "val"  # the synthetic layout: <root>/val
-    val = coco_data.load_coco(gt_path, root)
-    _check_categories(ck, val, path)
-    det = Detector(DetectorConfig(**ck["config"]))
-    det.load_state_dict(ck["state_dict"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device, cat_ids=val.cat_ids)
-
-
-def _check_categories(ck: dict, val, path) -> None:
-    """ValueError naming the checkpoint and the ground truth when their categories differ (ids or names; without
-    saved cat_ids, the class count): the predictions would be filed under the wrong categories."""
-    ids, names, n = ck.get("cat_ids"), ck.get("names"), ck["config"].get("num_classes")
-    theirs = list(zip(val.cat_ids, val.names))
-    if ids is None:
-        if n is not None and n != len(val.cat_ids):
-            raise ValueError(f"{path}: the checkpoint has {n} classes, {val.path} has {len(val.cat_ids)} categories "
-                             f"{theirs}")
-        return
-    if list(ids) != val.cat_ids or (names is not None and list(names) != val.names):
-        mine = list(zip(ids, names)) if names is not None else list(ids)
-        raise ValueError(f"{path}: the checkpoint's categories (id, name) {mine} differ from those of {val.path}: "
-                         f"{theirs}; evaluate it on the categories it was fine-tuned on")
 
 
 def _proposal_lists(coco: COCO, path):

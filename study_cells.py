@@ -37,11 +37,12 @@ def _predict_final(out: Path, val_json, val_images, path: Path) -> None:
     import coco_data
     import eval as ev
     from detector import Detector, DetectorConfig
+    from predict import predict
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     det = Detector(DetectorConfig(**final["config"]))
     det.load_state_dict(final["state_dict"])
     ds = coco_data.DetectionDataset(coco_data.load_coco(val_json, val_images), train=False)
-    ev.save_results(ev.predict(det, ds, cat_ids=final["cat_ids"]), path)
+    ev.save_results(predict(det, ds, cat_ids=final["cat_ids"]), path)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Tests for eval.py, tide.py and figures.py (paper 4.3-4.5): COCO AP, VOC mAP50, TIDE, AR, figures, bad input, CLI."""
+"""Tests for eval.py, predict.py, tide.py and figures.py (paper 4.3-4.5): COCO AP, VOC mAP50, TIDE, AR, figures,
+prediction, bad input, CLI."""
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as ev  # noqa: E402
 import figures  # noqa: E402
+import predict as pr  # noqa: E402
 import tide as tide_mod  # noqa: E402
 
 W = H = 200  # image size of the hand-made ground truths
@@ -351,18 +353,18 @@ class FakeDetector(torch.nn.Module):
 def test_predict_maps_labels_and_encodes_masks(tmp_path):
     data = [(torch.rand(3, 16, 20), {"image_id": torch.tensor(5)}), (torch.randint(0, 255, (3, 16, 20)).byte(), 6)]
     model = FakeDetector().train()
-    res = ev.predict(model, data, score_thresh=0.05, cat_ids=[1, 3], progress=False)
+    res = pr.predict(model, data, score_thresh=0.05, cat_ids=[1, 3], progress=False)
     assert model.training  # mode restored
     assert [r["image_id"] for r in res] == [5, 6] and all(r["category_id"] == 1 for r in res)
     assert res[0]["bbox"] == pytest.approx([3, 2, 9, 8])
     assert int(mask_utils.area(res[0]["segmentation"])) == 8 * 9
-    res = ev.predict(model, data, score_thresh=0.0, cat_ids=[1, 3], progress=False)
+    res = pr.predict(model, data, score_thresh=0.0, cat_ids=[1, 3], progress=False)
     assert sorted({r["category_id"] for r in res}) == [1, 3]
     assert int(mask_utils.area(res[1]["segmentation"])) == 0
     path = ev.save_results(res, tmp_path / "r.json")
     assert ev.load_results(path) == json.loads(json.dumps(res))
     with pytest.raises(ValueError, match="outside"):
-        ev.predict(model, data, score_thresh=0.0, cat_ids=[1], progress=False)
+        pr.predict(model, data, score_thresh=0.0, cat_ids=[1], progress=False)
 
 
 def test_predict_with_a_torchvision_mask_rcnn(tmp_path):
@@ -377,7 +379,7 @@ def test_predict_with_a_torchvision_mask_rcnn(tmp_path):
     for im in gt["images"]:
         im["width"] = im["height"] = 64
     data = [(torch.rand(3, 64, 64), 1), (torch.rand(3, 64, 64), 2)]
-    res = ev.predict(model, data, score_thresh=0.0, cat_ids=[1, 3], progress=False)
+    res = pr.predict(model, data, score_thresh=0.0, cat_ids=[1, 3], progress=False)
     assert 0 < len(res) <= 10 and all("segmentation" in r for r in res)
     path = write_gt(tmp_path, gt)
     for iou_type in ("bbox", "segm"):
@@ -469,14 +471,14 @@ def test_unreadable_val_image_is_skipped_not_misfiled(tmp_path):
     cs = coco_data.load_coco(path, img)
     (img / "2.png").write_bytes((img / "2.png").read_bytes()[:40])
     with pytest.warns(UserWarning, match="2.png"):
-        res = ev.predict(GreyOracle(cs), coco_data.DetectionDataset(cs, train=False), cat_ids=cs.cat_ids,
+        res = pr.predict(GreyOracle(cs), coco_data.DetectionDataset(cs, train=False), cat_ids=cs.cat_ids,
                          progress=False)
     assert res.image_ids == [1, 3, 4] and res.skipped == {2: "2.png"} and {r["image_id"] for r in res} == {1, 3, 4}
     m = ev.coco_eval(path, res)
     assert m["AP"] == pytest.approx(100) and m["skipped_images"] == 1 and m["skipped_files"] == ["2.png"]
     assert ev.voc_map50(path, res)["mAP"] == pytest.approx(100) and ev.tide(path, res)["Miss"] == 0
     with pytest.raises(ValueError, match="no image was predicted"):
-        ev.coco_eval(path, ev.Predictions([], [], {1: "1.png"}))
+        ev.coco_eval(path, pr.Predictions([], [], {1: "1.png"}))
 
 
 def _fake_checkpoint(tmp_path, cat_ids, names):

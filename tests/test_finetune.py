@@ -22,6 +22,7 @@ import export  # noqa: E402
 import eval as ev  # noqa: E402
 import finetune  # noqa: E402
 import model  # noqa: E402
+import predict  # noqa: E402
 from detector import Detector, DetectorConfig, load_pretrained  # noqa: E402
 
 CATS = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]  # non-contiguous on purpose
@@ -212,7 +213,7 @@ def test_overfit_one_image():
         coco = COCO()
         coco.dataset = gt
         coco.createIndex()
-    ap = ev.coco_eval(coco, ev.detections_to_coco(out, 1), "bbox")
+    ap = ev.coco_eval(coco, predict.detections_to_coco(out, 1), "bbox")
     assert ap["AP50"] >= 75 and ap["AP"] >= 25  # random init: AP 0
 
 
@@ -308,7 +309,7 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     assert set(m["results"]) == {"run", "other"}
     a, b = (Path(m["results"][k]).read_text() for k in ("run", "other"))
     assert a != b and m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
-    assert ev.checkpoint_names(["x/model_final.pth", "y/model_final.pth", "y/a.pth", "z/a.pth"]) == \
+    assert predict.checkpoint_names(["x/model_final.pth", "y/model_final.pth", "y/a.pth", "z/a.pth"]) == \
         ["x", "y", "a_2", "a_3"]
 
 
