@@ -1,5 +1,6 @@
 """detector.py / detector_heads.py: train step + inference per detector kind, RoI sampling, losses, masks,
 post-processing, pretrained.pth loading (paper 4.3-4.4). CPU, ResNet-18, ~100 px images."""
+import math
 import os
 import sys
 
@@ -182,3 +183,163 @@ def test_load_pretrained_reports_loaded_and_fresh(tmp_path, capsys):
     assert rep["mismatched"] and all(k.startswith(("box_head", "box_predictor")) for k in rep["fresh"])
     with pytest.raises(ValueError, match="pretrained.pth"):
         load_pretrained(Detector(small("faster", depth=34)), path, verbose=False)
+
+
+# ---------------------------------------------------------------- original <-> resized pixels at scale != 1
+TINY = dict(min_size=(64,), test_size=64, max_size=100, fpn_channels=32, head="2fc", mask_dim=16)  # 50x200 -> 0.5
+
+
+def test_forward_maps_resized_boxes_and_masks_to_original_pixels(monkeypatch):
+    torch.manual_seed(0)
+    det = Detector(small("mask", **TINY)).eval()
+    imgs = [torch.rand(3, 50, 200), torch.rand(3, 64, 32)]  # scales 0.5 and 1.5625 (test_preprocess_...)
+
+    def fixed_box_predict(feats, props):  # every RoI: box (10, 5, 30, 20) in resized pixels, class 1 only
+        n = sum(len(p) for p in props)
+        boxes = torch.tensor([10.0, 5, 30, 20]).expand(n, 3, 4).clone()
+        scores = torch.full((n, 3), 0.01)
+        scores[:, 0] = 0.9
+        return boxes, scores
+
+    monkeypatch.setattr(det, "_box_predict", fixed_box_predict)
+    with torch.no_grad():
+        outs = det(imgs)
+    assert [o["labels"].tolist() for o in outs] == [[1], [1]]
+    assert torch.allclose(outs[0]["boxes"], torch.tensor([[20.0, 10, 60, 40]]))  # / 0.5
+    assert torch.allclose(outs[1]["boxes"], torch.tensor([[6.4, 3.2, 19.2, 12.8]]))  # / 1.5625
+    for o, (H, W), (r0, r1, c0, c1) in zip(outs, [(50, 200), (64, 32)], [(10, 40, 20, 60), (3, 13, 6, 20)]):
+        inside = torch.zeros(H, W, dtype=torch.bool)
+        inside[r0:r1, c0:c1] = True  # pixels the pasted mask covers: floor(x1) .. ceil(x2) - 1 (original pixels)
+        assert o["masks"].shape == (1, 1, H, W) and torch.equal(o["masks"][0, 0] > 0, inside)
+
+
+def test_losses_map_original_targets_to_resized_pixels_and_back(monkeypatch):
+    import rpn
+    torch.manual_seed(0)
+    det = Detector(small("mask", **TINY)).train()
+    masks = torch.zeros(2, 50, 200, dtype=torch.uint8)
+    masks[0, 10:40, 20:60] = 1
+    masks[1, 0:50, 100:180] = 1
+    gt = torch.tensor([[20.0, 10, 60, 40], [100, 0, 180, 50]])
+    seen = {}
+    real_targets, real_sample, real_masks = rpn.rpn_targets, dh.sample_rois, dh.mask_targets
+
+    def rpn_targets(anchors, boxes, valid, *a, **k):
+        seen["rpn"] = boxes.clone(), valid.clone()
+        return real_targets(anchors, boxes, valid, *a, **k)
+
+    def sample_rois(props, gt_boxes, *a, **k):
+        seen["roi_gt"], seen["samples"] = gt_boxes.clone(), real_sample(props, gt_boxes, *a, **k)
+        return seen["samples"]
+
+    def mask_targets(gt_masks, matched, rois, *a, **k):
+        seen["mask"] = gt_masks.shape, rois.clone()
+        return real_masks(gt_masks, matched, rois, *a, **k)
+
+    monkeypatch.setattr(rpn, "rpn_targets", rpn_targets)
+    monkeypatch.setattr(dh, "sample_rois", sample_rois)
+    monkeypatch.setattr(dh, "mask_targets", mask_targets)
+    losses = det.losses([torch.rand(3, 50, 200)], [{"boxes": gt, "labels": torch.tensor([1, 2]), "masks": masks}])
+    assert torch.isfinite(losses["loss"])
+    resized = torch.tensor([[10.0, 5, 30, 20], [50, 0, 90, 25]])  # gt * 0.5
+    boxes, valid = seen["rpn"]
+    assert torch.allclose(boxes, resized[None]) and valid.all()
+    assert torch.allclose(seen["roi_gt"], resized)
+    s = seen["samples"]
+    fg = s["labels"] > 0
+    assert fg.any()
+    shape, rois = seen["mask"]  # RoIs cut the gt masks in their (original) pixels: the sampled boxes / 0.5
+    assert shape == (2, 50, 200) and torch.allclose(rois, s["boxes"][fg] * 2)
+
+
+# ---------------------------------------------------------------- Cascade R-CNN
+class _Fixed(torch.nn.Module):
+    """A stage's box predictor that returns given logits and deltas whatever its input."""
+
+    def __init__(self, logits, deltas):
+        super().__init__()
+        self.out = (logits, deltas)
+
+    def forward(self, h):
+        return self.out
+
+
+def _fix_cascade(monkeypatch, det, logits, deltas):
+    """Stage k returns logits[k], deltas[k]; det.pool records the boxes of each call. -> that record."""
+    for stage, lg, d in zip(det.stages, logits, deltas):
+        monkeypatch.setattr(stage, "box_head", torch.nn.Identity())
+        monkeypatch.setattr(stage, "box_predictor", _Fixed(lg, d))
+    pooled = []
+
+    def pool(feats, boxes, size=7):
+        pooled.append([b.clone() for b in boxes])
+        return torch.zeros(sum(len(b) for b in boxes), 1, size, size)
+
+    monkeypatch.setattr(det, "pool", pool)
+    return pooled
+
+
+def test_scale_grad_identity_forward_scaled_backward():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = dh.scale_grad(x, 1.0 / 3)
+    assert torch.allclose(y, x, rtol=0, atol=1e-6)
+    g = torch.randn(4, 3)
+    y.backward(g)
+    assert torch.allclose(x.grad, g / 3, rtol=0, atol=1e-6)
+
+
+def test_cascade_losses_relabel_refine_and_stage_coders(monkeypatch):
+    import rpn
+    det = Detector(small("cascade", num_classes=2, **TINY)).train()
+    G, gl = torch.tensor([[20.0, 20, 60, 60]]), torch.tensor([1])
+    # IoU with G: 0.82 (refined towards G below), 0.55 (fg at 0.5 only), 0.65 (fg at 0.5 and 0.6), 0
+    rois = torch.tensor([[16.0, 20, 56, 60], [20, 20, 60, 42], [20, 20, 60, 46], [70, 70, 90, 90]])
+    labels, matched = dh.label_rois(rois, G, gl, 0.5)
+    assert labels.tolist() == [1, 1, 1, 0]
+    d = torch.zeros(4, 4)
+    d[0, 0] = 0.5  # RoI 0 moves right by 0.5 / wx of its width: 2 px at stage 1 (wx 10), 1 px at stage 2 (wx 20)
+    calls = []
+    real_loss = dh.fast_rcnn_loss
+
+    def fast_rcnn_loss(logits, deltas, labels, targets, beta=0.0):
+        calls.append((labels.clone(), targets.clone()))
+        return real_loss(logits, deltas, labels, targets, beta)
+
+    monkeypatch.setattr(dh, "fast_rcnn_loss", fast_rcnn_loss)
+    pooled = _fix_cascade(monkeypatch, det, [torch.zeros(4, 3)] * 3, [d, d, torch.zeros(4, 4)])
+    out = det._cascade_losses(None, [{"boxes": rois, "labels": labels, "matched": matched}], [G], [gl], [(100, 100)])
+    assert set(out) == {f"loss_{n}_s{k}" for n in ("cls", "box") for k in (1, 2, 3)}
+    # stage inputs: the sampled RoIs, then each stage's refinement with its own coder (detached, clipped)
+    b2, b3 = rois.clone(), rois.clone()
+    b2[0], b3[0] = torch.tensor([18.0, 20, 58, 60]), torch.tensor([19.0, 20, 59, 60])
+    assert len(pooled) == 3
+    for got, want in zip(pooled, [rois, b2, b3]):
+        assert torch.allclose(got[0], want, atol=1e-5)
+    # relabelled at IoU 0.5 / 0.6 / 0.7
+    assert [c[0].tolist() for c in calls] == [[1, 1, 1, 0], [1, 0, 1, 0], [1, 0, 0, 0]]
+    # RoI 0's targets by hand: dx = wx_k * (40 - centre_x) / 40
+    assert [c[1][0].tolist() for c in calls] == [pytest.approx([1.0, 0, 0, 0], abs=1e-5),
+                                                 pytest.approx([1.0, 0, 0, 0], abs=1e-5),
+                                                 pytest.approx([0.75, 0, 0, 0], abs=1e-5)]
+    for (lab, t), boxes, w in zip(calls, [rois, b2, b3], dh.CASCADE_WEIGHTS):
+        want = torch.where((lab > 0)[:, None], rpn.encode_boxes(G.expand(4, 4), boxes, w), 0.0)
+        assert torch.allclose(t, want, atol=1e-5)
+
+
+def test_cascade_predict_mean_scores_last_stage_boxes(monkeypatch):
+    det = Detector(small("cascade", num_classes=3, **TINY)).eval()
+    props = [torch.tensor([[20.0, 20, 60, 60], [0, 0, 10, 10]])]
+    p = [torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]),
+         torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]]),
+         torch.tensor([[0.1, 0.8, 0.05, 0.05], [0.7, 0.1, 0.1, 0.1]])]  # softmax(log p) = p
+    d = torch.zeros(3, 2, 4)
+    d[0, 0, 0] = 1.0  # stage 1 (wx 10): x + 0.1 w = +4 px
+    d[1, 0, 1] = 2.0  # stage 2 (wy 20): y + 0.1 h = +4 px
+    d[2, 0, 2] = 15.0 * math.log(2)  # stage 3 (ww 15): width x 2 about the centre
+    pooled = _fix_cascade(monkeypatch, det, [q.log() for q in p], list(d))
+    boxes, scores = det._cascade_predict(None, props, [(100, 100)])
+    assert torch.allclose(scores, torch.tensor([[0.55, 0.5 / 3, 0.4 / 3], [0.1, 0.1, 0.1]]), atol=1e-6)
+    want = torch.tensor([[4.0, 24, 84, 64], [0, 0, 10, 10]])  # [20, 20, 60, 60] -> +4 x -> +4 y -> width 80
+    assert boxes.shape == (2, 3, 4) and torch.allclose(boxes, want[:, None].expand(2, 3, 4), atol=1e-4)
+    assert torch.allclose(pooled[1][0][0], torch.tensor([24.0, 20, 64, 60]), atol=1e-4)
+    assert torch.allclose(pooled[2][0][0], torch.tensor([24.0, 24, 64, 64]), atol=1e-4)
