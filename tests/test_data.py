@@ -86,6 +86,26 @@ def test_v3_downsample_is_v2_at_half_size():
     assert torch.allclose(v[2][1], v[1][1] / 2)
 
 
+def test_v2_crop_range_follows_4_1_2():
+    """4.1.2: V2 is a crop of V1 (S x S) of area fraction in [0.5, 1] and aspect ratio w/h in [3/4, 4/3], drawn with
+    sample_geometry's defaults as PretrainDataset calls it; over 200 draws the whole range is used. The crop sides are
+    rounded to pixels: a side of >= 158 px moves the area by < 0.0035 and the ratio by < 0.009."""
+    S, eps = 224, 0.01
+    areas, ratios = [], []
+    for seed in range(200):
+        H, W = 150 + seed, 450 - seed  # PretrainDataset passes the image's size; V2 crops V1, whatever it is
+        v1, v2, _ = augment.sample_geometry(H, W, torch.Generator().manual_seed(seed))
+        assert v1["size"] == v2["size"] == S and v2["source"] == "v1"
+        top, left, h, w = v2["crop"]
+        assert 0 <= top and top + h <= S and 0 <= left and left + w <= S, (seed, v2["crop"])
+        areas.append(w * h / S**2)
+        ratios.append(w / h)
+    assert 0.5 - eps <= min(areas) and max(areas) <= 1, (min(areas), max(areas))
+    assert 3 / 4 - eps <= min(ratios) and max(ratios) <= 4 / 3 + eps, (min(ratios), max(ratios))
+    assert min(areas) < 0.6 and max(areas) > 0.9  # the range is used, not a narrower one
+    assert min(ratios) < 0.8 and max(ratios) > 1.25
+
+
 def test_box_jitter_only_on_v1_and_bounded():
     img = np.full((80, 80, 3), GREY, np.uint8)
     box = np.array([[20, 20, 60, 60]], np.float32)
@@ -325,6 +345,52 @@ def test_few_or_no_visible_proposals(tmp_path):
     assert none["fallback"]
     assert torch.allclose(none["b2"], torch.tensor([0.0, 0, 48, 48]).expand(4, 4), atol=1e-3)  # all of V2
     assert torch.allclose(none["b3"], torch.tensor([0.0, 0, 24, 24]).expand(4, 4), atol=1e-3)
+
+
+def drawn_indices(item, boxes, size, small_size):
+    """The proposals (rows of boxes, original pixels) that item's r1 rows are (V1's boxes before the jitter), and the
+    mask of those visible in all three views of item's geometry (rebuilt from t1..t3)."""
+    views = [{"affine": item[f"t{k}"].double().numpy(), "size": s}
+             for k, s in ((1, size), (2, size), (3, small_size))]
+    v1 = augment.map_boxes_views(boxes.astype(np.float64), views)[1][0]  # (N, 4) V1 pixels, clipped
+    diff = np.abs(item["r1"].double().numpy()[:, None] - v1[None]).max(-1)  # (K, N)
+    assert (diff.min(1) < 1e-3).all()
+    return diff.argmin(1), augment.visible(boxes, views, data.MIN_VISIBLE)
+
+
+def test_k_distinct_boxes_drawn_among_the_visible(tmp_path):
+    """3.2: the K boxes are K different proposals among those visible in all views (r1: before the jitter, which is
+    on); with fewer visible than K, all of them, repeated; a new epoch draws other boxes."""
+    props = write_images(tmp_path, 2, seed=5)
+    rng = np.random.default_rng(0)
+    rels = sorted(props)
+    for rel, n_central in ((rels[0], 12), (rels[1], 3)):
+        H, W = np.asarray(Image.open(tmp_path / rel)).shape[:2]
+        c = np.array([W, H, W, H]) * (0.5 + rng.uniform(-0.05, 0.05, (n_central, 1)))  # centres, then half sides
+        half = np.array([W, H, W, H]) * rng.uniform(0.1, 0.25, (n_central, 4)) * [-1, -1, 1, 1]
+        tiny = np.array([[0, 0, 1, 1], [W - 1, 0, W, 1], [0, H - 1, 1, H], [W - 1, H - 1, W, H]])  # never visible
+        props[rel] = np.concatenate([np.round(c + half), tiny]).astype(np.float32)
+    K = 4
+    ds = data.PretrainDataset(tmp_path, props, K=K, size=64, small_size=32, color=False, jitter=True)
+    enough = few = 0
+    choices = set()
+    for e in range(10):
+        for i, rel in enumerate(rels):
+            item = ds[(e, i)]
+            if item["fallback"]:
+                continue
+            idx, vis = drawn_indices(item, props[rel], 64, 32)
+            assert vis[idx].all(), (e, i)
+            if vis.sum() >= K:
+                assert len(set(idx.tolist())) == K, (e, i, idx)  # K distinct proposals
+                enough += 1
+            else:
+                assert set(idx.tolist()) == set(np.flatnonzero(vis).tolist()), (e, i, idx, vis)
+                few += vis.sum() >= 2
+            if i == 0:
+                choices.add(frozenset(idx.tolist()))
+    assert enough >= 5 and few >= 2, (enough, few)
+    assert len(choices) >= 3  # the choice varies across epochs
 
 
 def test_dataset_errors(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+import byol
 import model
 import rpn
 
@@ -190,3 +191,108 @@ def test_pretraining_step_makes_no_host_sync(mode):
         opt.step()
         byol.ema_update(net.online, net.target, 0.99)
     assert counter.counts == {}
+
+
+# ---- how forward assembles L_det (Eqs. 5-7) and the 'SS + RPN' boxes (Table 4) -------------------------------------
+def perturbed(net):
+    """net with its target moved away from the online branch (at initialisation xi = theta: online and target outputs
+    could not be told apart). Train mode: BN normalises with the statistics of the batch, so a call on the same batch
+    gives the same features, as in eval mode, but they depend on the input far more at random initialisation (in eval
+    mode a wrong pairing of views or boxes moved L_det by only ~1e-4 here)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.target.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 1e-3))
+    return net.train()
+
+
+def eq7_by_hand(net, views, boxes, branch=None):
+    """L_det of Eq. 7 from its pieces: q_j = q(p(g(RoIAlign(f(V_j), b_j)))) online, z_j = p_xi(g_xi(...)) of
+    `branch` (the target; the online branch for the negative check)."""
+    branch = net.target if branch is None else branch
+    q = [net.predictor(net.online.project_boxes(net.online.extractor(v), b)) for v, b in zip(views, boxes)]
+    z = [branch(v, b) for v, b in zip(views, boxes)]
+    return byol.detector_loss(q, z)
+
+
+def test_loss_det_is_eq7_of_each_views_own_boxes_with_the_target_branch():
+    """forward's L_det = detector_loss(q, z): q from the online branch, z from the target xi, each view with its own
+    boxes (caught: z from the online branch, V1's boxes for every view)."""
+    net = perturbed(model.ADePT("joint", depth=18, fpn_channels=64))
+    views, boxes = views_and_boxes(B=2, size=64)
+    with torch.no_grad():
+        got = net(views, boxes)["loss_det"]
+        want = eq7_by_hand(net, views, boxes)
+        assert torch.allclose(got, want, atol=1e-5), (got, want)
+        assert not torch.allclose(got, eq7_by_hand(net, views, boxes, net.online), atol=1e-3)  # the target matters
+        v1_boxes = [boxes[0]] * 3
+        assert not torch.allclose(got, eq7_by_hand(net, views, v1_boxes), atol=1e-3)  # each view its own boxes
+
+
+def test_byol_mode_loss_pairs_each_online_view_with_the_other_target_view():
+    """The image-level baseline: byol_loss(q1, q2, z1, z2) = -2 cos(q1, z2) - 2 cos(q2, z1), z from the target
+    (caught: the swapped pairing byol_loss(q1, q2, z2, z1), z from the online branch)."""
+    net = perturbed(model.ADePT("byol", depth=18))
+    views, _ = views_and_boxes(B=2, size=64)
+    with torch.no_grad():
+        got = net(views, None)["loss_det"]
+        q = [net.predictor(net.online(v, None)) for v in views[:2]]
+        z = [net.target(v, None) for v in views[:2]]
+        z_online = [net.online(v, None) for v in views[:2]]
+        assert torch.allclose(got, byol.byol_loss(q[0], q[1], z[0], z[1]), atol=1e-5)
+        assert not torch.allclose(got, byol.byol_loss(q[0], q[1], z[1], z[0]), atol=1e-3)  # the pairing matters
+        assert not torch.allclose(got, byol.byol_loss(q[0], q[1], z_online[0], z_online[1]), atol=1e-3)
+
+
+def test_rpn_proposals_are_v1s_mapped_into_each_view_or_the_ss_box(monkeypatch):
+    """Table 4 'SS + RPN': V1's proposals p (known here) are appended to every view's K SS boxes, mapped
+    V1 -> original -> V_j; one that falls out of V_j's crop (a side < 2 px after clipping) is replaced by the SS box
+    of that slot; an image with fewer than K proposals keeps its SS boxes in the missing slots (caught: source and
+    destination transforms swapped, no fallback)."""
+    K = 3
+    props = [torch.tensor([[8.0, 8.0, 40.0, 56.0], [40.0, 30.0, 60.0, 62.0], [2.0, 2.0, 14.0, 14.0]]),  # 3rd: off V2
+             torch.tensor([[20.0, 10.0, 50.0, 34.0]])]  # image 2: one proposal only
+    monkeypatch.setattr(model.rpn, "generate_proposals",
+                        lambda logits, *a, **k: [(p.clone(), torch.ones(len(p))) for p in props])
+    net = model.ADePT("joint", depth=18, fpn_channels=64, rpn_proposals=True)
+    views, boxes = views_and_boxes(B=2, K=K, size=64)
+    # original (128 px) -> V1: halved; -> V2: the crop x, y in [32, 96] of the original, flipped, at scale 1;
+    # -> V3: V2 halved
+    t = [torch.tensor([[0.5, 0.0, 0.5, 0.0]] * 2), torch.tensor([[-1.0, 96.0, 1.0, -32.0]] * 2),
+         torch.tensor([[-0.5, 48.0, 0.5, -16.0]] * 2)]
+    with torch.no_grad():
+        out = net.add_rpn_proposals(net.online.extractor(views[0]), views, boxes, t)
+    assert [tuple(b.shape) for b in out] == [(2, 2 * K, 4)] * 3
+    for j in range(3):
+        assert torch.equal(out[j][:, :K], boxes[j])  # the SS boxes come first, unchanged
+    p1 = torch.stack([props[0], torch.cat([props[1], boxes[0][1, 1:]])])  # (2, K, 4) V1 pixels
+    assert torch.allclose(out[0][:, K:], p1)
+    # V1 (x, y) -> original (2x, 2y) -> V2 (96 - 2x, 2y - 32): x1/x2 swapped by the flip, clipped to [0, 64]
+    x, y = 96 - 2 * p1[..., [2, 0]], 2 * p1[..., [1, 3]] - 32
+    mapped2 = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1).clamp(0, 64)
+    assert torch.allclose(mapped2[0, :2], torch.tensor([[16.0, 0, 64, 64], [0.0, 28, 16, 64]]))
+    assert torch.allclose(mapped2[1, 0], torch.tensor([0.0, 0, 56, 36]))
+    assert torch.allclose(mapped2[0, 2], torch.tensor([64.0, 0, 64, 0]))  # (2, 2, 14, 14): out of V2's crop
+    for j, mapped in ((1, mapped2), (2, mapped2 / 2)):  # V3 = V2 at half size (clipped to [0, 32])
+        small = ((mapped[..., 2:] - mapped[..., :2]) < 2).any(-1)  # (2, K): side < 2 px in V_j
+        assert small[0].tolist() == [False, False, True]
+        assert torch.allclose(out[j][:, K:], torch.where(small[..., None], boxes[j], mapped)), (j, out[j][:, K:])
+
+
+def test_rpn_proposals_forward_feeds_l_det_the_doubled_boxes():
+    """forward with rpn_proposals=True: L_det is Eq. 7 on the 2K boxes add_rpn_proposals makes (real RPN
+    proposals); V3's appended boxes are V1's halved (identity V1 -> V2, V3 = V2 at half size) unless out of view."""
+    net = perturbed(model.ADePT("joint", depth=18, fpn_channels=64, rpn_proposals=True))
+    views, boxes = views_and_boxes(B=2, size=64)
+    t = [torch.tensor([[1.0, 0, 1, 0]] * 2), torch.tensor([[1.0, 0, 1, 0]] * 2), torch.tensor([[0.5, 0, 0.5, 0]] * 2)]
+    with torch.no_grad():
+        got = net(views, boxes, t)
+        doubled = net.add_rpn_proposals(net.online.extractor(views[0]), views, boxes, t)
+        assert torch.isfinite(got["loss"]) and got["loss_rpn"] > 0
+        assert torch.allclose(got["loss_det"], eq7_by_hand(net, views, doubled), atol=1e-5)
+        assert not torch.allclose(got["loss_det"], eq7_by_hand(net, views, boxes), atol=1e-3)
+    p1 = doubled[0][:, 4:]
+    assert not ((p1[..., 2:] - p1[..., :2]) < 2).any()  # the RPN's boxes at initialisation: anchor-sized
+    assert torch.equal(doubled[1][:, 4:], p1)
+    small = ((p1[..., 2:] - p1[..., :2]) / 2 < 2).any(-1)
+    assert torch.allclose(doubled[2][:, 4:], torch.where(small[..., None], boxes[2], p1 / 2))
