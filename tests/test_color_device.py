@@ -178,11 +178,35 @@ def test_color_batch_has_no_host_sync():
     assert counter.counts == {}
 
 
-def test_one_step_with_colour_on_the_device(pool, tmp_path):  # noqa: F811
+def test_one_step_with_colour_on_the_device(pool, tmp_path, monkeypatch):  # noqa: F811
+    """--color-on device: train_step colours each of the batch's 3 views with color_batch and that view's c1..c3
+    parameters (recorded through train.color_fn and train.train_step)."""
+    calls, batches = [], []
+    real_color_fn, real_step = train.color_fn, train.train_step
+
+    def recording_color_fn(args):
+        fn = real_color_fn(args)
+        assert fn is cd.color_batch
+
+        def recording(views, params):
+            calls.append((views, params))
+            return fn(views, params)
+        return recording
+
+    def recording_step(ddp, net, opt, batch, *a, **k):
+        batches.append(batch)
+        return real_step(ddp, net, opt, batch, *a, **k)
+
+    monkeypatch.setattr(train, "color_fn", recording_color_fn)
+    monkeypatch.setattr(train, "train_step", recording_step)
     train.main(tiny_args(pool, tmp_path, "--color-on", "device", "--max-steps", "1"))
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 1 and np.isfinite(rec["loss"]) and rec["loss_rpn"] > 0
-
+    assert len(batches) == 1 and len(calls) == 3  # one step: the three views, once each
+    batch = batches[0]
+    for j, (views, params) in enumerate(calls, 1):
+        assert torch.equal(views, batch[f"v{j}"]) and torch.equal(params, batch[f"c{j}"]), j
+    assert any((batch[f"c{j}"] != torch.tensor(NO)).any() for j in (1, 2, 3))  # the draws colour something
 
 
 def test_train_colour_function_and_its_compiled_form(monkeypatch):

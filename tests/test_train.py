@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import lars
 import selective_search
 import synthetic
@@ -41,11 +42,49 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# lr = base_lr x batch x world / 256 (train.train_loop): 128 x 2 / 256 = 1.0 at step 0 without warm-up. A step that
+# large moves every weight by many float32 ulps (LARS: ~1e-3 of its norm), enough to see the EMA's 1% of it
+BIG_STEP = ("--warmup-epochs", "0", "--base-lr", "128")
+
+
+def initial_params(pool, out, *extra):
+    """The parameters a train.py run with these flags starts from (train.build_model seeds them with --seed)."""
+    args, _ = train.resolve_args(train.parse_args(tiny_args(pool, out, *extra)))
+    return {k: p.detach().clone() for k, p in train.build_model(args, torch.device("cpu")).named_parameters()}
+
+
+def assert_one_step_ema(before, after, tau):
+    """After one step (3.3): every target parameter xi = tau xi_0 + (1 - tau) theta_1 (xi_0 the initial target,
+    theta_1 the online parameter after the step)."""
+    for k in before:
+        if k.startswith("online."):
+            t = "target." + k.removeprefix("online.")
+            expected = (tau * before[t].double() + (1 - tau) * after[k].double()).float()
+            torch.testing.assert_close(after[t], expected, rtol=1e-6, atol=1e-9, msg=lambda m, t=t: f"{t}: {m}")
+
+
+def changed(before, after, prefix):
+    """The parameters under `prefix` whose value the run changed, and those it did not."""
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    moved = [k for k in keys if not torch.equal(before[k], after[k])]
+    return moved, [k for k in keys if k not in moved]
+
+
 @pytest.mark.parametrize("mode", ["joint", "soco", "byol"])
 def test_one_step_per_mode(pool, tmp_path, mode):
-    train.main(tiny_args(pool, tmp_path, "--mode", mode, "--max-steps", "1"))
+    flags = ("--mode", mode, "--max-steps", "1", *BIG_STEP)
+    train.main(tiny_args(pool, tmp_path, *flags))
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 1 and all(k in rec for k in ("loss", "loss_rpn", "loss_det", "lr", "tau", "images_per_s"))
+    # the lr and tau step 0 ran with: base_lr 128 x batch 2 x 1 process / 256, no warm-up, cosine at 0; tau_base
+    assert rec["lr"] == 1.0 and rec["tau"] == pytest.approx(0.99, abs=1e-12)
+    # the step changed the online weights (LARS) and moved the target by the EMA of 3.3 (tau = 0.99 at step 0)
+    before, after = initial_params(pool, tmp_path, *flags), load(tmp_path / "checkpoint.pth")["model"]
+    assert changed(before, after, "online.extractor.backbone.conv1.")[0]
+    if mode == "joint":
+        assert not changed(before, after, "rpn.")[1]  # every RPN parameter moved
+    assert_one_step_ema(before, after, 0.99)
     assert rec["replaced"] == 0 and 0 <= rec["fallback"] <= 2  # counts of images replaced / samples with no box
     assert (rec["loss_rpn"] > 0) == (mode == "joint")
     state = load(tmp_path / "pretrained.pth")
@@ -64,10 +103,15 @@ def test_separate_mode_from_a_soco_run(pool, tmp_path):
         assert torch.equal(v, sep[k]), k
     assert any(k.startswith("rpn.") for k in sep)
     # the soco run's checkpoint.pth works as --init too: its target branch is what its pretrained.pth holds
-    train.main(tiny_args(pool, tmp_path / "sep2", "--mode", "separate", "--init",
-                         str(tmp_path / "soco" / "checkpoint.pth"), "--max-steps", "1"))
+    flags = ("--mode", "separate", "--init", str(tmp_path / "soco" / "checkpoint.pth"), "--max-steps", "1", *BIG_STEP)
+    train.main(tiny_args(pool, tmp_path / "sep2", *flags))
     sep2 = load(tmp_path / "sep2" / "pretrained.pth")["state_dict"]
     assert all(torch.equal(v, sep2[k]) for k, v in soco.items())
+    # the step trained every RPN parameter and nothing else (online, predictor, target: as loaded from --init)
+    before, after = initial_params(pool, tmp_path / "sep2", *flags), load(tmp_path / "sep2" / "checkpoint.pth")["model"]
+    assert not changed(before, after, "rpn.")[1]
+    for prefix in ("online.", "predictor.", "target."):
+        assert not changed(before, after, prefix)[0], prefix
     with pytest.raises(SystemExit, match="--init"):
         train.main(tiny_args(pool, tmp_path / "x", "--mode", "separate"))
 
@@ -390,6 +434,54 @@ def test_lr_schedule():
     assert train.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert train.lr_at(5, 100, 10, 1.0) == pytest.approx(0.505)  # half-way up the warm-up: 0.01 + 0.99 x 5 / 10
+
+
+def test_lars_param_groups_exclude_biases_and_norms():
+    """lars.param_groups: conv / linear weights get LARS and weight decay; biases and norm parameters (1-D) get
+    neither; frozen parameters are in no group."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    net[2].requires_grad_(False)
+    names = {id(p): name for name, p in net.named_parameters()}
+    groups = lars.param_groups(net)
+    assert [[names[id(p)] for p in g["params"]] for g in groups] == [["0.weight"], ["0.bias", "1.weight", "1.bias"]]
+    assert groups[1].get("lars") is False and groups[1].get("weight_decay") == 0.0
+    lars_group, plain = lars.LARS(groups, lr=0.1, weight_decay=1e-5).param_groups  # the defaults fill unset keys
+    assert lars_group["lars"] is True and lars_group["weight_decay"] == 1e-5
+    assert plain["lars"] is False and plain["weight_decay"] == 0.0
+
+
+def test_to_device_boxes_for_the_rpn_and_the_head():
+    """data.to_device: L_det's boxes are b1, b2, b3 (V1's jittered as SoCo's); Eq. 1's pseudo ground truth is r1, b2,
+    b3 (V1's selective-search boxes before the jitter); no r1 in the batch: rpn_boxes None (the model takes boxes).
+    The views are the colour function's output, normalised; without t1 the transforms are None."""
+    g = torch.Generator().manual_seed(0)
+    views = {f"v{j}": torch.randint(0, 256, (2, 3, s, s), dtype=torch.uint8, generator=g)
+             for j, s in ((1, 8), (2, 8), (3, 4))}
+    boxes = {k: torch.rand(2, 3, 4, generator=g) * 8 for k in ("b1", "b2", "b3", "r1")}
+    extra = {**{f"t{j}": torch.rand(2, 4, generator=g) for j in (1, 2, 3)},
+             **{f"c{j}": torch.full((2, 12), float(j)) for j in (1, 2, 3)}}
+    calls = []
+
+    def invert(v, params):  # a stand-in colour: records its parameters
+        calls.append(params)
+        return 255 - v
+
+    cpu = torch.device("cpu")
+    out_views, out_boxes, transforms, rpn_boxes = data.to_device({**views, **boxes, **extra}, cpu, False, invert)
+    for j in (1, 2, 3):
+        assert torch.equal(out_boxes[j - 1], boxes[f"b{j}"]) and torch.equal(transforms[j - 1], extra[f"t{j}"])
+        assert torch.equal(calls[j - 1], extra[f"c{j}"])
+        torch.testing.assert_close(out_views[j - 1], data.normalize(255 - views[f"v{j}"]))
+    assert len(calls) == 3
+    assert [torch.equal(a, b) for a, b in zip(rpn_boxes, (boxes["r1"], boxes["b2"], boxes["b3"]))] == [True] * 3
+    assert not torch.equal(rpn_boxes[0], out_boxes[0])
+    no_r1 = {k: v for k, v in boxes.items() if k != "r1"}
+    out_views, out_boxes, transforms, rpn_boxes = data.to_device({**views, **no_r1}, cpu, False)  # no r1, t1, colour
+    assert rpn_boxes is None and transforms is None
+    assert all(torch.equal(a, b) for a, b in zip(out_boxes, (boxes["b1"], boxes["b2"], boxes["b3"])))
+    for j in (1, 2, 3):
+        torch.testing.assert_close(out_views[j - 1], data.normalize(views[f"v{j}"]))
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -430,11 +522,21 @@ AOT_EAGER_LAUNCHER = ["--no-python", sys.executable, "-c",
 def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path, compiled):
     launcher = AOT_EAGER_LAUNCHER if compiled else [str(ROOT / "train.py")]
     extra = ["--compile", "model"] if compiled else []
+    # lr = 64 x 2 images x 2 processes / 256 = 1.0 at step 0 (no warm-up), 0.5 at step 1 (cosine over 2 steps)
+    flags = ("--mode", "joint", "--max-steps", "2", "--warmup-epochs", "0", "--base-lr", "64")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           *launcher, *tiny_args(pool, tmp_path, "--mode", "joint", "--max-steps", "2", *extra)]
+           *launcher, *tiny_args(pool, tmp_path, *flags, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "weights identical on 2 processes: True" in r.stdout
     assert '"compile": "model"' in r.stdout if compiled else '"compile": null' in r.stdout
     assert (tmp_path / "pretrained.pth").exists()
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in recs] == [1, 2]
+    assert [rec["lr"] for rec in recs] == pytest.approx([1.0, 0.5])
+    assert recs[0]["tau"] == pytest.approx(0.99, abs=1e-12)
+    # identical weights that trained: the online backbone and RPN moved from their initial values, the target too
+    before, after = initial_params(pool, tmp_path, *flags), load(tmp_path / "checkpoint.pth")["model"]
+    for prefix in ("online.extractor.backbone.conv1.", "rpn.", "target.extractor.backbone.conv1."):
+        assert changed(before, after, prefix)[0], prefix
