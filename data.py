@@ -51,7 +51,7 @@ from augment import (COLOR_ON, MIN_VISIBLE, Draws, common_region, map_boxes_view
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")  # as selective_search.IMAGE_EXTENSIONS: the images it keys proposals by
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png")  # as ss_proposals.IMAGE_EXTENSIONS: the images it keys proposals by
 MIN_IMAGE_SIDE = 16  # px; smaller files are icons or broken thumbnails, no object-level content: treated as bad
 MAX_TRIES = 5  # SoCo: geometry redrawn up to 5 times until some proposal is visible in every view
 MAX_REPLACE = 50  # bad images: replacement candidates tried before giving up (then the data is mostly broken)
@@ -102,7 +102,7 @@ def list_images(root) -> list[str]:
     """Relative posix paths of the image files under root (any depth), sorted: the keys of the proposals file."""
     root = Path(root)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # as selective_search.find_images
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # as ss_proposals.find_images
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
         out += [(rel / f).as_posix() for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
@@ -118,7 +118,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class PretrainDataset(torch.utils.data.Dataset):
     """Unlabelled images under image_root (any depth) + their selective-search proposals -> three views, K boxes.
 
-    proposals: a dict {relative posix path: (N, 4) xyxy original pixels} or a path for selective_search.load_proposals.
+    proposals: a dict {relative posix path: (N, 4) xyxy original pixels} or a path for ss_proposals.load_proposals.
     Checked up front: an empty folder or readable images without proposals (more than max_missing of them; those few are
     skipped with a warning) raise ValueError; unreadable images without proposals (selective search skips them) are
     skipped with a warning. An image with an empty proposal array gets the whole image as its one box (SoCo). Item
@@ -147,8 +147,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root}: no images ({', '.join(IMG_EXTENSIONS)}) in this folder or its subfolders")
         source = "the proposals dict"
         if not isinstance(proposals, dict):
-            import selective_search  # only needed for a proposals file
-            source, proposals = str(proposals), selective_search.load_proposals(proposals)
+            import ss_proposals  # only needed for a proposals file
+            source, proposals = str(proposals), ss_proposals.load_proposals(proposals)
         absent = [f for f in files if f not in proposals]
         missing, unreadable = [], []  # selective search gives an unreadable image no entry: those are skipped
         for f in absent:
@@ -257,8 +257,8 @@ def embedded_pool() -> tuple[Path, Path]:
     root = ensure_synthetic_dataset() / "unlabelled"
     proposals = root.parent / "proposals_paper.npz"
     if not proposals.exists():
-        import selective_search
-        selective_search.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
+        import ss_proposals
+        ss_proposals.precompute(root, proposals, preset="paper", workers=max(1, os.cpu_count() or 1))
     return root, proposals
 
 

@@ -45,7 +45,7 @@ Empty results evaluate as COCOeval would: AP 0 where the ground truth has object
 truth without images raises ValueError.
 
 Project-local dependencies: box_metrics.py, figures.py, predict.py, tide.py (imported at load); through predict.py,
-coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only), selective_search.py
+coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only), ss_proposals.py
 (--proposals .npz only).
 """
 from __future__ import annotations
@@ -335,8 +335,8 @@ def _proposal_lists(coco: COCO, path):
         with open(path) as f:
             table = json.load(f)
     else:
-        import selective_search
-        table = selective_search.load_proposals(path)
+        import ss_proposals
+        table = ss_proposals.load_proposals(path)
     gts, props, missing = [], [], 0
     for img in coco.loadImgs(coco.getImgIds()):
         keys = (img["file_name"], Path(img["file_name"]).name, str(img["id"]))

@@ -8,7 +8,7 @@ Tables
        min_size = 10) on the first --python-images images; speed ratio in CPU time.
     1b. equivalence of grouping="numpy" with OpenCV's on the same images: box counts, identical box sets, and the
        share of OpenCV's 4.1.1-filtered boxes that ours finds at IoU >= 0.7 and vice versa.
-    2. scaling: selective_search.precompute(workers=w) for w = 1..N over JPEG files (decode included), wall images/s
+    2. scaling: ss_proposals.precompute(workers=w) for w = 1..N over JPEG files (decode included), wall images/s
        and images per CPU-second (RUSAGE_CHILDREN for the spawn pool); pool start-up is inside the wall time.
     3. --breakdown: where the time goes: RGB -> HSV, graph segmentation alone, each similarity strategy alone,
        cv2 threads, and smaller images (max_side) with the share of the full-size filtered boxes still found
@@ -49,6 +49,7 @@ import report  # noqa: E402
 
 sys.path.insert(0, str(report.repo_root()))
 import selective_search as ss  # noqa: E402
+import ss_proposals  # noqa: E402
 
 SEG = cv2.ximgproc.segmentation
 PAPER = ss.PRESETS["paper"]  # sigma 0.9, k 500, min_size 10
@@ -163,8 +164,8 @@ def scaling(images, max_workers: int) -> list[dict]:
             ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             c0, t0 = time.process_time(), time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # precompute prints its own summary line
-                ss.precompute(root, out, preset="paper", workers=w, chunk_size=-(-len(images) // w), progress=False,
-                              grouping=grouping)
+                ss_proposals.precompute(root, out, preset="paper", workers=w, chunk_size=-(-len(images) // w),
+                                        progress=False, grouping=grouping)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu += (ch1.ru_utime - ch0.ru_utime) + (ch1.ru_stime - ch0.ru_stime)

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import augment
 import data
-import selective_search
+import ss_proposals
 import synthetic
 from test_train import pool  # noqa: F401  (a module-scoped fixture: 8 images and their proposals)
 
@@ -416,7 +416,7 @@ def test_unicode_paths_and_a_proposals_file(tmp_path):
     os_name = next(iter(props))
     (tmp_path / os_name).rename(tmp_path / "s0" / "ünï cödé.png")
     props["s0/ünï cödé.png"] = props.pop(os_name)
-    selective_search.precompute(tmp_path, tmp_path / "props.npz", workers=1, progress=False)
+    ss_proposals.precompute(tmp_path, tmp_path / "props.npz", workers=1, progress=False)
     ds = data.PretrainDataset(tmp_path, tmp_path / "props.npz", size=32, small_size=16)
     assert {ds.path(i).name for i in range(len(ds))} == {"ünï cödé.png", "im1.png"}
     assert all(ds[i]["v1"].shape == (3, 32, 32) for i in range(len(ds)))

@@ -13,7 +13,7 @@ import torch
 
 import data
 import lars
-import selective_search
+import ss_proposals
 import synthetic
 import train
 from test_model import views_and_boxes  # (B, K, size) -> three views and their K boxes
@@ -27,7 +27,7 @@ def pool(tmp_path_factory):
     root = synthetic.ensure_synthetic_dataset(tmp_path_factory.mktemp("synth") / "d", n_unlabelled=8, n_train=1,
                                               n_val=1)
     proposals = root / "proposals.npz"
-    selective_search.precompute(root / "unlabelled", proposals, workers=1, progress=False)
+    ss_proposals.precompute(root / "unlabelled", proposals, workers=1, progress=False)
     return root / "unlabelled", proposals
 
 
@@ -349,7 +349,7 @@ def test_bad_inputs_fail_before_training(pool, tmp_path):
         train.main(tiny_args((empty, proposals), tmp_path))
     other = tmp_path / "other"
     other.mkdir()
-    (other / "x.png").write_bytes((images / next(iter(selective_search.load_proposals(proposals)))).read_bytes())
+    (other / "x.png").write_bytes((images / next(iter(ss_proposals.load_proposals(proposals)))).read_bytes())
     with pytest.raises(ValueError, match="proposals"):
         train.main(tiny_args((other, proposals), tmp_path))
     for bad in ("0,1", "1,1", "v1", ""):
