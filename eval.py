@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COCO results JSON, one per model (repeat or list several)")
     p.add_argument("--checkpoint", action="extend", nargs="+", default=[],
                    help="finetune.py model_final.pth file(s): predict on the split, then evaluate (Tables 1-3)")
-    p.add_argument("--names", nargs="+", help="model names, one per --results (default: file stems)")
+    p.add_argument("--names", nargs="+", help="model names, one per --results / --checkpoint (default: a results "
+                                              "file's stem, a checkpoint's folder name)")
     p.add_argument("--images", help="image folder for the figures (default: the synthetic split's)")
     p.add_argument("--out", default="out/eval", help="folder for metrics.json, metrics.md and PNGs")
     p.add_argument("--novel", help="comma-separated novel category ids: VOC mAP50 novel / base (Table 2)")

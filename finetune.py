@@ -75,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detector", default="mask", choices=("faster", "mask", "cascade"),
                    help="mask: COCO (4.3); cascade: SODA10M (4.3); faster: VOC few-shot (4.4)")
     p.add_argument("--coco", help="COCO root: annotations/instances_{train,val}2017.json, train2017/, val2017/")
-    p.add_argument("--train-json"), p.add_argument("--train-images")
-    p.add_argument("--val-json"), p.add_argument("--val-images")
+    for flag in ("--train-json", "--train-images", "--val-json", "--val-images"):
+        p.add_argument(flag, help="COCO-format splits: the four together (default: the embedded synthetic dataset)")
     p.add_argument("--init", help="pretrained.pth | none | torchvision:PATH (default: %s if it exists)" % DEFAULT_INIT)
     p.add_argument("--depth", type=int, help="ResNet depth (paper 50; CPU preset 18)")
     p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head (pre-trained: 4conv1fc)")
@@ -155,10 +155,12 @@ def _novel_ids(spec, cs) -> list | None:
 
 def build_datasets(args, log=print):
     """Train / val CocoSets, the train subset (label fraction or K-shot) and its record for subset.json."""
-    if args.train_json:
-        tj, ti, vj, vi = args.train_json, args.train_images, args.val_json, args.val_images
-        if not all((tj, ti, vj, vi)):
-            raise SystemExit("give --train-json, --train-images, --val-json and --val-images (or --coco ROOT)")
+    paths = (args.train_json, args.train_images, args.val_json, args.val_images)
+    if any(paths):  # all four or none (the embedded splits): a lone --val-json would be ignored silently
+        tj, ti, vj, vi = paths
+        if not all(paths):
+            raise SystemExit("give --train-json, --train-images, --val-json and --val-images together (or --coco "
+                             "ROOT, or none of them for the embedded dataset)")
     else:
         import data
         root = data.ensure_synthetic_dataset()

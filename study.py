@@ -274,7 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, help="seeds per cell (cpu/gpu: 3, smoke: 1)")
     p.add_argument("--jobs", type=int, help="cells run at once (cpu: 2 one-thread processes on 2 cores)")
     p.add_argument("--val-images", type=int, help="evaluate on the first N val images (cpu: 40; 0: all 200)")
-    p.add_argument("--results", default="results", help="output folder")
+    p.add_argument("--results", help="output folder (default: results/; the smoke preset: out/study_smoke/, so that it "
+                                   "never overwrites the committed results/label_efficiency.md)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its budget, run nothing")
     p.add_argument("--keep-weights", action="store_true", help="keep fine-tuned model_final.pth files (0.12 GB each)")
     p.add_argument("--report-only", action="store_true", help="write the report from the cells done so far")
@@ -326,7 +327,7 @@ def main(argv=None):
         if getattr(a, k) is not None:
             p[k] = getattr(a, k)
     p = override(p, a)
-    root = Path(a.results).resolve()
+    root = Path(a.results or ("out/study_smoke" if a.preset == "smoke" else "results")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     files, val_n, cats = dataset_files(root, p["val_images"])
     novel = cats[-2:]  # the last two classes are held out as "novel" (4.4)

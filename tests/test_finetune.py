@@ -320,6 +320,8 @@ def test_empty_splits_refused_before_training(tiny):
     argv = ["--train-json", str(tj), "--train-images", str(root / "train"), "--val-json", str(vj), "--val-images",
             str(root / "val"), "--detector", "faster", "--depth", "18", "--init", "none", "--iters", "1",
             "--batch-size", "1", "--workers", "0", "--out", str(root / "run")]
+    with pytest.raises(SystemExit, match="--val-images together"):  # a lone --val-json is not silently ignored
+        finetune.main(["--val-json", str(vj), "--iters", "1", "--out", str(root / "run")])
     empty_val = _bad(root, lambda d: d.update(annotations=[]))
     with pytest.raises(SystemExit, match=r"bad.json: the val set has 6 images and no usable annotation"):
         finetune.main(_with(argv, val_json=empty_val, val_images=root / "train"))
