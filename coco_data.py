@@ -207,6 +207,8 @@ def label_fraction_subset(image_ids, fraction: float, seed: int = 0) -> list:
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction} not in (0, 1]")
     ids = sorted(image_ids)
+    if not ids:
+        raise ValueError("label fraction subset of an empty split: no images to choose from")
     n = max(1, int(round(fraction * len(ids))))
     pick = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
     return sorted(ids[i] for i in pick)

@@ -138,6 +138,8 @@ def test_label_fraction_subset_seeded_sized_disjoint(tiny):
     assert not files & {os.path.join(val.root, im["file_name"]) for im in val.images.values()}
     with pytest.raises(ValueError):
         coco_data.label_fraction_subset(train.images, 0.0)
+    with pytest.raises(ValueError, match="empty split"):
+        coco_data.label_fraction_subset([], 0.5)
 
 
 def test_kshot_subset_exact_shots_per_class(tiny):
