@@ -22,8 +22,6 @@ proposals use xyxy pixels (contract). Masks in results are RLEs with str counts 
 
 Public
 ------
-- ``save_results(results, path)`` (atomic), ``load_results(path)``, ``check_results(results, coco, source)``,
-  ``load_coco(gt) -> COCO`` (iscrowd 0 and area w * h filled where missing, malformed polygons dropped).
 - ``coco_eval(gt, results, iou_type="bbox") -> dict``; ``voc_ap(recall, precision, use_07_metric=False) -> float``;
   ``voc_map50(gt, results, class_ids=None, novel_ids=None, use_07_metric=False, plus_one=False) -> dict``.
 - ``tide(gt, results, iou_type="bbox", fg_iou=0.5, bg_iou=0.1) -> dict``; ``plot_tide(results_by_model, path)``.
@@ -34,7 +32,8 @@ Public
   (predict.checkpoint_predictions) saved to out/<name>.json, one distinct results file per checkpoint
   (predict.checkpoint_names).
 - ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null); ``main``.
-VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here.
+VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here. Results files
+(``save_results``, ``load_results``), the ground truth (``load_coco``) and ``check_results`` are in coco_files.py.
 
 Results come from predict.py (``predict``, ``checkpoint_predictions``) or from results files. Results that know
 their images (predict.py's ``Predictions``) are evaluated on those images only (the ground truth is cut to them), so
@@ -44,9 +43,9 @@ coco_eval(iou_type="segm") warns and returns NaN with the reason under "skipped"
 Empty results evaluate as COCOeval would: AP 0 where the ground truth has objects, NaN where it has none; a ground
 truth without images raises ValueError.
 
-Project-local dependencies: box_metrics.py, figures.py, predict.py, tide.py (imported at load); through predict.py,
-coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only), ss_proposals.py
-(--proposals .npz only).
+Project-local dependencies: box_metrics.py, coco_files.py, figures.py, predict.py, tide.py (imported at load);
+through predict.py, coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only),
+ss_proposals.py (--proposals .npz only).
 """
 from __future__ import annotations
 
@@ -55,9 +54,7 @@ import contextlib
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -66,6 +63,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import box_metrics
+from coco_files import atomic_write, check_results, gt_subset, load_coco, load_results, save_results
 from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa: F401 (re-exported)
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
 from predict import checkpoint_names, checkpoint_predictions  # --checkpoint
@@ -74,118 +72,7 @@ from tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-# ---------------- Files and inputs --------------------------------------------------------------------------------
-def _atomic_write(path, text: str) -> Path:
-    """Write text to path through a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from other users
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def save_results(results: list, path) -> Path:
-    """COCO results list -> JSON file, atomically."""
-    return _atomic_write(path, json.dumps(results))
-
-
-def load_results(path) -> list:
-    """COCO results JSON (a list of dicts) -> list; ValueError naming the file if it is not a list."""
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
-    return data
-
-
-def load_coco(gt) -> COCO:
-    """A COCO annotation path or a pycocotools COCO -> COCO (its loading messages silenced), completed for COCOeval
-    in place (``_complete_gt``): iscrowd 0 and area w * h where missing, malformed polygons dropped."""
-    if isinstance(gt, COCO):
-        _complete_gt(gt.dataset, "<ground truth>")
-        return gt
-    if not Path(gt).is_file():
-        raise FileNotFoundError(f"ground-truth annotations not found: {gt}")
-    try:
-        with open(gt) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{gt}: not valid JSON ({e})") from e
-    if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("images", "annotations")):
-        raise ValueError(f"{gt}: not a COCO annotation file (an object with images, annotations, categories lists)")
-    _complete_gt(d, gt)
-    coco = COCO()
-    coco.dataset = d
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _polygon_ok(p) -> bool:
-    """A polygon pycocotools can rasterise: >= 3 (x, y) pairs of finite numbers (as coco_data checks them)."""
-    return (isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p))
-
-
-def _complete_gt(d: dict, source) -> None:
-    """In place, what pycocotools needs of a ground truth: iscrowd 0 and area = box w * h where missing (COCOeval
-    reads both), malformed polygons dropped (a warning counts them; an annotation left without one has no mask)."""
-    dropped = 0
-    for i, a in enumerate(d.get("annotations", [])):
-        b = a.get("bbox") if isinstance(a, dict) else None
-        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
-            raise ValueError(f"{source}: annotations[{i}] has no bbox [x, y, w, h]: {str(a)[:120]}")
-        a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(b[2] * b[3]))
-        seg = a.get("segmentation")
-        if isinstance(seg, list) and not all(_polygon_ok(p) for p in seg):
-            a["segmentation"] = [p for p in seg if _polygon_ok(p)]
-            dropped += len(seg) - len(a["segmentation"])
-    if dropped:
-        warnings.warn(f"{source}: {dropped} malformed ground-truth polygons dropped (fewer than 6 numbers, an odd "
-                      "count or non-numbers)", stacklevel=3)
-
-
-def _subset(coco: COCO, image_ids) -> COCO:
-    """The ground truth cut to image_ids (their images and annotations; categories kept)."""
-    keep = set(image_ids)
-    sub = COCO()
-    sub.dataset = {**coco.dataset, "images": [im for im in coco.dataset["images"] if im["id"] in keep],
-                   "annotations": [a for a in coco.dataset.get("annotations", []) if a["image_id"] in keep]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        sub.createIndex()
-    return sub
-
-
-def check_results(results: list, coco: COCO, source: str = "<results>") -> None:
-    """ValueError naming source and the entry when an entry has an unknown image or category id, a non-finite
-    score, a malformed bbox, or neither bbox nor segmentation."""
-    images, cats = set(coco.getImgIds()), set(coco.getCatIds())
-    for i, r in enumerate(results):
-        if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= set(r):
-            raise ValueError(f"{source}: entry {i} lacks image_id, category_id or score: {str(r)[:120]}")
-        what = f"{source}: entry {i} (image_id={r['image_id']!r}, category_id={r['category_id']!r})"
-        if r["image_id"] not in images:
-            raise ValueError(f"{what}: unknown image_id, not among the ground truth's {len(images)} images")
-        if r["category_id"] not in cats:
-            raise ValueError(f"{what}: unknown category_id, the ground truth has {sorted(cats)}")
-        if not isinstance(r["score"], (int, float)) or not math.isfinite(r["score"]):
-            raise ValueError(f"{what}: score {r['score']!r} is not a finite number")
-        if "bbox" not in r and "segmentation" not in r:
-            raise ValueError(f"{what}: has neither bbox nor segmentation")
-        box = r.get("bbox", [0, 0, 0, 0])
-        ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-        if not ok or not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
-            raise ValueError(f"{what}: bbox {box!r} is not a finite [x, y, w, h] with w, h >= 0")
-
-
+# ---------------- Inputs (files and checks in coco_files.py) ------------------------------------------------------
 def _results(gt, results):
     """(gt, results path or list) -> (COCO, validated list). The COCO is cut to the predicted images when results
     know them (Predictions.image_ids); ValueError for a ground truth without images or nothing predicted. Empty
@@ -201,7 +88,7 @@ def _results(gt, results):
         if not ids:
             raise ValueError(f"{source}: no image was predicted ({len(results.skipped)} unreadable): nothing to "
                              "evaluate")
-        coco = _subset(coco, ids)
+        coco = gt_subset(coco, ids)
     if not results:
         warnings.warn(f"{source}: no predictions; AP is 0 (NaN where the ground truth has no such objects)",
                       stacklevel=3)
@@ -310,7 +197,7 @@ def _json_safe(x):
 
 def write_metrics(metrics: dict, path) -> Path:
     """metrics -> indented JSON, atomically; NaN/inf become null."""
-    return _atomic_write(path, json.dumps(_json_safe(metrics), indent=2) + "\n")
+    return atomic_write(path, json.dumps(_json_safe(metrics), indent=2) + "\n")
 
 
 # ---------------- Command line ------------------------------------------------------------------------------------
@@ -437,7 +324,7 @@ def main(argv=None) -> dict:
     print(report)
     out = Path(a.out)
     write_metrics(metrics, out / "metrics.json")
-    _atomic_write(out / "metrics.md", report)
+    atomic_write(out / "metrics.md", report)
     if models:
         comparison_figures(coco, loaded, {n: m["tide_bbox"] for n, m in models.items()}, image_root, out,
                            a.figure_images, a.score_thresh)

@@ -271,11 +271,12 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
     """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py; with kshot also VOC mAP50 (11-point, VOC07)
     for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE."""
     import eval as ev
+    from coco_files import save_results
     from predict import predict
     dataset = coco_data.DetectionDataset(val, train=False, with_masks=False)
     results = predict(det, dataset, device=device, cat_ids=val.cat_ids)
     if out is not None:
-        ev.save_results(results, out / "predictions.json")
+        save_results(results, out / "predictions.json")
     metrics = {"bbox": ev.coco_eval(val.path, results, "bbox")}
     if det.cfg.kind == "mask":
         metrics["segm"] = ev.coco_eval(val.path, results, "segm")

@@ -22,7 +22,8 @@ Public
 - ``checkpoint_predictions(path, gt_path, image_root)`` -> Predictions of a finetune.py model_final.pth on a split
   (ValueError naming both files when the checkpoint's categories are not the ground truth's);
   ``checkpoint_names(paths)``: a distinct name per checkpoint (its results file's stem).
-Results files are written and read by eval.py (``save_results``, ``load_results``, ``predict_checkpoint``).
+Results files are written and read by coco_files.py (``save_results``, ``load_results``) and eval.py
+(``predict_checkpoint``).
 
 Project-local dependencies: coco_data.py and detector.py (checkpoint_predictions only, imported there); none at
 load. Used by eval.py (--checkpoint; eval.py imports this file, never the reverse), finetune.py (evaluate) and

@@ -254,7 +254,7 @@ def dataset_files(root: Path, val_images):
     """(train json, train images, val json, val images) of the embedded dataset; val cut to its first val_images
     images (by id) into root/val_subset.json when given. Also the category ids."""
     import data
-    import eval as ev
+    from coco_files import atomic_write
     d = Path(data.ensure_synthetic_dataset())
     val = d / "annotations" / "val.json"
     coco = json.loads(val.read_text())
@@ -263,7 +263,7 @@ def dataset_files(root: Path, val_images):
         coco = dict(coco, images=[i for i in coco["images"] if i["id"] in keep],
                     annotations=[a for a in coco["annotations"] if a["image_id"] in keep])
         val = root / "val_subset.json"
-        ev._atomic_write(val, json.dumps(coco))
+        atomic_write(val, json.dumps(coco))
     files = (d / "annotations" / "train.json", d / "train", val, d / "val")
     return files, len(coco["images"]), sorted(c["id"] for c in coco["categories"])
 

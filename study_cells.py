@@ -24,25 +24,26 @@ def finetune_cell(out: Path, argv: list) -> None:
     model_final.pth), then TIDE on them (4.5.1); writes out/cell.json."""
     import eval as ev
     import finetune
+    from coco_files import load_results
     preds = out / "predictions.json"
     preds.unlink(missing_ok=True)  # a stale file from an interrupted attempt
     metrics = finetune.main(argv + ["--out", str(out)])
     val_json = argv[argv.index("--val-json") + 1]
     if not preds.exists():
         _predict_final(out, val_json, argv[argv.index("--val-images") + 1], preds)
-    ev.write_metrics({"metrics": metrics, "tide_bbox": ev.tide(val_json, ev.load_results(preds))}, out / "cell.json")
+    ev.write_metrics({"metrics": metrics, "tide_bbox": ev.tide(val_json, load_results(preds))}, out / "cell.json")
 
 
 def _predict_final(out: Path, val_json, val_images, path: Path) -> None:
     import coco_data
-    import eval as ev
+    from coco_files import save_results
     from detector import Detector, DetectorConfig
     from predict import predict
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     det = Detector(DetectorConfig(**final["config"]))
     det.load_state_dict(final["state_dict"])
     ds = coco_data.DetectionDataset(coco_data.load_coco(val_json, val_images), train=False)
-    ev.save_results(predict(det, ds, cat_ids=final["cat_ids"]), path)
+    save_results(predict(det, ds, cat_ids=final["cat_ids"]), path)
 
 
 @torch.no_grad()
@@ -83,8 +84,8 @@ def rpn_recall(weights, coco_json, image_root, depth=18, top_n=1000, fpn_channel
 def _val_images(coco_json, image_root):
     """(RGB uint8 (H, W, 3), non-crowd gt boxes (M, 4) xyxy) per image of a COCO json."""
     import data
-    import eval as ev
-    coco = ev.load_coco(coco_json)
+    from coco_files import load_coco
+    coco = load_coco(coco_json)
     for info in coco.loadImgs(sorted(coco.getImgIds())):
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[info["id"]])) if not a.get("iscrowd", 0)]
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)

@@ -121,7 +121,7 @@ def claims(S, p) -> list:
     ft = lambda m, f: get(S, "finetune", m, f, "AP_bb")  # noqa: E731
     t1 = lambda m, f: (PAPER_T1[m][f][0],) if f in PAPER_T1[m] else None  # noqa: E731
     if top > low:  # a plan with one label fraction has no premise to test
-        rows += _cmp(f"premise (issue 6), Scratch AP_bb", f"{top:.0%} labels", f"{low:.0%}", ft("scratch", top),
+        rows += _cmp("premise (issue 6), Scratch AP_bb", f"{top:.0%} labels", f"{low:.0%}", ft("scratch", top),
                      ft("scratch", low))
     for m in ("soco", "joint"):
         rows += _cmp(f"premise, AP_bb at {low:.0%}", NAMES[m], "Scratch", ft(m, low), ft("scratch", low))
@@ -170,7 +170,7 @@ def tables(S, p) -> str:
            _table(["pre-training"] + [f"ours {f:.0%}" for f in F] + [f"paper COCO {f:.0%}" for f in F],
                   [[NAMES[m]] + [ft(m, f) for f in F] + [_paper(m, f) for f in F] for m in
                    ("scratch", "byol", "soco", "separate", "joint")])]
-    out += [f"\n## Table 4: joint-mode switches (ablation), AP_bb / AP_mk\n",
+    out += ["\n## Table 4: joint-mode switches (ablation), AP_bb / AP_mk\n",
             _table(["loss to backbone", "head proposals"] + [f"ours {f:.0%}" for f in A]
                    + [f"paper {f:.0%}" for f in A],
                    [list(T4[v]) + [ft(v, f) for f in A] + [_paper(v, f, PAPER_T4_JOINT) for f in A] for v in T4])]
@@ -246,6 +246,7 @@ def header(p, files) -> str:
 def aggregate(cells, root: Path, p: dict, files) -> Path:
     """results/metrics.json (raw cells, summary, verdicts), label_efficiency.md and the PNGs; returns the md path."""
     import eval as ev
+    from coco_files import atomic_write
     raw, S = summarize(cells)
     rows = claims(S, p)
     plots(S, p, root)
@@ -268,5 +269,5 @@ def aggregate(cells, root: Path, p: dict, files) -> Path:
     ev.write_metrics({"preset": {k: v for k, v in p.items() if k != "cost"}, "cells": raw, "verdicts": rows,
                       "summary": {k: {m: {str(key): d for key, d in v.items()} for m, v in ms.items()}
                                   for k, ms in S.items()}}, root / "metrics.json")
-    ev._atomic_write(root / "label_efficiency.md", md)
+    atomic_write(root / "label_efficiency.md", md)
     return root / "label_efficiency.md"

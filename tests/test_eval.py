@@ -1,5 +1,5 @@
-"""Tests for eval.py, predict.py, tide.py and figures.py (paper 4.3-4.5): COCO AP, VOC mAP50, TIDE, AR, figures,
-prediction, bad input, CLI."""
+"""Tests for eval.py, coco_files.py, predict.py, tide.py and figures.py (paper 4.3-4.5): COCO AP, VOC mAP50, TIDE,
+AR, figures, prediction, results and ground-truth files, bad input, CLI."""
 import contextlib
 import io
 import json
@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import coco_files  # noqa: E402
 import eval as ev  # noqa: E402
 import figures  # noqa: E402
 import predict as pr  # noqa: E402
@@ -79,7 +80,7 @@ def test_coco_ap_perfect_none_and_hand_computed(tmp_path):
     res = [det(1, 1, BOX_A, 0.9), det(1, 1, [150, 10, 30, 30], 0.8), det(1, 1, BOX_B, 0.7), det(2, 3, BOX_A, 0.9)]
     m = ev.coco_eval(path, res)
     assert m["AP"] == pytest.approx(((51 + 50 * 2 / 3) / 101 * 100 + 100) / 2, abs=1e-6)
-    coco = ev.load_coco(path)  # the same numbers as pycocotools run by hand
+    coco = coco_files.load_coco(path)  # the same numbers as pycocotools run by hand
     with contextlib.redirect_stdout(io.StringIO()):
         E = COCOeval(coco, coco.loadRes([dict(r) for r in res]), "bbox")
         E.evaluate(), E.accumulate(), E.summarize()
@@ -90,7 +91,7 @@ def test_coco_ap_perfect_none_and_hand_computed(tmp_path):
 def test_coco_mask_ap_from_rle(tmp_path):
     gt = make_gt(GT2)
     path = write_gt(tmp_path, gt)
-    coco = ev.load_coco(path)
+    coco = coco_files.load_coco(path)
     res = []
     for a in gt["annotations"]:
         rle = coco.annToRLE(a)
@@ -225,7 +226,7 @@ def test_tide_best_fix_per_gt_and_crowd(tmp_path):
 
 def test_tide_masks(tmp_path):
     gt = make_gt(GT2)
-    coco = ev.load_coco(write_gt(tmp_path, gt))
+    coco = coco_files.load_coco(write_gt(tmp_path, gt))
     res = []
     for a, frac in zip(gt["annotations"], (0.0, 0.6)):  # the disc's mask shifted: a Loc error
         b = shifted(a["bbox"], frac)
@@ -318,7 +319,7 @@ def test_bad_inputs_raise_with_the_file_and_entry(tmp_path):
              "not a finite": det(1, 1, BOX_A, float("nan")), "bbox": det(1, 1, [0, 0, -1, 3], 0.5)}
     for msg, bad in cases.items():
         rpath = tmp_path / "r.json"
-        ev.save_results([det(1, 1, BOX_A, 0.9), bad], rpath)
+        coco_files.save_results([det(1, 1, BOX_A, 0.9), bad], rpath)
         for fn in (ev.coco_eval, ev.tide, ev.voc_map50):
             with pytest.raises(ValueError, match=msg) as info:
                 fn(path, rpath)
@@ -327,7 +328,7 @@ def test_bad_inputs_raise_with_the_file_and_entry(tmp_path):
         ev.coco_eval(path, [det(1, 1, BOX_A, float("inf"))])
     (tmp_path / "obj.json").write_text("{}")
     with pytest.raises(ValueError, match="obj.json"):
-        ev.load_results(tmp_path / "obj.json")
+        coco_files.load_results(tmp_path / "obj.json")
     with pytest.warns(UserWarning, match="no predictions"):
         out = ev.tide(path, [])
     assert all(out[e] == 0 for e in tide_mod.MAIN_ERRORS) and out["AP50"] == 0
@@ -361,8 +362,8 @@ def test_predict_maps_labels_and_encodes_masks(tmp_path):
     res = pr.predict(model, data, score_thresh=0.0, cat_ids=[1, 3], progress=False)
     assert sorted({r["category_id"] for r in res}) == [1, 3]
     assert int(mask_utils.area(res[1]["segmentation"])) == 0
-    path = ev.save_results(res, tmp_path / "r.json")
-    assert ev.load_results(path) == json.loads(json.dumps(res))
+    path = coco_files.save_results(res, tmp_path / "r.json")
+    assert coco_files.load_results(path) == json.loads(json.dumps(res))
     with pytest.raises(ValueError, match="outside"):
         pr.predict(model, data, score_thresh=0.0, cat_ids=[1], progress=False)
 
@@ -401,8 +402,8 @@ def test_cli_two_models(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     for im in gt["images"]:
         cv2.imwrite(str(tmp_path / "img" / im["file_name"]), np.full((H, W, 3), 90, np.uint8))
-    good = ev.save_results(perfect(gt), tmp_path / "good.json")
-    bad = ev.save_results([det(1, 1, shifted(BOX_A, 0.6), 0.9), det(2, 3, BOX_B, 0.8)], tmp_path / "bad.json")
+    good = coco_files.save_results(perfect(gt), tmp_path / "good.json")
+    bad = coco_files.save_results([det(1, 1, shifted(BOX_A, 0.6), 0.9), det(2, 3, BOX_B, 0.8)], tmp_path / "bad.json")
     props = tmp_path / "props.json"
     props.write_text(json.dumps({"1.png": [[10, 10, 70, 70]], "2": [[0, 0, 5, 5]]}))
     out = tmp_path / "out"
@@ -436,7 +437,7 @@ def test_gt_without_area_iscrowd_or_masks(tmp_path, capsys):
     with pytest.warns(UserWarning, match="mask AP skipped: 2 of 2 ground-truth annotations have no segmentation"):
         m = ev.coco_eval(path, masked, "segm")
     assert all(math.isnan(m[k]) for k in ev.COCO_KEYS) and "no segmentation" in m["skipped"]
-    rpath = ev.save_results(masked, tmp_path / "masked.json")
+    rpath = coco_files.save_results(masked, tmp_path / "masked.json")
     with pytest.warns(UserWarning, match="mask AP skipped"):
         out = ev.main(["--gt", str(path), "--results", str(rpath), "--out", str(tmp_path / "out")])
     model = out["models"]["masked"]
@@ -518,7 +519,7 @@ def test_empty_ground_truth_and_empty_results(tmp_path):
 
 def test_figures_skip_an_unreadable_image(tmp_path):
     gt = make_gt({1: [(1, BOX_A)], 2: [(3, BOX_B)]})
-    coco = ev.load_coco(write_gt(tmp_path, gt))
+    coco = coco_files.load_coco(write_gt(tmp_path, gt))
     cv2.imwrite(str(tmp_path / "1.png"), np.full((H, W, 3), 90, np.uint8))
     (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a truncated PNG: cv2 gives None
     with pytest.warns(UserWarning, match=r"2.png: not a decodable image"):

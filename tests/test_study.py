@@ -261,7 +261,7 @@ def test_predict_final_fallback_writes_valid_results(tmp_path, tiny_val):
 
     import torch
 
-    import eval as ev
+    import coco_files
     from detector import Detector, DetectorConfig
     torch.set_num_threads(1)
     cfg = DetectorConfig(num_classes=2, kind="faster", depth=18, min_size=(64,), max_size=64, test_size=64,
@@ -269,8 +269,8 @@ def test_predict_final_fallback_writes_valid_results(tmp_path, tiny_val):
     det = Detector(cfg)
     torch.save({"state_dict": det.state_dict(), "config": asdict(cfg), "cat_ids": [1, 2]}, tmp_path / "model_final.pth")
     study_cells._predict_final(tmp_path, str(tiny_val[0]), str(tiny_val[1]), tmp_path / "predictions.json")
-    res = ev.load_results(tmp_path / "predictions.json")
-    ev.check_results(res, ev.load_coco(tiny_val[0]))  # known image / category ids, finite scores and boxes
+    res = coco_files.load_results(tmp_path / "predictions.json")
+    coco_files.check_results(res, coco_files.load_coco(tiny_val[0]))  # known image / category ids, finite scores, boxes
     assert res and {r["image_id"] for r in res} == {1, 2}
 
 
