@@ -204,7 +204,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def _choose(self, boxes: np.ndarray, H: int, W: int, g: torch.Generator):
         """Geometry and K boxes visible in all views: up to MAX_TRIES geometries (SoCo), padded by repetition.
-        -> (views, boxes (K, 4) original pixels, their clipped view boxes (3, K, 4) or None, fallback)."""
+        -> (views, boxes (K, 4) original pixels, their clipped view boxes (3, K, 4), fallback)."""
         for _ in range(MAX_TRIES):
             views = sample_geometry(H, W, g, self.size, self.small_size, self.v3_mode)
             full, clipped = map_boxes_views(boxes, views)  # (3, N, 4) xyxy view pixels, float64
@@ -212,7 +212,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             if len(idx):
                 break
         if not len(idx):  # nothing visible after MAX_TRIES: the region every view shows
-            return views, np.repeat(common_region(views, H, W), self.K, 0), None, True
+            region = np.repeat(common_region(views, H, W), self.K, 0)  # (K, 4)
+            return views, region, map_boxes_views(region, views)[1], True
         order = idx[torch.randperm(len(idx), generator=g.g).numpy()][: self.K]
         pick = order[np.arange(self.K) % len(order)]  # (K,) padded by repetition
         return views, boxes[pick], clipped[:, pick], False
@@ -229,8 +230,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         if not len(boxes):  # no proposal: the whole image (SoCo)
             boxes = np.array([[0, 0, W, H]], np.float32)
         views, chosen, mapped, fallback = self._choose(boxes, H, W, g)
-        if mapped is None:  # the fallback box: map it here (render_views would), to keep V1's before the jitter
-            mapped = map_boxes_views(chosen, views)[1]  # (3, K, 4) xyxy view pixels, clipped
         out = {"index": index, "replaced": j != index, "fallback": fallback,
                "r1": torch.from_numpy(mapped[0].astype(np.float32))}  # render_views jitters a copy
         rendered = render_views(image, chosen, views, g, self.color, self.jitter, mapped, self.color_on)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -48,7 +47,8 @@ from tqdm import tqdm
 import coco_data
 import model as model_lib
 from detector import Detector, DetectorConfig, load_pretrained
-from runtime import exit_distributed, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log
+from runtime import (exit_distributed, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log,
+                     write_atomic)
 from train import anchor_sizes  # one parser for both scripts
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -252,9 +252,8 @@ def _json_safe(x):
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON (NaN -> null), atomically."""
+    write_atomic(path, lambda f: f.write(json.dumps(_json_safe(obj), indent=1, allow_nan=False).encode()))
 
 
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -7,7 +7,8 @@ Public
     replicas_identical(net, world) -> bool            every process holds the same parameters (DDP's contract)
     check_same_data(dataset, world)                   every process lists the same images (RuntimeError if not)
     all_processes_sum(counts, device, world) -> list  integer counts summed over the processes
-    save_atomic(obj, path)                            torch.save to a temp file, fsync, rename, fsync the folder
+    write_atomic(path, write)                         write(f) to a temp file, fsync, rename, fsync the folder
+    save_atomic(obj, path)                            torch.save through write_atomic
     read_checkpoint(path, keys, what) -> dict         torch.load(weights_only) with errors naming the file
     refuse_other_run(path, saved, now, keys)          SystemExit naming the keys whose values differ (auto-resume)
     trim_log(path, step)                              drop log.jsonl lines after a resumed step, atomically
@@ -39,14 +40,19 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """Write to a temp file, fsync it, then rename (and fsync the folder): a crash or a power loss leaves the previous
-    file or the new one, never a half-written one. A failed write (a full disk) keeps the previous file, removes the
-    partial temp file and raises an OSError naming the file."""
+    """torch.save(obj) to path through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(f) into a temp file beside path (binary), fsync it, then rename (and fsync the folder): a crash or a
+    power loss leaves the previous file or the new one, never a half-written one. A failed write (a full disk) keeps
+    the previous file, removes the partial temp file and raises an OSError naming the file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename: a power loss leaves the old file or the new
         os.replace(tmp, path)
@@ -141,6 +147,4 @@ def trim_log(path: Path, step: int) -> None:
     them) and a line cut short by the crash, atomically."""
     if path.exists():  # one flat JSON object a line: complete when it ends with "}"
         lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}") and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write("".join(ln + "\n" for ln in lines).encode()))

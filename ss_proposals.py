@@ -18,6 +18,7 @@ Public
     find_images(root) -> sorted relative paths;   shard_path(out_path, shard) -> Path
     precompute(image_root, out_path, ...) -> summary dict;   main(argv) CLI (run as `python selective_search.py`)
     read_proposal_arrays(path) -> (paths, offsets, boxes);   load_proposals(path) -> {relative path: (N, 4)}
+    proposal_files(path) -> [Path]       a file, a glob of shard files or a list of either
 
 Project-local dependencies: selective_search.py (the search, the filter, decoding; loading a file needs no OpenCV
 contrib build); through it ss_grouping.py. The spawned workers import this module by name (_run_chunk).
@@ -263,10 +264,10 @@ def _summarise(out: Path, tasks: list, retried: int, recovered: dict, seconds: f
     return summary
 
 
-def _expand(path) -> list[Path]:
-    """A file, a glob pattern or a list of either -> the list of files."""
+def proposal_files(path) -> list[Path]:
+    """A file, a glob pattern or a list of either -> the list of files (FileNotFoundError: a glob matching none)."""
     if isinstance(path, (list, tuple)):
-        return [p for item in path for p in _expand(item)]
+        return [p for item in path for p in proposal_files(item)]
     if any(ch in str(path) for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path)))
         if not files:
@@ -278,7 +279,7 @@ def _expand(path) -> list[Path]:
 def read_proposal_arrays(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A proposals file, a glob or a list of shard files -> merged (paths (N,) str, offsets (N+1,) int64,
     boxes (total, 4) float32), without building per-image objects (for 1.28 M images)."""
-    z = _read(_expand(path))
+    z = _read(proposal_files(path))
     if len(np.unique(z["paths"])) != len(z["paths"]):
         raise ValueError(f"the proposals files {path} hold the same image more than once")
     return z["paths"], np.concatenate([[0], np.cumsum(z["counts"])]).astype(np.int64), z["boxes"]

@@ -25,7 +25,6 @@ atomic writes: runtime.py (setup_distributed, save_atomic, exit_distributed are 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import time
@@ -40,6 +39,7 @@ import byol
 import color_device
 import data
 import model as model_lib
+import ss_proposals
 from lars import LARS, param_groups
 from runtime import (all_processes_sum, check_same_data, exit_distributed, read_checkpoint, refuse_other_run,
                      replicas_identical, save_atomic, setup_distributed, trim_log)
@@ -190,8 +190,12 @@ def build_data(args):
         root, proposals = Path(args.data), Path(args.proposals)
     else:
         root, proposals = data.embedded_pool()
-    if not (glob.glob(str(proposals)) if any(c in str(proposals) for c in "*?[") else proposals.exists()):
-        raise SystemExit(f"{proposals}: proposals file not found (a glob such as 'ss.shard*of4.npz' takes the shards "
+    try:
+        missing = [p for p in ss_proposals.proposal_files(proposals) if not p.exists()]
+    except FileNotFoundError:  # a glob that matches nothing
+        missing = [proposals]
+    if missing:
+        raise SystemExit(f"{missing[0]}: proposals file not found (a glob such as 'ss.shard*of4.npz' takes the shards "
                          "of selective_search.py --shard i/n)")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
                                 small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
@@ -370,15 +374,17 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
             counts += torch.stack([batch["replaced"].sum(), batch["fallback"].sum()])
             step, seen = step + 1, seen + args.batch_size * world
             bar.update(1)
-            if step % args.log_every == 0 or step == total:
-                check_finite(bad, step, last_good, out, world)
+            last = step == total
+            log_now, save_now = last or step % args.log_every == 0, last or step % args.ckpt_every == 0
+            if log_now or save_now:  # one sync: the loss flag of every process, and the weights before a checkpoint
+                check_finite(bad, step, last_good, out, world,
+                             [t for t in net.state_dict().values() if t.is_floating_point()] if save_now else None)
+            if log_now:
                 replaced, fallback = all_processes_sum(counts, device, world)
                 log_step(out / "log.jsonl" if rank == 0 else None, bar, losses, step=step, epoch=epoch, lr=lr,
                          tau=tau, images_per_s=round(seen / (time.perf_counter() - t0), 2), replaced=replaced,
                          fallback=fallback)
-            if step % args.ckpt_every == 0 or step == total:
-                check_finite(bad, step, last_good, out, world, [t for t in net.state_dict().values()
-                                                                if t.is_floating_point()])
+            if save_now:
                 if rank == 0:
                     save_checkpoint(out / "checkpoint.pth", net, opt, step, args, schedule)
                 last_good = step
