@@ -45,9 +45,7 @@ GN_GROUPS = 32  # GroupNorm groups, the detectron2 / torchvision default for 256
 # ----------------------------------------------------------------------------------------------------------------
 def box_scale(boxes):
     """sqrt(w h) of each box: boxes (N, 4) xyxy -> (N,) float; degenerate boxes give 0."""
-    w = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)  # (N,)
-    h = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)  # (N,)
-    return torch.sqrt(w * h)
+    return torch.sqrt((boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1))  # (N, 2) w, h -> (N,)
 
 
 def assign_levels(boxes, mode="soco", num_levels=4, thresholds=SOCO_THRESHOLDS, k0=4, canonical_size=224):

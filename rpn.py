@@ -85,12 +85,11 @@ def cached_anchors(feature_sizes: tuple, strides: tuple = (4, 8, 16, 32), sizes:
 
 def pairwise_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """IoU of boxes (B, M, 4) with anchors (N, 4), xyxy -> (B, M, N)."""
-    area_b = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)  # (B, M)
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # (N,)
+    area_b = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(dim=-1)  # (B, M): w * h
+    area_a = (anchors[:, 2:] - anchors[:, :2]).prod(dim=-1)  # (N,)
     lt = torch.maximum(boxes[..., None, :2], anchors[:, :2])  # (B, M, N, 2)
     rb = torch.minimum(boxes[..., None, 2:], anchors[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # (B, M, N)
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (B, M, N)
     union = area_b[..., None] + area_a - inter
     return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)  # guard: two empty boxes
 
@@ -150,9 +149,19 @@ def sample_anchors(labels: torch.Tensor, batch_size_per_image: int = 256, positi
     return torch.where(keep, labels, -1)
 
 
-def _centre_size(b: torch.Tensor):
-    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
-    return b[..., 0] + 0.5 * w, b[..., 1] + 0.5 * h, w, h
+def _centre_size(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xyxy (..., 4) -> centre (..., 2) (x, y) and size (..., 2) (w, h), as pairs: half the operators of four
+    coordinates apart (each one a kernel launch on a GPU)."""
+    size = b[..., 2:] - b[..., :2]
+    return b[..., :2] + 0.5 * size, size
+
+
+def _scale(x: torch.Tensor, w: tuple, divide: bool = False) -> torch.Tensor:
+    """x (..., 2) times (divide: over) the per-coordinate weights w = (w_0, w_1), Python floats: no host -> device
+    copy of a weight tensor (a synchronising copy on CUDA)."""
+    if w[0] == w[1]:
+        return x if w[0] == 1 else (x / w[0] if divide else x * w[0])
+    return torch.stack([x[..., i] / w[i] if divide else x[..., i] * w[i] for i in range(2)], dim=-1)
 
 
 def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -160,11 +169,9 @@ def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 
 
     dx = wx (x - x_a) / w_a, dy = wy (y - y_a) / h_a, dw = ww log(w / w_a), dh = wh log(h / h_a) (Ren et al. [19]).
     """
-    wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(anchors)
-    gx, gy, gw, gh = _centre_size(boxes)
-    return torch.stack([wx * (gx - ax) / aw, wy * (gy - ay) / ah,
-                        ww * torch.log(gw / aw), wh * torch.log(gh / ah)], dim=-1)
+    c_a, s_a = _centre_size(anchors)  # (..., 2) each
+    c_g, s_g = _centre_size(boxes)
+    return torch.cat([_scale(c_g - c_a, weights[:2]) / s_a, _scale(torch.log(s_g / s_a), weights[2:])], dim=-1)
 
 
 def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0),
@@ -176,13 +183,11 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0,
     """
     dtype = torch.promote_types(deltas.dtype, torch.float32)
     deltas, anchors = deltas.to(dtype), anchors.to(dtype)
-    wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(anchors)
-    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
-    dw, dh = (deltas[..., 2] / ww).clamp(max=clamp), (deltas[..., 3] / wh).clamp(max=clamp)
-    cx, cy = dx * aw + ax, dy * ah + ay
-    w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    c_a, s_a = _centre_size(anchors)  # (..., 2) each
+    d_c = _scale(deltas[..., :2], weights[:2], divide=True)  # (dx, dy)
+    d_s = _scale(deltas[..., 2:], weights[2:], divide=True).clamp(max=clamp)  # (dw, dh)
+    c, s = d_c * s_a + c_a, torch.exp(d_s) * s_a  # (..., 2) centre, size
+    return torch.cat([c - 0.5 * s, c + 0.5 * s], dim=-1)
 
 
 def rpn_targets(anchors: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor | None = None,
@@ -215,14 +220,16 @@ def rpn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, t
     the 4 coordinates. N_cls = N_reg = number of sampled anchors in the batch (torchvision's convention; at least 1,
     so an image with no boxes gives a finite loss and loss_reg = 0). lambda = 1. Masks instead of boolean indexing:
     no host synchronisation on GPU. Returns (loss_cls, loss_reg) scalars; the total is their sum.
+    Leading dimensions (V, B, N) are V batches computed together (model.py: views of one size), each normalised
+    by its own N_cls; the result is their mean.
     """
-    sampled, pos = labels >= 0, labels == 1  # (B, N)
-    n = sampled.sum().clamp(min=1).to(torch.float32)  # N_cls = N_reg
-    bce = F.binary_cross_entropy_with_logits(logits.float(), pos.float(), reduction="none")  # (B, N)
-    loss_cls = torch.where(sampled, bce, 0.0).sum() / n
+    sampled, pos = labels >= 0, labels == 1  # (..., B, N)
+    n = sampled.flatten(-2).sum(dim=-1).clamp(min=1).to(torch.float32)  # (...,) N_cls = N_reg of each batch
+    bce = F.binary_cross_entropy_with_logits(logits.float(), pos.float(), reduction="none")  # (..., B, N)
+    loss_cls = (torch.where(sampled, bce, 0.0).flatten(-2).sum(dim=-1) / n).mean()
     target = torch.where(pos[..., None], target_deltas.float(), 0.0)  # non-positive targets never enter
-    reg = F.smooth_l1_loss(deltas.float(), target, beta=beta, reduction="none").sum(dim=-1)  # (B, N)
-    loss_reg = lam * torch.where(pos, reg, 0.0).sum() / n
+    reg = F.smooth_l1_loss(deltas.float(), target, beta=beta, reduction="none").sum(dim=-1)  # (..., B, N)
+    loss_reg = lam * (torch.where(pos, reg, 0.0).flatten(-2).sum(dim=-1) / n).mean()
     return loss_cls, loss_reg
 
 

@@ -189,6 +189,23 @@ def test_eq1_hand_computed_two_anchors():
     assert abs(c3.item() - cls) < 1e-6 and abs(r3.item() - reg) < 1e-6
 
 
+def test_eq1_leading_dim_is_the_mean_of_separately_normalised_batches():
+    """(V, B, N) inputs (model.py batches V1 and V2): each of the V batches divided by its own N_cls, then the mean;
+    not one batch of V * B images (that would weight the view with more sampled anchors more)."""
+    g = torch.Generator().manual_seed(5)
+    logits, deltas, targets = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, 4, generator=g), \
+        torch.randn(2, 3, 10, 4, generator=g)
+    labels = torch.randint(-1, 2, (2, 3, 10), generator=g)
+    labels[1, :, 4:] = -1  # the second batch samples fewer anchors
+    each = [rpn.rpn_loss(logits[v], deltas[v], labels[v], targets[v]) for v in range(2)]
+    both = rpn.rpn_loss(logits, deltas, labels, targets)
+    for k in range(2):
+        assert both[k].dim() == 0
+        torch.testing.assert_close(both[k], (each[0][k] + each[1][k]) / 2)
+    pooled = rpn.rpn_loss(logits.flatten(0, 1), deltas.flatten(0, 1), labels.flatten(0, 1), targets.flatten(0, 1))
+    assert (pooled[0] - both[0]).abs() > 1e-3  # the test can tell the two normalisations apart
+
+
 def test_eq1_image_without_boxes():
     anchors = torch.cat(rpn.make_anchors(FEATS_64, STRIDES, SIZES))
     labels, t = rpn.rpn_targets(anchors, torch.zeros(2, 0, 4), generator=torch.Generator().manual_seed(0))
