@@ -260,8 +260,8 @@ class ADePT(nn.Module):
         """Eq. 1 on each of rpn_views, the view's K selective-search boxes as pseudo ground truth (3.2); their mean.
 
         Views of one size (V1 and V2) go through the RPN as one batch: the same loss (the RPN has no batch
-        statistics and rpn.rpn_loss normalises each view by its own anchors), ~40 % fewer operators (each a kernel
-        launch on a GPU; bench/op_counts.py)."""
+        statistics and rpn.rpn_loss normalises each view by its own anchors), fewer operators (each a kernel launch
+        on a GPU; bench/RESULTS.md 5c)."""
         by_size: dict = {}  # view size -> the 0-based indices of rpn_views of that size
         for j in self.rpn_views:
             by_size.setdefault(tuple(views[j - 1].shape[-2:]), []).append(j - 1)
