@@ -22,12 +22,17 @@ Public (re-exported by eval.py)
 - ``comparison_figures(coco, results_by_model, tide_by_model, image_root, out, n=4, score_thresh=0.5)``: the CLI's.
 - ``plot_views(samples, path, cell_px=224, dpi=100) -> Path``: pre-training samples (V1, V2, V3 and their K boxes,
   section 4.1.2), one row each; ``python data.py --show N`` draws them.
+- ``plot_training_log(log_path, path=None, dpi=100) -> Path``: a run's log.jsonl (train.py, finetune.py) as curves
+  against the step: the losses in one panel, then lr, tau and images/s; train.py and finetune.py write it as
+  curves.png beside the log at the end of a run, ``python figures.py LOG.jsonl [OUT.png]`` for a run in progress.
 
 Project-local dependencies: tide.py, only for plot_tide's default error types (imported when plot_tide is called
 without types); otherwise numpy, matplotlib, pycocotools and OpenCV (find_image): the file can be copied alone.
 """
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -90,6 +95,51 @@ def plot_views(samples: list, path, cell_px: int = 224, dpi: int = 100) -> Path:
             ax.axis("off")
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def read_log(log_path) -> list[dict]:
+    """The records of a log.jsonl; a line that is not a JSON object (a run killed mid-write) is skipped with a
+    warning naming the file and the line. ValueError (naming the file) when no record is left."""
+    records, bad = [], []
+    for n, line in enumerate(Path(log_path).read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            records.append(rec)
+        elif line.strip():
+            bad.append(n)
+    if bad:
+        warnings.warn(f"{log_path}: skipped {len(bad)} unreadable line(s), first line {bad[0]}", stacklevel=2)
+    if not records:
+        raise ValueError(f"{log_path}: no log record with a 'step' (is it a train.py / finetune.py log.jsonl?)")
+    return records
+
+
+def plot_training_log(log_path, path=None, dpi: int = 100) -> Path:
+    """Training curves of a log.jsonl against its "step": one panel for every key starting with "loss" (train.py:
+    loss = L_RPN + L_det, loss_rpn, loss_det; finetune.py: the detector's losses), then one each for lr, tau
+    (pre-training's EMA momentum) and images_per_s where the log has them. path: default curves.png beside the log.
+    Returns the PNG's path."""
+    records = read_log(log_path)
+    keys = [k for k in dict.fromkeys(k for r in records for k in r)
+            if any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in records)]
+    panels = [[k for k in keys if k.startswith("loss")]] + [[k] for k in ("lr", "tau", "images_per_s") if k in keys]
+    panels = [p for p in panels if p]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), dpi=dpi, sharex=True, squeeze=False)
+    for ax, names in zip(axes[:, 0], panels):
+        for k in names:
+            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, linewidth=1.2)
+        ax.set_ylabel(names[0] if len(names) == 1 else "loss")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(str(log_path), fontsize="small")
+    fig.tight_layout()
+    return _save(fig, Path(log_path).with_name("curves.png") if path is None else path, dpi)
 
 
 def results_by_image(results: list) -> dict:
@@ -216,3 +266,9 @@ def comparison_figures(coco, results_by_model: dict, tide_by_model: dict, image_
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     plot_side_by_side([im for _, im in pics], {m: [p[k] for k, _ in pics] for m, p in preds.items()}, names,
                       out / "side_by_side.png", score_thresh)
+
+
+if __name__ == "__main__":  # python figures.py LOG.jsonl [OUT.png]: the curves of a run, also while it runs
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python figures.py LOG.jsonl [OUT.png]   (default OUT: curves.png beside the log)")
+    print(plot_training_log(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None))

@@ -303,6 +303,29 @@ def test_figures_are_pngs_of_the_expected_size(tmp_path):
     assert mpimg.imread(p).shape[:2] == (420, 960)
 
 
+def test_training_curves_from_a_log_with_a_torn_line(tmp_path):
+    """figures.plot_training_log: one panel for the losses, one each for lr, tau, images/s (8 x 2.4 in per panel at
+    100 dpi); a torn last line (a killed run) and a record without a step are skipped with a warning."""
+    recs = [{"step": s, "epoch": 0, "loss": 1.0 / s, "loss_rpn": 0.5, "loss_det": -s / 10, "lr": 0.1 * s,
+             "tau": 0.99 + s / 1000, "images_per_s": 2.0} for s in (5, 10, 15)]
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"eval": 1}\n{"step": 20, "lo')
+    with pytest.warns(UserWarning, match=r"log.jsonl: skipped 2 unreadable line\(s\), first line 4"):
+        p = figures.plot_training_log(log)
+    assert p == log.with_name("curves.png") and mpimg.imread(p).shape[:2] == (4 * 240, 800)
+    assert [r["step"] for r in figures.read_log(log)] == [5, 10, 15]
+    # a fine-tuning log has no tau: three panels; the losses share one whatever their names
+    ft = tmp_path / "ft.jsonl"
+    ft.write_text("".join(json.dumps({"step": s, "loss_cls": 0.3, "loss_mask": 0.6, "lr": 0.02, "images_per_s": 9})
+                          + "\n" for s in (20, 40)))
+    assert mpimg.imread(figures.plot_training_log(ft, tmp_path / "ft.png")).shape[:2] == (3 * 240, 800)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no log record"):
+        figures.plot_training_log(empty)
+
+
 def test_pick_disagreement():
     same = [det(1, 1, [0, 0, 10, 10], 0.9)]
     far = [det(1, 1, [50, 50, 10, 10], 0.9)]
