@@ -1,6 +1,7 @@
-"""Labelled data for fine-tuning: COCO JSON loading and checks, label-fraction and K-shot subsets, PASCAL VOC -> COCO.
+"""Labelled data for fine-tuning: COCO JSON loading and checks, label-fraction and K-shot subsets, the dataset.
 
-Paper 4.3 (COCO full / 10% / 1%, SODA10M) and 4.4 (PASCAL VOC few-shot after [33], TFA). Not an equation file.
+Paper 4.3 (COCO full / 10% / 1%, SODA10M) and 4.4 (PASCAL VOC few-shot after [33], TFA; VOC XML -> COCO and TFA's
+VOC splits: voc_data.py). Not an equation file.
 
 COCO handling (as detectron2 / torchvision train on COCO): crowd annotations (iscrowd = 1) are dropped from training
 targets (COCOeval still ignores detections on them); images without annotations are kept (RPN and RoI negatives);
@@ -24,7 +25,7 @@ Symbols
     N   train images; C classes; K shots (instances per class)
 
 Public
-    MIN_BOX_SIDE, VOC_CLASSES, VOC_NOVEL_SPLITS
+    MIN_BOX_SIDE
     CocoSet = load_coco(json_path, image_root, check_files=True)   .images, .anns (per image id), .cat_ids, .names
     require_masks(cocoset) -> None        ValueError naming the file when some annotation has no mask (no mask AP)
     label_fraction_subset(image_ids, fraction, seed) -> sorted image ids
@@ -32,7 +33,7 @@ Public
     DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict);
         in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (predict.predict skips it)
     collate(batch) -> (images list, targets list)
-    voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict
+    InfiniteSampler(n, rank, world, seed, start=0)   (index, pass) keys for DetectionDataset, endless, per rank
 
 Project-local dependencies: none (numpy, torch, OpenCV, pycocotools only): the file can be copied alone.
 """
@@ -42,9 +43,7 @@ import json
 import math
 import os
 import warnings
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -52,11 +51,6 @@ import torch
 from pycocotools import mask as mask_utils
 
 MIN_BOX_SIDE = 1.0  # px after clipping: thinner boxes carry no usable regression target
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-# TFA [33] / FSRW's three PASCAL VOC base/novel splits (novel class names).
-VOC_NOVEL_SPLITS = {1: ("bird", "bus", "cow", "motorbike", "sofa"), 2: ("aeroplane", "bottle", "cow", "horse", "sofa"),
-                    3: ("boat", "cat", "motorbike", "sheep", "sofa")}
 READ_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)  # OpenCV >= 4.10 decodes straight to RGB (as data.py)
 
 
@@ -300,7 +294,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, key):
-        """key: an index, or (index, pass) from finetune.InfiniteSampler (the pass seeds the flip)."""
+        """key: an index, or (index, pass) from InfiniteSampler (the pass seeds the flip)."""
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         if not 0 <= i < len(self.ids):
             raise IndexError(f"index {i} out of range for {len(self.ids)} images")
@@ -359,45 +353,21 @@ def collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict:
-    """PASCAL VOC XML -> COCO JSON. image_sets: e.g. ["VOC2007/trainval", "VOC2012/trainval"] (each
-    <root>/<year>/ImageSets/Main/<set>.txt). VOC's 1-based pixel boxes become 0-based continuous ones
-    (x1 - 1, y1 - 1, x2, y2, as detectron2 reads VOC); "difficult" objects become iscrowd = 1, so training drops
-    them and COCOeval ignores detections on them (VOC's rule). file_name is relative to voc_root.
-    Writes out_json atomically and returns the dict."""
-    voc_root, images, anns = Path(voc_root), [], []
-    cat = {c: i + 1 for i, c in enumerate(classes)}
-    for image_set in image_sets:
-        year, split = image_set.split("/")
-        ids_file = voc_root / year / "ImageSets" / "Main" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise FileNotFoundError(f"{ids_file}: image set list not found (expected <root>/<year>/ImageSets/Main)")
-        for name in ids_file.read_text().split():
-            xml = voc_root / year / "Annotations" / f"{name}.xml"
-            try:
-                tree = ET.parse(xml).getroot()
-            except (ET.ParseError, OSError) as e:
-                raise ValueError(f"{xml}: cannot parse VOC annotation ({e})") from e
-            size = tree.find("size")
-            w, h = int(size.find("width").text), int(size.find("height").text)
-            images.append({"id": len(images) + 1, "file_name": f"{year}/JPEGImages/{name}.jpg", "width": w,
-                           "height": h})
-            for obj in tree.findall("object"):
-                cname = obj.find("name").text.strip()
-                if cname not in cat:
-                    raise ValueError(f"{xml}: unknown class {cname!r} (expected one of {classes})")
-                bb = obj.find("bndbox")
-                x1, y1, x2, y2 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-                x1, y1 = x1 - 1, y1 - 1
-                difficult = obj.find("difficult")
-                anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"], "category_id": cat[cname],
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                             "iscrowd": int(difficult is not None and difficult.text.strip() == "1")})
-    coco = {"images": images, "annotations": anns,
-            "categories": [{"id": i, "name": c} for c, i in cat.items()]}
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, out)
-    return coco
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Seeded reshuffled passes over the data, split across ranks, as (index, pass) keys, starting after `start`
+    keys of this rank (resume). Iteration-based training: no epoch boundary to synchronise."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, start: int = 0):
+        if n < 1:
+            raise ValueError("InfiniteSampler: no items to sample (empty train subset)")
+        self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
+
+    def __iter__(self):
+        reps = math.ceil(self.world / self.n)  # fewer images than ranks: repeat them
+        e, skip = 0, self.start
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
+            share = perm.repeat(reps)[self.rank::self.world].tolist()
+            for i in share[skip:]:
+                yield (i, e)
+            skip, e = max(0, skip - len(share)), e + 1

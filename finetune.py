@@ -27,8 +27,9 @@ step dropped: they are redone), model_final.pth ({"state_dict", "config", "cat_i
 evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all with --shots). An empty val set or
 train subset is refused before training. export.py turns model_final.pth into a torchvision model.
 
-Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, InfiniteSampler,
-train_loop, train_step, check_same_run, resume, evaluate, main (read_checkpoint, trim_log: runtime.py).
+Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, train_loop, train_step,
+check_same_run, resume, evaluate, main (read_checkpoint, trim_log, log_line: runtime.py); re-exported:
+InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations
 
@@ -46,10 +47,11 @@ from tqdm import tqdm
 
 import coco_data
 import model as model_lib
+from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
-from runtime import (exit_distributed, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log,
-                     write_atomic)
-from train import anchor_sizes  # one parser for both scripts
+from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, read_checkpoint, refuse_other_run,
+                     save_atomic, setup_distributed, trim_log, write_atomic)
+from voc_data import VOC_NOVEL_SPLITS, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
@@ -119,9 +121,7 @@ def resolve(args) -> tuple[argparse.Namespace, str]:
         args.val_json = args.val_json or str(r / "annotations/instances_val2017.json")
         args.val_images = args.val_images or str(r / "val2017")
     name, preset = ("paper", PAPER) if args.train_json else ("cpu", CPU)
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    apply_preset(args, preset)
     scale = REF_BATCH / args.batch_size
     if args.iters is None:
         args.iters = round((9000 if args.label_fraction < 1 or args.shots else 90000) * scale)
@@ -148,7 +148,7 @@ def _novel_ids(spec, cs) -> list | None:
     if not spec:
         return None
     if spec.startswith("voc"):
-        names = coco_data.VOC_NOVEL_SPLITS[int(spec[3:])]
+        names = VOC_NOVEL_SPLITS[int(spec[3:])]
         return [cs.cat_ids[cs.names.index(n)] for n in names]
     return [int(v) for v in spec.split(",")]
 
@@ -222,26 +222,6 @@ class TrainStep(torch.nn.Module):
         return self.detector.losses(images, targets)
 
 
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Seeded reshuffled passes over the data, split across ranks, as (index, pass) keys, starting after `start`
-    keys of this rank (resume). Iteration-based training: no epoch boundary to synchronise."""
-
-    def __init__(self, n: int, rank: int, world: int, seed: int, start: int = 0):
-        if n < 1:
-            raise ValueError("InfiniteSampler: no items to sample (empty train subset)")
-        self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
-
-    def __iter__(self):
-        reps = math.ceil(self.world / self.n)  # fewer images than ranks: repeat them
-        e, skip = 0, self.start
-        while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
-            share = perm.repeat(reps)[self.rank::self.world].tolist()
-            for i in share[skip:]:
-                yield (i, e)
-            skip, e = max(0, skip - len(share)), e + 1
-
-
 def _json_safe(x):
     """NaN (COCOeval's "no ground truth of that size") -> null: strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -280,7 +260,7 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
     if det.cfg.kind == "mask":
         metrics["segm"] = ev.coco_eval(val.path, results, "segm")
     if kshot:
-        # VOC2007 test's 11-point AP, as TFA [33] evaluates test07; difficult objects are iscrowd (voc_to_coco)
+        # VOC2007 test's 11-point AP, as TFA [33] evaluates test07; difficult objects are iscrowd (voc_data.voc_to_coco)
         metrics["voc_map50"] = ev.voc_map50(val.path, results, novel_ids=novel, use_07_metric=True)
     return metrics
 
@@ -361,12 +341,9 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
         step, seen = step + 1, seen + args.batch_size
         bar.update(1)
         if step % args.log_every == 0 or step == args.iters:
-            rec = {"step": step, **{k: round(v.item(), 4) for k, v in losses.items()},
-                   "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen / (time.perf_counter() - t0), 2)}
-            bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            log_line(out / "log.jsonl" if rank == 0 else None, bar,
+                     {"step": step, **{k: round(v.item(), 4) for k, v in losses.items()},
+                      "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen / (time.perf_counter() - t0), 2)})
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):
             save_atomic({"model": det.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "config": asdict(det.cfg), "args": vars(args)}, out / "checkpoint.pth")
@@ -412,17 +389,6 @@ def train_step(ddp, opt, images, targets, device, amp: bool, world: int):
         losses["loss"].backward()
         opt.step()
     return losses, bool(finite.item())
-
-
-def voc2coco_cli(argv) -> None:
-    p = argparse.ArgumentParser(prog="finetune.py voc2coco", description=coco_data.voc_to_coco.__doc__)
-    p.add_argument("voc_root", help="VOCdevkit folder holding VOC2007/, VOC2012/")
-    p.add_argument("--sets", nargs="+", required=True, help="e.g. VOC2007/trainval VOC2012/trainval, or VOC2007/test")
-    p.add_argument("--out", required=True, help="COCO JSON to write")
-    a = p.parse_args(argv)
-    coco = coco_data.voc_to_coco(a.voc_root, a.sets, a.out)
-    print(f"{a.out}: {len(coco['images'])} images, {len(coco['annotations'])} objects; use --train-images "
-          f"{a.voc_root} (file names are relative to it)")
 
 
 if __name__ == "__main__":

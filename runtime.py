@@ -1,5 +1,6 @@
 """What a torchrun training script needs besides its model (train.py, finetune.py): the process group from torchrun's
-environment, checks across processes, and checkpoint writes that a crash or power loss cannot corrupt.
+environment, checks across processes, checkpoint writes that a crash or power loss cannot corrupt, log.jsonl lines,
+and what both command lines share (presets, --anchor-sizes).
 
 Public
     setup_distributed() -> (rank, world, device)     from RANK / WORLD_SIZE / LOCAL_RANK; one process when RANK is unset
@@ -12,6 +13,9 @@ Public
     read_checkpoint(path, keys, what) -> dict         torch.load(weights_only) with errors naming the file
     refuse_other_run(path, saved, now, keys)          SystemExit naming the keys whose values differ (auto-resume)
     trim_log(path, step)                              drop log.jsonl lines after a resumed step, atomically
+    log_line(path, bar, rec)                          append rec to log.jsonl (path None: not rank 0), show it on bar
+    apply_preset(args, preset)                        fill the flags left unset (None) from a PAPER / CPU preset
+    anchor_sizes(spec) -> tuple                       --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
 """
 from __future__ import annotations
 
@@ -148,3 +152,30 @@ def trim_log(path: Path, step: int) -> None:
     if path.exists():  # one flat JSON object a line: complete when it ends with "}"
         lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}") and json.loads(ln)["step"] <= step]
         write_atomic(path, lambda f: f.write("".join(ln + "\n" for ln in lines).encode()))
+
+
+def log_line(path: Path | None, bar, rec: dict) -> None:
+    """Append rec (one flat JSON object) to log.jsonl at path (None: not rank 0) and show its loss and images/s on
+    the tqdm progress bar."""
+    bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def apply_preset(args, preset: dict) -> None:
+    """Fill the flags left unset (None) from a preset (train.py's and finetune.py's PAPER / CPU)."""
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def anchor_sizes(spec: str) -> tuple:
+    """--anchor-sizes of train.py and finetune.py: '24,48,96,192' -> (24, 48, 96, 192), one positive side per level."""
+    try:
+        sizes = tuple(int(v) for v in str(spec).split(","))
+    except ValueError:
+        raise SystemExit(f"--anchor-sizes {spec!r}: expected comma-separated integers, e.g. 24,48,96,192") from None
+    if not sizes or min(sizes) <= 0:
+        raise SystemExit(f"--anchor-sizes {spec!r}: sides must be positive")
+    return sizes

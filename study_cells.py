@@ -111,7 +111,7 @@ def recall_cell(out_json: Path, weights: str, coco_json, image_root, depth="18",
                 anchor_sizes="24,48,96,192") -> None:
     """cell.json of a pre-training cell (recall of its RPN, its last log line) or of a reference recall."""
     import eval as ev
-    from train import anchor_sizes as parse_sizes
+    from runtime import anchor_sizes as parse_sizes
     rec = {}
     if weights == "ss":
         rec["recall"] = ss_recall(coco_json, image_root)

@@ -18,9 +18,9 @@ with a non-finite weight; auto-resumed, only by the same run: check_same_run), l
 images replaced and samples without a visible box so far), pretrained.pth (the target branch, keys backbone.* fpn.*
 box_head.* rpn.*; see model.export_pretrained; its meta holds the run's args).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, anchor_sizes, rpn_views, color_fn, save_checkpoint,
-check_same_run, load_checkpoint, train_step (one step of Eq. 8), check_finite, train_loop, main. Process group and
-atomic writes: runtime.py (setup_distributed, save_atomic, exit_distributed are re-exported here).
+Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, color_fn, save_checkpoint, check_same_run,
+load_checkpoint, train_step (one step of Eq. 8), check_finite, train_loop, main. From runtime.py (process group,
+atomic writes, log lines), re-exported here: setup_distributed, save_atomic, exit_distributed, anchor_sizes.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import data
 import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
-from runtime import (all_processes_sum, check_same_data, exit_distributed, read_checkpoint, refuse_other_run,
-                     replicas_identical, save_atomic, setup_distributed, trim_log)
+from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_same_data, exit_distributed, log_line,
+                     read_checkpoint, refuse_other_run, replicas_identical, save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -146,9 +146,7 @@ def check_compile_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> No
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
     """Fill unset flags from the preset (PAPER with --data, CPU without); returns the args and the preset name."""
     name, preset = ("paper", PAPER) if args.data else ("cpu", CPU)
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_preset(args, preset)
     return args, name
 
 
@@ -157,17 +155,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (0.01 + 0.99 * step / warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def anchor_sizes(spec: str) -> tuple:
-    """--anchor-sizes of train.py and finetune.py: '24,48,96,192' -> (24, 48, 96, 192), one positive side per level."""
-    try:
-        sizes = tuple(int(v) for v in str(spec).split(","))
-    except ValueError:
-        raise SystemExit(f"--anchor-sizes {spec!r}: expected comma-separated integers, e.g. 24,48,96,192") from None
-    if not sizes or min(sizes) <= 0:
-        raise SystemExit(f"--anchor-sizes {spec!r}: sides must be positive")
-    return sizes
 
 
 def rpn_views(spec: str) -> tuple:
@@ -322,11 +309,7 @@ def train_step(ddp, net, opt, batch: dict, args, device, tau: float, color=None)
 def log_step(path: Path | None, bar, losses: dict, step: int, epoch: int, **fields) -> None:
     """One log.jsonl line (path None: not rank 0) and the progress bar: step, epoch, the losses (read from the device
     here: the .item() calls are the run's only host syncs, every --log-every steps), then fields."""
-    rec = {"step": step, "epoch": epoch, **{k: round(v.item(), 5) for k, v in losses.items()}, **fields}
-    bar.set_postfix(loss=rec["loss"], img_s=rec["images_per_s"])
-    if path is not None:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    log_line(path, bar, {"step": step, "epoch": epoch, **{k: round(v.item(), 5) for k, v in losses.items()}, **fields})
 
 
 def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:

@@ -23,6 +23,7 @@ import eval as ev  # noqa: E402
 import finetune  # noqa: E402
 import model  # noqa: E402
 import predict  # noqa: E402
+import voc_data  # noqa: E402
 from detector import Detector, DetectorConfig, load_pretrained  # noqa: E402
 
 CATS = [{"id": 3, "name": "box"}, {"id": 7, "name": "disc"}]  # non-contiguous on purpose
@@ -168,13 +169,13 @@ def test_voc_to_coco(tmp_path):
         (tmp_path / f"VOC2007/Annotations/{name}.xml").write_text(
             f"<annotation><size><width>100</width><height>80</height></size>{objs}</annotation>")
     out = tmp_path / "voc.json"
-    coco = coco_data.voc_to_coco(tmp_path, ["VOC2007/trainval"], out)
+    coco = voc_data.voc_to_coco(tmp_path, ["VOC2007/trainval"], out)
     assert json.loads(out.read_text()) == coco and len(coco["categories"]) == 20
     a, b = coco["annotations"]
-    assert a["bbox"] == [0.0, 0.0, 50.0, 40.0] and a["category_id"] == coco_data.VOC_CLASSES.index("dog") + 1
+    assert a["bbox"] == [0.0, 0.0, 50.0, 40.0] and a["category_id"] == voc_data.VOC_CLASSES.index("dog") + 1
     assert b["iscrowd"] == 1 and coco["images"][1]["file_name"] == "VOC2007/JPEGImages/000002.jpg"
     with pytest.raises(FileNotFoundError, match="test.txt"):
-        coco_data.voc_to_coco(tmp_path, ["VOC2007/test"], out)
+        voc_data.voc_to_coco(tmp_path, ["VOC2007/test"], out)
 
 
 def test_overfit_one_image():
