@@ -23,9 +23,9 @@ loaded and which start fresh is printed (detector.load_pretrained).
 
 Outputs in --out: subset.json (the chosen train image / annotation ids, seed; kept by resume and --eval-only),
 checkpoint.pth (atomic; auto-resumed by a run with the same RUN_KEYS flags only), log.jsonl (lines after the resumed
-step dropped: they are redone), model_final.pth ({"state_dict", "config", "cat_ids", "names", "args"}; --eval-only
-evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all with --shots). An empty val set or
-train subset is refused before training. export.py turns model_final.pth into a torchvision model.
+step dropped: they are redone; plotted into curves.png), model_final.pth ({"state_dict", "config", "cat_ids",
+"names", "args"}; --eval-only evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all
+with --shots). An empty val set or train subset is refused before training. export.py: model_final.pth -> torchvision.
 
 Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, train_loop, train_step,
 check_same_run, resume, evaluate, main (read_checkpoint, trim_log, log_line: runtime.py); re-exported:
@@ -49,8 +49,8 @@ import coco_data
 import model as model_lib
 from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
-from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, read_checkpoint, refuse_other_run,
-                     save_atomic, setup_distributed, trim_log, write_atomic)
+from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, plot_curves, read_checkpoint,
+                     refuse_other_run, save_atomic, setup_distributed, trim_log, write_atomic)
 from voc_data import VOC_NOVEL_SPLITS, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -295,6 +295,8 @@ def main(argv=None) -> dict | None:
         dist.destroy_process_group()
     if rank != 0:
         return None
+    if not args.eval_only:
+        plot_curves(out / "log.jsonl", log)
     final = final or read_checkpoint(out / "model_final.pth", ("state_dict", "config"), "finetune.py model")
     det = Detector(DetectorConfig(**final["config"]))  # its own config, as eval.predict_checkpoint
     det.load_state_dict(final["state_dict"])

@@ -14,6 +14,7 @@ Public
     refuse_other_run(path, saved, now, keys)          SystemExit naming the keys whose values differ (auto-resume)
     trim_log(path, step)                              drop log.jsonl lines after a resumed step, atomically
     log_line(path, bar, rec)                          append rec to log.jsonl (path None: not rank 0), show it on bar
+    plot_curves(log_path, log)                        curves.png beside log.jsonl at the end of a run (figures.py)
     apply_preset(args, preset)                        fill the flags left unset (None) from a PAPER / CPU preset
     anchor_sizes(spec) -> tuple                       --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
 """
@@ -161,6 +162,17 @@ def log_line(path: Path | None, bar, rec: dict) -> None:
     if path is not None:
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+def plot_curves(log_path: Path, log=print) -> None:
+    """curves.png beside a finished run's log.jsonl (figures.plot_training_log). A plot that cannot be made (no
+    log line yet: fewer steps than --log-every) is reported, not raised: the run's weights are already written."""
+    try:
+        import figures  # matplotlib, only here
+
+        log(f"training curves {figures.plot_training_log(log_path)}")
+    except (ImportError, OSError, ValueError) as e:
+        log(f"no training curves: {e}")
 
 
 def apply_preset(args, preset: dict) -> None:

@@ -15,8 +15,8 @@ annealed to 0 with a cosine scheduler" (4.2) and no batch size or warm-up.
 
 Outputs (rank 0 only) in --out: checkpoint.pth (atomic and fsynced, every --ckpt-every steps and at the end, never
 with a non-finite weight; auto-resumed, only by the same run: check_same_run), log.jsonl (losses, lr, tau, images/s,
-images replaced and samples without a visible box so far), pretrained.pth (the target branch, keys backbone.* fpn.*
-box_head.* rpn.*; see model.export_pretrained; its meta holds the run's args).
+images replaced and samples without a visible box so far; plotted into curves.png at the end), pretrained.pth (the
+target branch, keys backbone.* fpn.* box_head.* rpn.*; model.export_pretrained; its meta holds the run's args).
 
 Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, color_fn, save_checkpoint, check_same_run,
 load_checkpoint, train_step (one step of Eq. 8), check_finite, train_loop, main. From runtime.py (process group,
@@ -42,7 +42,8 @@ import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
 from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_same_data, exit_distributed, log_line,
-                     read_checkpoint, refuse_other_run, replicas_identical, save_atomic, setup_distributed, trim_log)
+                     plot_curves, read_checkpoint, refuse_other_run, replicas_identical, save_atomic,
+                     setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -287,6 +288,7 @@ def main(argv=None) -> None:
                 "branch": "online" if args.export_online else "target", "steps": step, "args": vars(args)}
         save_atomic({"state_dict": model_lib.export_pretrained(net, args.export_online), "meta": meta},
                     out / "pretrained.pth")
+        plot_curves(out / "log.jsonl", log)
         log(f"done: {step} steps; checkpoint {out / 'checkpoint.pth'}; "
             f"weights for fine-tuning {out / 'pretrained.pth'}")
 

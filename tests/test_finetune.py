@@ -265,6 +265,7 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     metrics = finetune.main(argv)
     assert "resumed from" in capsys.readouterr().out and (out / "subset.json").stat().st_mtime_ns == subset_mtime
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # no 3 twice
+    assert (out / "curves.png").stat().st_size > 0  # the whole run's curves, written after the last step
     assert set(metrics["bbox"]) >= {"AP", "AP50"} and "segm" in metrics and metrics["train_images"] == 3
     assert json.loads((out / "metrics.json").read_text())["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"],
                                                                                          nan_ok=True)

@@ -534,6 +534,7 @@ def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path, compiled)
     assert (tmp_path / "pretrained.pth").exists()
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in recs] == [1, 2]
+    assert f"training curves {tmp_path / 'curves.png'}" in r.stdout and (tmp_path / "curves.png").stat().st_size
     assert [rec["lr"] for rec in recs] == pytest.approx([1.0, 0.5])
     assert recs[0]["tau"] == pytest.approx(0.99, abs=1e-12)
     # identical weights that trained: the online backbone and RPN moved from their initial values, the target too
