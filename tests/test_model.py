@@ -306,3 +306,54 @@ def test_rpn_proposals_forward_feeds_l_det_the_doubled_boxes():
     assert torch.equal(doubled[1][:, 4:], p1)
     small = ((p1[..., 2:] - p1[..., :2]) / 2 < 2).any(-1)
     assert torch.allclose(doubled[2][:, 4:], torch.where(small[..., None], boxes[2], p1 / 2))
+
+
+def test_component_files_work_copied_alone(tmp_path):
+    """rpn.py, roi_head.py, byol.py, lars.py and augment.py each copied into an empty folder import and run there
+    with torch / torchvision / numpy / OpenCV only (for engineers who copy one file into their codebase)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    names = ("rpn", "roi_head", "byol", "lars", "augment")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for n in names:
+        (tmp_path / n).mkdir()
+        shutil.copy(os.path.join(root, f"{n}.py"), tmp_path / n / f"{n}.py")
+    code = f"""
+import importlib.util, sys
+import numpy as np, torch
+m = {{}}
+for n in {names!r}:
+    spec = importlib.util.spec_from_file_location(n, f"{tmp_path}/{{n}}/{{n}}.py")
+    m[n] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m[n])
+assert not set({names!r}) & set(sys.modules), "a project file was imported by name"
+rpn, roi_head, byol, lars, augment = (m[n] for n in {names!r})
+boxes = torch.tensor([[[4.0, 4, 40, 40], [10, 20, 60, 62]]])  # (B=1, K=2, 4) xyxy
+anchors = torch.cat(rpn.make_anchors([(16, 16), (8, 8), (4, 4), (2, 2)]))
+head = rpn.RPNHead(8)
+feats = [torch.randn(1, 8, s, s) for s in (16, 8, 4, 2)]
+loss = sum(rpn.rpn_loss(*head(feats), *rpn.rpn_targets(anchors, boxes)))
+pooled = roi_head.multilevel_roi_align(feats, list(boxes), (4, 8, 16, 32))
+h = roi_head.BoxHead(8, conv_dim=8, fc_dim=32).eval()(pooled)
+proj = byol.Projector(in_dim=32, hidden_dim=16, out_dim=8).eval()
+target = byol.make_target(proj)
+v = proj(h).view(1, 2, 8)
+det = byol.detector_loss([v, v, v], [v.detach()] * 3)
+opt = lars.LARS(lars.param_groups(head), lr=0.1)
+(loss + det).backward()
+opt.step()
+byol.ema_update(proj, target, 0.99)
+views = augment.three_views(np.zeros((60, 80, 3), np.uint8), np.array([[10, 10, 50, 40]]),
+                            torch.Generator().manual_seed(0), size=32, small_size=16)
+assert tuple(pooled.shape) == (2, 8, 7, 7) and torch.isfinite(loss + det) and abs(float(det) + 8) < 1e-4
+assert [tuple(px.shape) for px, _ in views] == [(3, 32, 32), (3, 32, 32), (3, 16, 16)]
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    (tmp_path / "run").mkdir()  # an empty working folder: no namespace package named like a file
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "run", env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
