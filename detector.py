@@ -159,7 +159,7 @@ class Detector(nn.Module):
         """images: B float (3, H, W) in [0, 1]; targets: B dicts boxes (M, 4) xyxy original pixels, labels (M,) in
         1..C, masks (M, H, W) uint8 (Mask R-CNN). Returns scalar losses; "loss" is their sum."""
         x, sizes, scales = self.preprocess(images)
-        gt = [t["boxes"].to(x.device).float() * x.new_tensor([sx, sy, sx, sy]) for t, (sx, sy) in zip(targets, scales)]
+        gt = [dh.scale_boxes(t["boxes"].to(x.device).float(), sx, sy) for t, (sx, sy) in zip(targets, scales)]
         gl = [t["labels"].to(x.device).long() for t in targets]
         feats = self.extractor(x)  # P2..P6
         logits, deltas = self.rpn(feats)  # (B, N), (B, N, 4)
@@ -167,7 +167,8 @@ class Detector(nn.Module):
         M = max([len(g) for g in gt] + [0])
         boxes_pad, valid = x.new_zeros((len(gt), M, 4)), torch.zeros(len(gt), M, dtype=torch.bool, device=x.device)
         for i, g in enumerate(gt):
-            boxes_pad[i, : len(g)], valid[i, : len(g)] = g, True
+            boxes_pad[i, : len(g)] = g
+            valid[i, : len(g)].fill_(True)  # fill_: `= True` would copy a host scalar tensor (a sync on CUDA)
         labels, target_deltas = rpn.rpn_targets(torch.cat(anchors), boxes_pad, valid, self.cfg.rpn_batch,
                                                 self.cfg.rpn_positive_fraction)
         loss_rpn_cls, loss_rpn_box = rpn.rpn_loss(logits, deltas, labels, target_deltas)  # Eq. 1
@@ -221,7 +222,7 @@ class Detector(nn.Module):
             return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
         logits = self.mask_head(self.pool(feats, rois, size=14))  # (P, C+1, 28, 28)
         labels = torch.cat([s["labels"][f] for s, f in zip(samples, fg)])
-        mt = [dh.mask_targets(t["masks"].to(r.device), s["matched"][f], r / r.new_tensor([sx, sy, sx, sy]))
+        mt = [dh.mask_targets(t["masks"].to(r.device), s["matched"][f], dh.scale_boxes(r, sx, sy, divide=True))
               for t, s, f, r, (sx, sy) in zip(targets, samples, fg, rois, scales)]  # gt masks: original pixels
         return dh.mask_loss(logits, labels, torch.cat(mt))
 
@@ -244,7 +245,7 @@ class Detector(nn.Module):
         if self.cfg.kind == "mask":
             self._predict_masks(feats, outputs, scales, orig)
         for o, (sx, sy), (H, W) in zip(outputs, scales, orig):
-            o["boxes"] = dh.clip_boxes(o["boxes"] / o["boxes"].new_tensor([sx, sy, sx, sy]), (H, W))
+            o["boxes"] = dh.clip_boxes(dh.scale_boxes(o["boxes"], sx, sy, divide=True), (H, W))
         return outputs
 
     def _box_predict(self, feats, props):
@@ -276,7 +277,7 @@ class Detector(nn.Module):
         labels = torch.cat([o["labels"] for o in outputs])
         probs = torch.sigmoid(logits[torch.arange(len(labels), device=labels.device), labels].float())
         for o, p, (sx, sy), (H, W) in zip(outputs, probs.split([len(b) for b in boxes]), scales, orig):
-            o["masks"] = dh.paste_masks(p, o["boxes"] / o["boxes"].new_tensor([sx, sy, sx, sy]), H, W)
+            o["masks"] = dh.paste_masks(p, dh.scale_boxes(o["boxes"], sx, sy, divide=True), H, W)
 
 
 def _matched(gt: torch.Tensor, matched: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ Public
     class_deltas(deltas (N, 4(C+1) or 4), labels (N,)) -> (N, 4)
     fast_rcnn_loss(logits, deltas, labels, target_deltas, beta=0.0) -> (loss_cls, loss_box)
     box_targets(rois, gt_boxes, labels, weights) -> (N, 4)
+    scale_boxes(boxes (N,4), sx, sy, divide=False) -> (N, 4); clip_boxes(boxes (...,4), (H, W)) -> (..., 4)
     postprocess(boxes (N,C,4), scores (N,C), image_size, score_thresh, nms_thresh, max_dets) -> boxes, scores, labels
     MaskHead(in_channels=256, num_classes, conv_dim=256, norm="bn"): (P, 256, 14, 14) -> (P, C+1, 28, 28)
     mask_targets(gt_masks (M,H,W), matched (P,), rois (P,4) in mask pixels, size=28) -> (P, 28, 28)
@@ -99,7 +100,7 @@ def box_targets(rois: torch.Tensor, gt_boxes: torch.Tensor, labels: torch.Tensor
     Background rows are coded against a unit box so that log(0) never appears (empty refined cascade boxes).
     """
     fg = (labels > 0)[:, None]  # (N, 1)
-    unit = rois.new_tensor([0.0, 0.0, 1.0, 1.0]).expand_as(rois)
+    unit = torch.cat([torch.zeros_like(rois[:, :2]), torch.ones_like(rois[:, 2:])], dim=1)  # (N, 4) [0, 0, 1, 1]
     t = rpn.encode_boxes(torch.where(fg, gt_boxes, unit), torch.where(fg, rois, unit), weights)
     return torch.where(fg, t, 0.0)
 
@@ -131,6 +132,14 @@ def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Ten
         reg = (pred - target).abs()
     loss_box = torch.where(fg[:, None], reg, 0.0).sum() / N
     return loss_cls, loss_box
+
+
+def scale_boxes(boxes: torch.Tensor, sx: float, sy: float, divide: bool = False) -> torch.Tensor:
+    """xyxy boxes (N, 4) times (or, divide=True, over) (sx, sy, sx, sy) -> (N, 4). The factors stay Python floats:
+    a factor tensor made from them would be copied host -> device, a synchronising copy on CUDA."""
+    x, y = boxes[:, 0::2], boxes[:, 1::2]  # (N, 2) each: (x1, x2), (y1, y2)
+    x, y = (x / sx, y / sy) if divide else (x * sx, y * sy)
+    return torch.stack([x, y], dim=-1).flatten(1)  # (N, 2, 2) [[x1, y1], [x2, y2]] -> (N, 4)
 
 
 def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:

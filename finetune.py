@@ -380,7 +380,8 @@ def train_step(ddp, opt, images, targets, device, amp: bool, world: int):
     """One SGD step on uint8 images; skipped (no update) when the loss is not finite on some rank.
     Returns (losses, finite)."""
     images = [im.to(device, non_blocking=True).float() / 255 for im in images]  # (3, H, W) in [0, 1]
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]  # non_blocking: pinned by the loader on CUDA; a blocking copy waits for the GPU
     with torch.autocast(device.type, torch.bfloat16, enabled=amp and device.type == "cuda"):
         losses = ddp(images, targets)
     opt.zero_grad(set_to_none=True)

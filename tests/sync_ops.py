@@ -3,8 +3,10 @@
 On CUDA, torch.cuda.set_sync_debug_mode counts synchronisations (bench/gpu_check.py uses it). CPU tests cannot, so
 this counts the operations that synchronise on CUDA because the host needs a value or an output size that only the
 device knows: a scalar read (.item(), float(t), bool(t), .tolist()), nonzero / torch.where(cond), boolean-mask
-indexing, masked_select, unique, bincount and repeat_interleave with a tensor of repeats. Each counts once per
-call, whatever the device, so a CPU test can assert that a training step has none.
+indexing, masked_select, unique, bincount and repeat_interleave with a tensor of repeats; and a tensor made from
+Python data (torch.tensor, new_tensor, as_tensor of a list: aten::lift_fresh), which on CUDA is a copy from pageable
+host memory that waits for the device's queue. Each counts once per call, whatever the device, so a CPU test can
+assert that a training step has none.
 
 Calibration: on one H100 the joint step made 18 CUDA syncs with two such operations per RoI-pooling call
 (torch.bincount, whose CUDA kernel reads its maximum, then .tolist() of the counts; bench/RESULTS.md).
@@ -20,7 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Operators whose output (a Python value, or a tensor whose size depends on the data) needs the device's result.
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::bincount",
             "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
-            "aten::is_nonzero", "torchvision::nms"}
+            "aten::is_nonzero", "torchvision::nms",
+            # a tensor made from Python data (torch.tensor, new_tensor, as_tensor of a list): on CUDA a copy from
+            # pageable host memory that waits for the device's queue (cudaStreamSynchronize)
+            "aten::lift_fresh"}
 
 
 def _has_bool_index(args) -> bool:

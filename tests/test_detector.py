@@ -72,6 +72,45 @@ def test_train_step_and_inference(kind):
             assert o["masks"].shape == (n, 1, H, W) and 0 <= o["masks"].min() and o["masks"].max() <= 1
 
 
+@pytest.mark.parametrize("kind", ["faster", "mask", "cascade"])
+def test_steps_copy_no_python_data_to_the_device(kind, monkeypatch):
+    """No tensor made from Python data (torch.tensor, new_tensor: on CUDA a copy that waits for the GPU's queue) in a
+    training step or in inference, but inside torchvision's batched NMS (its per-group loop, as in torchvision's
+    own RPN). tests/sync_ops.py counts them as aten::lift_fresh."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    import torchvision
+    from sync_ops import SyncOpCounter
+
+    real, in_nms = torchvision.ops.batched_nms, []
+
+    def counted_nms(*args, **kwargs):
+        before = counter.counts.get("aten::lift_fresh", 0)
+        out = real(*args, **kwargs)
+        in_nms.append(counter.counts.get("aten::lift_fresh", 0) - before)
+        return out
+
+    torch.manual_seed(0)
+    det = Detector(small(kind)).train()
+    imgs, targets = batch()
+    det.losses(imgs, targets)  # builds rpn.cached_anchors' anchors (a copy of the ratios once per feature size)
+    monkeypatch.setattr(torchvision.ops, "batched_nms", counted_nms)
+    with SyncOpCounter() as counter:
+        det.losses(imgs, targets)["loss"].backward()
+        det.eval()
+        with torch.no_grad():
+            det(imgs)
+    assert in_nms and counter.counts.get("aten::lift_fresh", 0) == sum(in_nms), counter.counts
+
+
+def test_scale_boxes_equals_a_factor_tensor():
+    g = torch.Generator().manual_seed(1)
+    b = torch.rand(7, 4, generator=g) * 300
+    f = torch.tensor([0.37, 1.9, 0.37, 1.9])
+    assert torch.equal(dh.scale_boxes(b, 0.37, 1.9), b * f)
+    assert torch.equal(dh.scale_boxes(b, 0.37, 1.9, divide=True), b / f)
+    assert dh.scale_boxes(torch.zeros(0, 4), 2.0, 3.0).shape == (0, 4)
+
+
 def test_preprocess_resizes_pads_and_scales():
     det = Detector(small("faster", min_size=(64,), test_size=64, max_size=100)).eval()
     x, sizes, scales = det.preprocess([torch.rand(3, 50, 200), torch.rand(3, 64, 32)])
