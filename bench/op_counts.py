@@ -16,7 +16,8 @@ counts as the ones it runs). Syncs: tests/sync_ops.py.
     python bench/op_counts.py              # ResNet-50 pre-training at 64 px, ResNet-18 Mask R-CNN at 160 px
     python bench/op_counts.py --compiled --finetune-size 0     # + the compiled joint step (~10 min on one core)
 
-Public: count_ops(fn) -> (ops, sync ops), pretrain_rows, compiled_rows, color_rows, finetune_rows, main(argv).
+Public: count_ops(fn) -> (ops, sync ops), counted(fn) -> counter, sync_detail, pretrain_rows, compiled_rows,
+color_rows, finetune_rows, main(argv).
 """
 from __future__ import annotations
 
@@ -50,10 +51,22 @@ class CompiledOpCounter(SyncOpCounter):
 
 def count_ops(fn, counter_type=SyncOpCounter) -> tuple[int, int]:
     """(aten operators dispatched, ops that make a GPU wait) in one call of fn (run twice: the first warms up)."""
+    counter = counted(fn, counter_type)
+    return counter.ops, counter.total
+
+
+def counted(fn, counter_type=SyncOpCounter) -> SyncOpCounter:
+    """The counter of one call of fn after a warm-up call (anchors and other caches built): .ops, .counts."""
     fn()
     with counter_type() as counter:
         fn()
-    return counter.ops, counter.total
+    return counter
+
+
+def sync_detail(counter: SyncOpCounter) -> str:
+    """'name count, ...' of the sync ops, the most frequent first (aten:: dropped)."""
+    by_count = sorted(counter.counts.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in by_count)
 
 
 def views_and_boxes(B: int, K: int, size: int) -> tuple[list, list]:
@@ -149,8 +162,9 @@ def finetune_rows(size: int) -> list[dict]:
     images, targets = finetune_step.make_inputs(2, size, args.objects, torch.device("cpu"))
     rows = []
     for name, net, loss_of in (("ours", ours, ours.losses), ("torchvision", theirs, theirs)):
-        ops, syncs = count_ops(finetune_step.train_fn(net, loss_of, images, targets, args))
-        rows.append({"step": f"Mask R-CNN train, {name}", "phase": "total", "ops": ops, "sync_ops": syncs})
+        c = counted(finetune_step.train_fn(net, loss_of, images, targets, args))
+        rows.append({"step": f"Mask R-CNN train, {name}", "phase": "total", "ops": c.ops, "sync_ops": c.total,
+                     "sync_detail": sync_detail(c)})
     return rows
 
 
@@ -179,7 +193,8 @@ def main(argv=None) -> list[dict]:
         assert compiled["ops"] < eager and compiled["generated_kernels"] > 0, f"did not run compiled: {compiled}"
     print(f"settings: pre-training ResNet-{a.depth}, batch 2, {a.size} px, K = 4; Mask R-CNN ResNet-18, 2 images, "
           f"short side {a.finetune_size}; RoI pooling sync_free=True (the GPU path)\n")
-    print(report.table(rows, ["step", "phase", "ops", "sync_ops"] + (["generated_kernels"] if a.compiled else [])))
+    print(report.table(rows, ["step", "phase", "ops", "sync_ops"] + (["generated_kernels"] if a.compiled else []) +
+                       (["sync_detail"] if a.finetune_size else [])))
     return rows
 
 
