@@ -202,6 +202,33 @@ def test_cross_process_checks(tmp_path):
         assert seen == {"sum": [1, 2], "finite_raised": True, "data_raised": True}, rank
 
 
+@pytest.mark.parametrize("color_on", ["loader", "device"])
+def test_training_steps_make_no_host_sync(pool, tmp_path, monkeypatch, color_on):
+    """train.train_step (batch to the device, colour on the device, forward, backward, LARS, EMA) waits for the device
+    nowhere once the first step has built the anchors: no scalar read, no data-dependent shape, no tensor made from
+    Python data (tests/sync_ops.py), with the RoI pooling a GPU runs. Only log and checkpoint steps read the loss."""
+    from sync_ops import SyncOpCounter
+
+    real_build, real_step, seen = train.build_model, train.train_step, []
+
+    def gpu_pooling_model(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        net.pool_sync_free(True)
+        return net
+
+    def counted_step(*args, **kwargs):
+        with SyncOpCounter() as counter:
+            out = real_step(*args, **kwargs)
+        seen.append(dict(counter.counts))
+        return out
+
+    monkeypatch.setattr(train, "build_model", gpu_pooling_model)
+    monkeypatch.setattr(train, "train_step", counted_step)
+    train.main(tiny_args(pool, tmp_path, "--max-steps", "3", "--log-every", "100", "--ckpt-every", "100",
+                         "--color-on", color_on))
+    assert len(seen) == 3 and seen[1:] == [{}, {}], seen
+
+
 def test_resume_gives_the_same_weights(pool, tmp_path, monkeypatch):
     args = ["--mode", "joint", "--max-steps", "4", "--ckpt-every", "2"]
     train.main(tiny_args(pool, tmp_path / "a", *args))
