@@ -201,17 +201,17 @@ def render_geometry(image: np.ndarray, views: list) -> list[np.ndarray]:
     """uint8 (H, W, 3) -> the three views' pixels, uint8 (S, S, 3), (S, S, 3), (s, s, 3), before colour."""
     v1, v2, v3 = views
     S = v1["size"]
-    t, l, h, w = v1["crop"]
-    base = _resize(image[t:t + h, l:l + w], S)  # V1 before its flip: V2's source
+    top, left, h, w = v1["crop"]
+    base = _resize(image[top:top + h, left:left + w], S)  # V1 before its flip: V2's source
     out1 = cv2.flip(base, 1) if v1["flip"] else base
-    t, l, h, w = v2["crop"]
-    out2 = _resize(base[t:t + h, l:l + w], S)
+    top, left, h, w = v2["crop"]
+    out2 = _resize(base[top:top + h, left:left + w], S)
     out2 = cv2.flip(out2, 1) if v2["flip"] else out2
     if v3["source"] == "v2":  # downsample mode: V2's pixels, flip included
         out3 = _resize(out2, v3["size"])
     else:
-        t, l, h, w = v3["crop"]
-        out3 = _resize(image[t:t + h, l:l + w], v3["size"])
+        top, left, h, w = v3["crop"]
+        out3 = _resize(image[top:top + h, left:left + w], v3["size"])
         out3 = cv2.flip(out3, 1) if v3["flip"] else out3
     return [out1, out2, out3]
 

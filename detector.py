@@ -168,7 +168,7 @@ class Detector(nn.Module):
         boxes_pad, valid = x.new_zeros((len(gt), M, 4)), torch.zeros(len(gt), M, dtype=torch.bool, device=x.device)
         for i, g in enumerate(gt):
             boxes_pad[i, : len(g)] = g
-            valid[i, : len(g)].fill_(True)  # fill_: `= True` would copy a host scalar tensor (a sync on CUDA)
+            valid[i, : len(g)].fill_(True)  # fill_: no host scalar tensor (tests/sync_ops.py counts those)
         labels, target_deltas = rpn.rpn_targets(torch.cat(anchors), boxes_pad, valid, self.cfg.rpn_batch,
                                                 self.cfg.rpn_positive_fraction)
         loss_rpn_cls, loss_rpn_box = rpn.rpn_loss(logits, deltas, labels, target_deltas)  # Eq. 1

@@ -11,8 +11,8 @@ F1          agreement of two detection sets: 2 * (same-class matches at IoU >= 0
 cell_px     pixel side of one image panel; a figure of R images and M models is (R * cell_px) x (M * cell_px)
 ==========  ================================================================================================
 
-Public (re-exported by eval.py)
--------------------------------
+Public (eval.py re-exports plot_tide, plot_side_by_side, pick_disagreement, results_by_image, comparison_figures)
+-------------------------------------------------------------------------------------------------------------
 - ``plot_tide(results_by_model, path, size_px=(960, 420), dpi=100, types=None) -> Path`` (types: the error types,
   default tide.py's MAIN_ERRORS + SPECIAL_ERRORS).
 - ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5, cell_px=320, dpi=100)``.
@@ -25,6 +25,7 @@ Public (re-exported by eval.py)
 - ``plot_training_log(log_path, path=None, dpi=100) -> Path``: a run's log.jsonl (train.py, finetune.py) as curves
   against the step: the losses in one panel, then lr, tau and images/s; train.py and finetune.py write it as
   curves.png beside the log at the end of a run, ``python figures.py LOG.jsonl [OUT.png]`` for a run in progress.
+  ``read_log(log_path) -> list of records`` reads the log.
 
 Project-local dependencies: tide.py, only for plot_tide's default error types (imported when plot_tide is called
 without types); otherwise numpy, matplotlib, pycocotools and OpenCV (find_image): the file can be copied alone.

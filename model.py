@@ -376,7 +376,7 @@ def compile_model(net: ADePT, dynamic: bool | None = False, mode: str | None = N
 
     The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
     bit, no host read), so Dynamo captures the step of every mode as one forward graph and AOTAutograd its
-    backward as one more (tests/test_train.py). Of the ~5,300 operators a joint step dispatches eagerly, ~1,000
+    backward as one more (tests/test_train.py). Of the ~5,000 operators a joint step dispatches eagerly, ~1,000
     remain (convolutions and other extern kernels) beside ~3,000 generated fused kernels (bench/op_counts.py
     --compiled, on a CPU), without eager's per-operator autograd and dispatcher work. What stays outside: the
     loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its

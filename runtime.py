@@ -166,7 +166,7 @@ def log_line(path: Path | None, bar, rec: dict) -> None:
 
 def plot_curves(log_path: Path, log=print) -> None:
     """curves.png beside a finished run's log.jsonl (figures.plot_training_log). A plot that cannot be made (no
-    log line yet: fewer steps than --log-every) is reported, not raised: the run's weights are already written."""
+    matplotlib, a log removed or with no record) is reported, not raised: the run's weights are already written."""
     try:
         import figures  # matplotlib, only here
 

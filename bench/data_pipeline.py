@@ -240,7 +240,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--epoch-workers", type=int, default=2, help="workers of the per-epoch vs persistent comparison")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of that comparison (one epoch = the --images); 0 skips it")
+    p.add_argument("--epochs", type=int, default=4,
+                   help="epochs of that comparison (one epoch = the --images); 0 skips it")
     p.add_argument("--small-size", type=int, default=112)
     p.add_argument("--same-as", metavar="REV", help="only compare this tree's samples with git revision REV's")
     p.add_argument("--compile-color", action="store_true",
@@ -273,7 +274,8 @@ def main(argv=None):
                                   "per_worker", "samples_per_cpu_s", "load_1m"]))
         print()
         rows = []
-        for persistent in (False, True, False, True) if a.epochs > 0 else ():  # --epochs 0 skips the comparison  # interleaved: load from other processes hits both alike
+        # interleaved, so that load from other processes hits both alike; --epochs 0 skips the comparison
+        for persistent in (False, True, False, True) if a.epochs > 0 else ():
             rows.append({"loader": "one, persistent workers" if persistent else "fresh per epoch",
                          "workers": a.epoch_workers, "epochs": a.epochs, "steps_per_epoch": len(ds) // a.batch_size,
                          "s_per_epoch": epochs_loader(ds, a.epoch_workers, a.epochs, a.batch_size, persistent)

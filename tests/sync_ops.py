@@ -5,8 +5,9 @@ this counts the operations that synchronise on CUDA because the host needs a val
 device knows: a scalar read (.item(), float(t), bool(t), .tolist()), nonzero / torch.where(cond), boolean-mask
 indexing, masked_select, unique, bincount and repeat_interleave with a tensor of repeats; and a tensor made from
 Python data (torch.tensor, new_tensor, as_tensor of a list: aten::lift_fresh), which on CUDA is a copy from pageable
-host memory that waits for the device's queue. Each counts once per call, whatever the device, so a CPU test can
-assert that a training step has none.
+host memory that waits for the device's queue. That last count is conservative: a Python scalar assigned through an
+index (x[i] = 1) also makes one, and CUDA fills it without a copy. Each counts once per call, whatever the device,
+so a CPU test can assert that a training step has none.
 
 Calibration: on one H100 the joint step made 18 CUDA syncs with two such operations per RoI-pooling call
 (torch.bincount, whose CUDA kernel reads its maximum, then .tolist() of the counts; bench/RESULTS.md).
@@ -24,7 +25,8 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
             "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
             "aten::is_nonzero", "torchvision::nms",
             # a tensor made from Python data (torch.tensor, new_tensor, as_tensor of a list): on CUDA a copy from
-            # pageable host memory that waits for the device's queue (cudaStreamSynchronize)
+            # pageable host memory that waits for the device's queue (cudaStreamSynchronize); also a Python scalar
+            # assigned through an index, which CUDA fills without a copy (an over-count)
             "aten::lift_fresh"}
 
 

@@ -326,6 +326,22 @@ def test_training_curves_from_a_log_with_a_torn_line(tmp_path):
         figures.plot_training_log(empty)
 
 
+def test_end_of_run_curves_report_a_failure_instead_of_raising(tmp_path):
+    """runtime.plot_curves (train.py / finetune.py at the end of a run, after the weights are written): a missing or
+    empty log is reported on the run's log function, not raised; a good log gives curves.png."""
+    import runtime
+
+    said = []
+    runtime.plot_curves(tmp_path / "missing" / "log.jsonl", said.append)
+    (tmp_path / "empty.jsonl").write_text("")
+    runtime.plot_curves(tmp_path / "empty.jsonl", said.append)
+    assert len(said) == 2 and all(m.startswith("no training curves: ") for m in said), said
+    assert "missing/log.jsonl" in said[0] and "empty.jsonl: no log record" in said[1]
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    runtime.plot_curves(tmp_path / "log.jsonl", said.append)
+    assert said[2] == f"training curves {tmp_path / 'curves.png'}" and (tmp_path / "curves.png").stat().st_size
+
+
 def test_pick_disagreement():
     same = [det(1, 1, [0, 0, 10, 10], 0.9)]
     far = [det(1, 1, [50, 50, 10, 10], 0.9)]

@@ -157,6 +157,49 @@ def test_box_coding_round_trip_and_torchvision(weights):
     assert rpn.encode_boxes(boxes.view(5, 10, 4), anchors.view(5, 10, 4), weights).shape == (5, 10, 4)
 
 
+def _four_coordinates(b):  # the previous rpn.py's coders, one coordinate at a time (frozen here)
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    return b[..., 0] + 0.5 * w, b[..., 1] + 0.5 * h, w, h
+
+
+def _encode_4(boxes, anchors, weights):
+    wx, wy, ww, wh = weights
+    ax, ay, aw, ah = _four_coordinates(anchors)
+    gx, gy, gw, gh = _four_coordinates(boxes)
+    return torch.stack([wx * (gx - ax) / aw, wy * (gy - ay) / ah, ww * torch.log(gw / aw), wh * torch.log(gh / ah)],
+                       dim=-1)
+
+
+def _decode_4(deltas, anchors, weights):
+    dtype = torch.promote_types(deltas.dtype, torch.float32)  # at least float32, as rpn.decode_boxes
+    deltas, anchors = deltas.to(dtype), anchors.to(dtype)
+    wx, wy, ww, wh = weights
+    ax, ay, aw, ah = _four_coordinates(anchors)
+    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+    dw, dh = (deltas[..., 2] / ww).clamp(max=rpn.BBOX_CLAMP), (deltas[..., 3] / wh).clamp(max=rpn.BBOX_CLAMP)
+    cx, cy, w, h = dx * aw + ax, dy * ah + ay, torch.exp(dw) * aw, torch.exp(dh) * ah
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pairwise_coders_equal_the_four_coordinate_formulas_bit_for_bit(dtype):
+    """encode_boxes / decode_boxes / pairwise_iou work on (x, y) and (w, h) pairs (fewer operators: kernel launches
+    on a GPU); the same arithmetic in the same order as one coordinate at a time, so the same bits."""
+    g = torch.Generator().manual_seed(11)
+    boxes, anchors = random_boxes(g, 3, 9).to(dtype), random_boxes(g, 3, 9).to(dtype)
+    deltas = (torch.randn(3, 9, 4, generator=g) * 2).to(dtype)
+    for w in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (30.0, 30.0, 15.0, 15.0), (1.0, 2.0, 3.0, 4.0)]:
+        assert torch.equal(rpn.encode_boxes(boxes, anchors, w), _encode_4(boxes, anchors, w)), w
+        assert torch.equal(rpn.decode_boxes(deltas, anchors, w), _decode_4(deltas, anchors, w)), w
+    a = anchors[0]  # (N, 4)
+    area = lambda b: (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)  # noqa: E731
+    lt = torch.maximum(boxes[..., None, :2], a[:, :2])
+    wh = (torch.minimum(boxes[..., None, 2:], a[:, 2:]) - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    iou = inter / (area(boxes)[..., None] + area(a) - inter).clamp(min=torch.finfo(inter.dtype).tiny)
+    assert torch.equal(rpn.pairwise_iou(boxes, a), iou)
+
+
 def test_decode_clamp():
     anchor = torch.tensor([[0.0, 0.0, 32.0, 16.0]])
     out = rpn.decode_boxes(torch.tensor([[0.0, 0.0, 50.0, 100.0]]), anchor)
