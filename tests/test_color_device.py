@@ -15,7 +15,7 @@ import data
 import synthetic
 import train
 from test_data import write_images
-from test_train import pool, tiny_args  # noqa: F401  (pool: a module-scoped fixture)
+from test_train import tiny_args  # the pool fixture is in tests/conftest.py
 
 NO = augment.NO_COLOR
 
@@ -178,7 +178,7 @@ def test_color_batch_has_no_host_sync():
     assert counter.counts == {}
 
 
-def test_one_step_with_colour_on_the_device(pool, tmp_path, monkeypatch):  # noqa: F811
+def test_one_step_with_colour_on_the_device(pool, tmp_path, monkeypatch):
     """--color-on device: train_step colours each of the batch's 3 views with color_batch and that view's c1..c3
     parameters (recorded through train.color_fn and train.train_step)."""
     calls, batches = [], []

@@ -17,7 +17,6 @@ import augment
 import data
 import ss_proposals
 import synthetic
-from test_train import pool  # noqa: F401  (a module-scoped fixture: 8 images and their proposals)
 
 GREY, BRIGHT = 100, 250
 
@@ -529,7 +528,7 @@ def test_synthetic_dataset_is_deterministic_and_valid(tmp_path):
 
 
 @pytest.mark.parametrize("color_on", ["loader", "device"])
-def test_data_cli_draws_the_views(pool, tmp_path, monkeypatch, color_on):  # noqa: F811
+def test_data_cli_draws_the_views(pool, tmp_path, monkeypatch, color_on):
     from PIL import Image
 
     images, proposals = pool
