@@ -137,9 +137,8 @@ def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Ten
 def scale_boxes(boxes: torch.Tensor, sx: float, sy: float, divide: bool = False) -> torch.Tensor:
     """xyxy boxes (N, 4) times (or, divide=True, over) (sx, sy, sx, sy) -> (N, 4). The factors stay Python floats:
     a factor tensor made from them would be copied host -> device, a synchronising copy on CUDA."""
-    x, y = boxes[:, 0::2], boxes[:, 1::2]  # (N, 2) each: (x1, x2), (y1, y2)
-    x, y = (x / sx, y / sy) if divide else (x * sx, y * sy)
-    return torch.stack([x, y], dim=-1).flatten(1)  # (N, 2, 2) [[x1, y1], [x2, y2]] -> (N, 4)
+    corners = boxes.reshape(-1, 2, 2)  # (N, 2, 2) [[x1, y1], [x2, y2]]
+    return rpn.scale_pairs(corners, (sx, sy), divide).reshape(-1, 4)
 
 
 def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:

@@ -124,14 +124,14 @@ def plot_training_log(log_path, path=None, dpi: int = 100) -> Path:
     (pre-training's EMA momentum) and images_per_s where the log has them. path: default curves.png beside the log.
     Returns the PNG's path."""
     records = read_log(log_path)
-    keys = [k for k in dict.fromkeys(k for r in records for k in r)
-            if any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in records)]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if any(number(r.get(k)) for r in records)]
     panels = [[k for k in keys if k.startswith("loss")]] + [[k] for k in ("lr", "tau", "images_per_s") if k in keys]
     panels = [p for p in panels if p]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), dpi=dpi, sharex=True, squeeze=False)
     for ax, names in zip(axes[:, 0], panels):
         for k in names:
-            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+            pts = [(r["step"], r[k]) for r in records if number(r.get(k))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, linewidth=1.2)
         ax.set_ylabel(names[0] if len(names) == 1 else "loss")
         ax.grid(alpha=0.3)

@@ -267,13 +267,13 @@ class ADePT(nn.Module):
             by_size.setdefault(tuple(views[j - 1].shape[-2:]), []).append(j - 1)
         total = views[0].new_zeros(())
         for js in by_size.values():
+            V = len(js)
             # Table 4's best row (the default): detached features, so the backbone receives only L_det
             fs = [feats[j] if self.rpn_grad_to_backbone else [x.detach() for x in feats[j]] for j in js]
-            f = [torch.cat(level) if len(js) > 1 else level[0] for level in zip(*fs)]  # L x (V*B, C, H_l, W_l)
+            f = [torch.cat(level) if V > 1 else level[0] for level in zip(*fs)]  # L x (V*B, C, H_l, W_l)
             logits, deltas = self.rpn(f)  # (V*B, N), (V*B, N, 4)
             anchors = self.anchors([tuple(x.shape[-2:]) for x in f], f[0].device)  # (N, 4)
             labels, target_deltas = rpn.rpn_targets(anchors, torch.cat([boxes[j] for j in js]))  # (V*B, N), (.., 4)
-            V = len(js)
             loss_cls, loss_reg = rpn.rpn_loss(*(t.unflatten(0, (V, -1)) for t in (logits, deltas, labels,
                                                                                   target_deltas)))  # mean over V
             total = total + V * (loss_cls + loss_reg)

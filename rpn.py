@@ -23,6 +23,7 @@ Public
     match_anchors(anchors, boxes, valid, pos_thresh, neg_thresh) -> labels (B, N), matched (B, N)
     sample_anchors(labels, batch_size_per_image, positive_fraction, generator) -> labels (B, N)
     encode_boxes(boxes, anchors, weights) / decode_boxes(deltas, anchors, weights, clamp)
+    scale_pairs(x (..., 2), (w_0, w_1), divide) -> (..., 2)   per-coordinate factors, Python floats (no host copy)
     rpn_targets(anchors, boxes, valid, ...) -> labels (B, N), target_deltas (B, N, 4)
     rpn_loss(logits, deltas, labels, target_deltas, lam, beta) -> (loss_cls, loss_reg)      Eq. 1
     RPNHead(in_channels, num_anchors)                        c, o, d
@@ -156,7 +157,7 @@ def _centre_size(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b[..., :2] + 0.5 * size, size
 
 
-def _scale(x: torch.Tensor, w: tuple, divide: bool = False) -> torch.Tensor:
+def scale_pairs(x: torch.Tensor, w: tuple, divide: bool = False) -> torch.Tensor:
     """x (..., 2) times (divide: over) the per-coordinate weights w = (w_0, w_1), Python floats: no host -> device
     copy of a weight tensor (a synchronising copy on CUDA)."""
     if w[0] == w[1]:
@@ -171,7 +172,9 @@ def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 
     """
     c_a, s_a = _centre_size(anchors)  # (..., 2) each
     c_g, s_g = _centre_size(boxes)
-    return torch.cat([_scale(c_g - c_a, weights[:2]) / s_a, _scale(torch.log(s_g / s_a), weights[2:])], dim=-1)
+    d_c = scale_pairs(c_g - c_a, weights[:2]) / s_a  # (dx, dy)
+    d_s = scale_pairs(torch.log(s_g / s_a), weights[2:])  # (dw, dh)
+    return torch.cat([d_c, d_s], dim=-1)
 
 
 def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0, 1.0, 1.0),
@@ -184,8 +187,8 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0,
     dtype = torch.promote_types(deltas.dtype, torch.float32)
     deltas, anchors = deltas.to(dtype), anchors.to(dtype)
     c_a, s_a = _centre_size(anchors)  # (..., 2) each
-    d_c = _scale(deltas[..., :2], weights[:2], divide=True)  # (dx, dy)
-    d_s = _scale(deltas[..., 2:], weights[2:], divide=True).clamp(max=clamp)  # (dw, dh)
+    d_c = scale_pairs(deltas[..., :2], weights[:2], divide=True)  # (dx, dy)
+    d_s = scale_pairs(deltas[..., 2:], weights[2:], divide=True).clamp(max=clamp)  # (dw, dh)
     c, s = d_c * s_a + c_a, torch.exp(d_s) * s_a  # (..., 2) centre, size
     return torch.cat([c - 0.5 * s, c + 0.5 * s], dim=-1)
 
