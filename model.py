@@ -213,6 +213,7 @@ class ADePT(nn.Module):
         if mode == "separate":  # 4.2: only the RPN is trained
             for m in (self.online, self.predictor):
                 m.requires_grad_(False)
+        self.train()  # nn.Module starts in training mode without calling train(): the frozen extractor's BN in eval
 
     def pool_sync_free(self, value: bool | None = True) -> None:
         """RoI pooling of both branches: True = the masked pooling on every device (no host read: what a GPU runs,

@@ -334,6 +334,7 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
     # find_unused_parameters: with the CPU's grouped RoI pooling (roi_head.multilevel_roi_align), a batch whose boxes
     # all fall on some FPN levels leaves those levels' output convs without gradient (the RPN trains on detached
     # features by default); byol mode never uses the FPN.
+    net.train()  # separate mode: the frozen extractor's BN stays in eval (ADePT.train)
     ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
     peak_lr, warmup = args.base_lr * args.batch_size * world / 256, int(args.warmup_epochs * steps_per_epoch)
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)

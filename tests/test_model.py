@@ -117,7 +117,7 @@ def test_separate_mode_trains_only_the_rpn():
     views, boxes = views_and_boxes(B=1, size=128)
     bn = net.online.extractor.backbone.bn1
     before = bn.running_mean.clone()
-    net.train()
+    assert net.training and not bn.training  # as built, without a train() call
     losses = net(views, boxes)
     assert losses["loss_det"] == 0 and losses["loss_rpn"] > 0
     losses["loss"].backward()

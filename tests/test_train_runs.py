@@ -89,6 +89,9 @@ def test_separate_mode_from_a_soco_run(pool, tmp_path):
     assert not changed(before, after, "rpn.")[1]
     for prefix in ("online.", "predictor.", "target."):
         assert not changed(before, after, prefix)[0], prefix
+    # and the frozen extractor ran in eval mode: its BN statistics are still those of --init (= the target's)
+    stats = [k for k in after if k.startswith("online.") and k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(after[k], after["target." + k.removeprefix("online.")]) for k in stats)
     with pytest.raises(SystemExit, match="--init"):
         train.main(tiny_args(pool, tmp_path / "x", "--mode", "separate"))
 
