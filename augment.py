@@ -52,6 +52,9 @@ cv2.setNumThreads(0)
 # DEVIATION (flag train.py --min-visible): SoCo only asks for any overlap; half the box is stricter.
 MIN_VISIBLE = 0.5
 MIN_BOX_SIDE = 2.0
+# DEVIATION (SoCo's code; flag train.py --v2-ratio): V2's crop has a log-uniform aspect ratio w/h in [3/4, 4/3], as
+# RandomResizedCrop's; 4.1.2 names only the scale range. (1, 1): square crops.
+V2_RATIO = (3 / 4, 4 / 3)
 
 
 class Draws:
@@ -73,7 +76,7 @@ def _draws(g) -> Draws:
     return g if isinstance(g, Draws) else Draws(g)
 
 
-def _crop_params(h: int, w: int, r: Draws, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _crop_params(h: int, w: int, r: Draws, scale=(0.5, 1.0), ratio=V2_RATIO) -> tuple[int, int, int, int]:
     """(top, left, ch, cw) of a random crop of an h x w image: area fraction in `scale`, aspect cw/ch log-uniform in
     `ratio`, 10 tries then the central crop clamped to `ratio` (RandomResizedCrop's sampling rule)."""
     for _ in range(10):
@@ -110,12 +113,12 @@ def _view(size: int, crop, flip: bool, source: str, sx: float, tx: float, sy: fl
 
 
 def sample_geometry(height: int, width: int, generator, size: int = 224, small_size: int = 112,
-                    v3_mode: str = "downsample", scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
+                    v3_mode: str = "downsample", scale=(0.5, 1.0), ratio=V2_RATIO, flip_p: float = 0.5):
     """Random geometry of the three views of an H x W image (4.1.2). Each view: size, crop (top, left, h, w) in its
     source, flip, source ("image": the original; "v1": V1 before its flip; "v2": V2 after its flip), affine.
 
     V1 = the image (less < 2^k px trimmed on the right/bottom so that shrinking by 2^k is exact) resized to S.
-    V2 = a crop of V1, scale in [0.5, 1], aspect ratio in [3/4, 4/3], resized to S.
+    V2 = a crop of V1, scale in [0.5, 1], aspect ratio in `ratio` (V2_RATIO: SoCo's [3/4, 4/3]), resized to S.
     V3 "downsample" (paper): V2 downsampled to s, inheriting V2's crop and flip (no flip of its own: it is the same
     picture). # DEVIATION (v3_mode="independent", SoCo's code): V3 is its own RandomResizedCrop(s, scale, ratio)
     of the original image with its own flip.
@@ -318,8 +321,9 @@ def color_augment(x: np.ndarray, g, blur_p: float, solarize_p: float,
 
 def jitter_boxes(boxes: np.ndarray, g, size: int, p: float = 0.5, ratio: float = 0.1):
     """SoCo's box jitter (V1 only): with probability p per box, each coordinate moves by U(-ratio, ratio) x the box
-    width (x1, x2) or height (y1, y2); clipped to the size x size view. The draws come box by box (a coin, then its
-    4 moves if it came up), the moves are applied in one numpy call."""
+    width (x1, x2) or height (y1, y2); clipped to the size x size view. # DEVIATION (SoCo's code; 4.1.2 names no box
+    jitter): on by default, off with train.py --no-box-jitter; Eq. 1 uses V1's boxes before it either way.
+    The draws come box by box (a coin, then its 4 moves if it came up), the moves are applied in one numpy call."""
     r, out = _draws(g), boxes.copy()
     rows, moves = [], []
     for k in range(len(boxes)):
@@ -367,7 +371,7 @@ def render_views(image, boxes, views, g, color: bool, jitter: bool, mapped: np.n
 
 def three_views(image: np.ndarray, boxes: np.ndarray, generator: torch.Generator, size: int = 224,
                 small_size: int = 112, v3_mode: str = "downsample", color: bool = True, jitter: bool = True,
-                scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                scale=(0.5, 1.0), ratio=V2_RATIO) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The three-view box-aware augmentation of 4.1.2 for one image.
 
     image uint8 (H, W, 3) RGB; boxes (K, 4) xyxy original pixels. Returns [(view uint8 (3, S, S), boxes float32

@@ -4,7 +4,8 @@ Paper 4.3 (COCO full / 10% / 1%, SODA10M) and 4.4 (PASCAL VOC few-shot after [33
 VOC splits: voc_data.py). Not an equation file.
 
 COCO handling (as detectron2 / torchvision train on COCO): crowd annotations (iscrowd = 1) are dropped from training
-targets (COCOeval still ignores detections on them); images without annotations are kept (RPN and RoI negatives);
+targets (COCOeval still ignores detections on them); images without annotations load (finetune.py drops them from
+training unless --keep-empty, as detectron2's FILTER_EMPTY_ANNOTATIONS and torchvision's references do);
 category ids (COCO's are non-contiguous, 1..90) map to labels 1..C in increasing id order and back (`cat_ids`).
 Boxes [x, y, w, h] are clipped to the image; one with a side < MIN_BOX_SIDE px after clipping is skipped and
 counted. Missing iscrowd / area are filled (0 / box w * h) as pycocotools needs them. Segmentations: a polygon

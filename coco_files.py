@@ -12,7 +12,8 @@ Public
 - ``atomic_write(path, text) -> Path``: text to path through a temp file in the same folder and os.replace.
 - ``save_results(results, path) -> Path`` (atomic), ``load_results(path) -> list`` (ValueError: not a JSON list).
 - ``load_coco(gt) -> COCO``: a path or a COCO, completed in place (iscrowd 0 and area w * h filled where missing,
-  malformed polygons dropped with a warning); FileNotFoundError / ValueError naming the file.
+  VOC's difficult objects made iscrowd 1, malformed polygons dropped with a warning); FileNotFoundError /
+  ValueError naming the file.
 - ``gt_subset(coco, image_ids) -> COCO``: the ground truth cut to those images (categories kept).
 - ``check_results(results, coco, source="<results>")``: ValueError naming source and the entry for an unknown image
   or category id, a non-finite score, a malformed bbox, or neither bbox nor segmentation.
@@ -95,13 +96,16 @@ def _polygon_ok(p) -> bool:
 
 def _complete_gt(d: dict, source) -> None:
     """In place, what pycocotools needs of a ground truth: iscrowd 0 and area = box w * h where missing (COCOeval
-    reads both), malformed polygons dropped (a warning counts them; an annotation left without one has no mask)."""
+    reads both; a VOC "difficult": 1 object becomes iscrowd 1, which COCOeval ignores), malformed polygons dropped
+    (a warning counts them; an annotation left without one has no mask)."""
     dropped = 0
     for i, a in enumerate(d.get("annotations", [])):
         b = a.get("bbox") if isinstance(a, dict) else None
         if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
             raise ValueError(f"{source}: annotations[{i}] has no bbox [x, y, w, h]: {str(a)[:120]}")
         a.setdefault("iscrowd", 0)
+        if a.get("difficult"):  # VOC's difficult objects (voc_data.voc_to_coco): ignored by the evaluation
+            a["iscrowd"] = 1
         a.setdefault("area", float(b[2] * b[3]))
         seg = a.get("segmentation")
         if isinstance(seg, list) and not all(_polygon_ok(p) for p in seg):

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 # augment also turns off OpenCV's thread pool (cv2.setNumThreads(0)) on import: loader workers are the parallelism.
-from augment import (COLOR_ON, MIN_VISIBLE, Draws, common_region, map_boxes_views, render_views, sample_geometry,
-                     visible_mapped)
+from augment import (COLOR_ON, MIN_VISIBLE, V2_RATIO, Draws, common_region, map_boxes_views, render_views,
+                     sample_geometry, visible_mapped)
 from synthetic import CLASSES, ensure_synthetic_dataset, synthetic_scene  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,7 +136,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, image_root, proposals, K: int = 4, seed: int = 0, size: int = 224, small_size: int = 112,
                  v3_mode: str = "downsample", color: bool = True, jitter: bool = True,
-                 min_visible: float = MIN_VISIBLE, max_missing: int = 0, color_on: str = "loader"):
+                 min_visible: float = MIN_VISIBLE, max_missing: int = 0, color_on: str = "loader",
+                 ratio: tuple = V2_RATIO):
         if color_on not in COLOR_ON:
             raise ValueError(f"color_on must be one of {COLOR_ON}, not {color_on!r}")
         self.root = Path(image_root)
@@ -175,6 +176,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
         self.K, self.seed, self.size, self.small_size, self.v3_mode = K, seed, size, small_size, v3_mode
         self.color, self.jitter, self.min_visible, self.color_on = color, jitter, min_visible, color_on
+        self.ratio = tuple(ratio)  # V2's crop aspect range (and V3's with v3_mode="independent")
         self.epoch = 0
         self.bad: set[int] = set()  # indices found unreadable in this process
         self.replaced = 0  # samples served from a replacement image in this process
@@ -206,7 +208,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         """Geometry and K boxes visible in all views: up to MAX_TRIES geometries (SoCo), padded by repetition.
         -> (views, boxes (K, 4) original pixels, their clipped view boxes (3, K, 4), fallback)."""
         for _ in range(MAX_TRIES):
-            views = sample_geometry(H, W, g, self.size, self.small_size, self.v3_mode)
+            views = sample_geometry(H, W, g, self.size, self.small_size, self.v3_mode, ratio=self.ratio)
             full, clipped = map_boxes_views(boxes, views)  # (3, N, 4) xyxy view pixels, float64
             idx = np.flatnonzero(visible_mapped(full, clipped, self.min_visible))
             if len(idx):

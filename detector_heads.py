@@ -228,8 +228,10 @@ def mask_loss(mask_logits: torch.Tensor, labels: torch.Tensor, targets: torch.Te
 def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Paste (n, h, w) mask probabilities into their boxes (n, 4) of an (height, width) image -> (n, 1, H, W).
 
-    Each image pixel centre inside a box samples the mask bilinearly (mask edges = box edges, edge values
-    extended over the last half mask pixel); pixels outside every box: 0.
+    The pixels around each box sample the mask bilinearly (mask edges = box edges) with zeros beyond its edges, as
+    detectron2 pastes: a pixel whose centre lies inside the box gets more than half the nearest edge value, one whose
+    centre lies outside less than half, so a full mask at 0.5 covers exactly the pixels centred in its box. Pixels
+    farther away: 0.
     """
     n = probs.shape[0]
     out = probs.new_zeros((n, 1, height, width))
@@ -242,8 +244,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: in
         gx = (torch.arange(c0, c1, device=dev, dtype=probs.dtype) + 0.5 - x1) / max(x2 - x1, 1e-6) * 2 - 1
         gy = (torch.arange(r0, r1, device=dev, dtype=probs.dtype) + 0.5 - y1) / max(y2 - y1, 1e-6) * 2 - 1
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)  # (h, w, 2) as (x, y)
-        out[i, 0, r0:r1, c0:c1] = F.grid_sample(probs[i][None, None], grid[None], align_corners=False,
-                                                      padding_mode="border")[0, 0]
+        out[i, 0, r0:r1, c0:c1] = F.grid_sample(probs[i][None, None], grid[None], align_corners=False)[0, 0]
     return out
 
 

@@ -248,7 +248,8 @@ def _tables(metrics: dict) -> str:
     rows = [{"model": n, "mAP50": m["voc"]["mAP"], "novel": m["voc"]["nAP"], "base": m["voc"]["bAP"]}
             for n, m in models.items()]
     if rows:
-        out.append("### VOC mAP50 (Table 2)\n\n" + markdown_table(rows, ("model", "mAP50", "novel", "base")))
+        out.append(f"### VOC mAP50 (Table 2), {metrics.get('voc_metric', '11-point (VOC07)')} AP\n\n"
+                   + markdown_table(rows, ("model", "mAP50", "novel", "base")))
     for key in ("tide_bbox", "tide_segm"):
         rows = [dict(model=n, **{k: v for k, v in m[key].items() if k != "counts"}) for n, m in models.items()
                 if key in m]
@@ -287,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="image folder for the figures (default: the synthetic split's)")
     p.add_argument("--out", default="out/eval", help="folder for metrics.json, metrics.md and PNGs")
     p.add_argument("--novel", help="comma-separated novel category ids: VOC mAP50 novel / base (Table 2)")
-    p.add_argument("--voc07", action="store_true", help="VOC07 11-point AP instead of the VOC2010+ area")
+    p.add_argument("--voc07", action=argparse.BooleanOptionalAction, default=True,
+                   help="VOC mAP50's AP: VOC07's 11-point (default: Table 2's test07, as TFA and finetune.py) or, with "
+                        "--no-voc07, the VOC2010+ area")
     p.add_argument("--proposals", help="proposals for AR@10/100/1000: .json {file_name: [[x1,y1,x2,y2],..]} best "
                    "first, or a selective_search.py file (unranked: read AR@k for k >= its box count)")
     p.add_argument("--figure-images", type=int, default=4, help="rows of the side-by-side figure")
@@ -317,7 +320,8 @@ def main(argv=None) -> dict:
         check_results(res, coco, path)
         loaded[name] = res
         models[name] = _model_metrics(coco, res, novel, a.voc07)
-    metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models}
+    metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models,
+               "voc_metric": "11-point (VOC07)" if a.voc07 else "area (VOC2010+)"}
     if a.proposals:
         metrics["proposals"] = proposal_recall(*_proposal_lists(coco, a.proposals))
     report = _tables(metrics)

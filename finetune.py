@@ -14,8 +14,8 @@ linear warm-up over 1000 iterations from lr/1000, lr x 0.1 at 2/3 and 8/9 of the
 iterations at a global batch of 16 with lr 0.02; another --batch-size scales the default iterations and warm-up by
 16/batch and the lr by batch/16 (linear scaling rule). --label-fraction < 1 and --shots use the label-scarce
 9000-iteration schedule (reference.md: 1% / 10% COCO; the paper gives no few-shot schedule: our choice).
-Multi-scale training short side 640-800 (step 32), max 1333, test 800, horizontal flip p = 0.5; resize and padding
-to a multiple of 32 happen inside the detector (detector.py).
+Multi-scale training short side 640-800 (step 32; 480-800 on VOC, --novel voc1/2/3, as TFA's configs), max 1333,
+test 800, horizontal flip p = 0.5; resize and padding to a multiple of 32 happen inside the detector (detector.py).
 
 Init (--init): an ADePT pretrained.pth (default: runs/pretrain/pretrained.pth when it exists, else none), "none"
 (random init) or "torchvision:PATH" (a local torchvision ResNet checkpoint for the backbone only). Which weights were
@@ -64,12 +64,13 @@ PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None,
 CPU = dict(anchor_sizes="8,16,32,64,128", depth=18, batch_size=4, lr=0.02, warmup=50, min_size="128,144,160",
            max_size=256, test_size=144,
            workers=1, ckpt_every=50, log_every=10, roi_batch=32, test_proposals=100, max_dets=20, iters=200)
+TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot configs (4.4): short side 480-800
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
 DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
-RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "shots",
-            "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size", "max_size",
-            "roi_batch", "anchor_sizes", "seed")
+RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "keep_empty",
+            "shots", "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size",
+            "max_size", "roi_batch", "anchor_sizes", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-dim", type=int, default=256,
                    help="mask head width (Mask R-CNN 256; DEVIATION, CPU study 64)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="4.3: 0.01 / 0.1 / 1.0 of the train images")
+    p.add_argument("--keep-empty", action="store_true", help="also train on the subset's images without a box "
+                   "(DEVIATION from detectron2 / torchvision, which drop them: ~0.9%% of train2017)")
     p.add_argument("--shots", type=int, help="4.4: K instances per class (TFA protocol, see coco_data.py)")
     p.add_argument("--novel", help="novel category ids '1,2,3' or voc1 / voc2 / voc3 (TFA's VOC splits)")
     p.add_argument("--base-full", action="store_true", help="with --shots: base classes keep all annotations")
@@ -114,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve(args) -> tuple[argparse.Namespace, str]:
     """Fill unset flags from the preset (PAPER with a data path, CPU without) and derive the schedule."""
+    if args.train_json and args.novel and args.novel.startswith("voc") and args.min_size is None:
+        args.min_size = TFA_VOC_MIN_SIZE
     if args.coco:
         r = Path(args.coco)
         args.train_json = args.train_json or str(r / "annotations/instances_train2017.json")
@@ -183,7 +188,11 @@ def build_datasets(args, log=print):
         record.update(protocol="kshot", shots=args.shots, novel=novel, base_full=args.base_full, image_ids=list(keep),
                       annotation_ids=[a.get("id") for anns in keep.values() for a in anns])
     else:
-        keep = coco_data.label_fraction_subset(train.images, args.label_fraction, args.seed)
+        keep = coco_data.label_fraction_subset(train.images, args.label_fraction, args.seed)  # of all images (1%: 1183)
+        empty = [i for i in keep if not train.anns[i]]  # no box left (none, or crowd only): dropped as detectron2 does
+        if empty and not args.keep_empty:
+            keep = [i for i in keep if train.anns[i]]
+            log(f"{tj}: {len(empty)} of the subset's images have no box: not trained on (--keep-empty keeps them)")
         record.update(protocol="label_fraction", fraction=args.label_fraction, image_ids=keep)
     if not (sum(map(len, keep.values())) if args.shots else sum(len(train.anns[i]) for i in keep)):
         raise SystemExit(f"{tj}: the train subset ({record['protocol']}, seed {args.seed}) has no usable annotation: "
@@ -260,7 +269,7 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
     if det.cfg.kind == "mask":
         metrics["segm"] = ev.coco_eval(val.path, results, "segm")
     if kshot:
-        # VOC2007 test's 11-point AP, as TFA [33] evaluates test07; difficult objects are iscrowd (voc_data.voc_to_coco)
+        # VOC2007 test's 11-point AP, as TFA [33] evaluates test07; difficult objects ignored (voc_data.voc_to_coco)
         metrics["voc_map50"] = ev.voc_map50(val.path, results, novel_ids=novel, use_07_metric=True)
     return metrics
 

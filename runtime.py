@@ -8,6 +8,7 @@ Public
     replicas_identical(net, world) -> bool            every process holds the same parameters (DDP's contract)
     check_same_data(dataset, world)                   every process lists the same images (RuntimeError if not)
     all_processes_sum(counts, device, world) -> list  integer counts summed over the processes
+    check_finite(bad, step, last_good, out, world, tensors)   stop every process on a non-finite loss or weight
     write_atomic(path, write)                         write(f) to a temp file, fsync, rename, fsync the folder
     save_atomic(obj, path)                            torch.save through write_atomic
     read_checkpoint(path, keys, what) -> dict         torch.load(weights_only) with errors naming the file
@@ -111,6 +112,22 @@ def check_same_data(dataset, world: int) -> None:
     if any(x != everyone[0] for x in everyone):
         raise RuntimeError(f"{dataset.root}: the processes list different images (count, hash of the list per rank: "
                            f"{everyone}); every node needs the same files")
+
+
+def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path, world: int = 1,
+                 tensors: list[torch.Tensor] | None = None) -> None:
+    """Stop, on every process, before anything is written when any process saw a non-finite loss (DDP has averaged
+    its gradients into every replica, so rank 0's own loss may look fine) or, with `tensors` (the checkpoint's), one
+    of them holds a non-finite value: the last good checkpoint stays intact. One host sync (and all_reduce)."""
+    flag = bad.to(torch.int32)  # () on the device
+    if tensors:
+        flag |= (~torch.stack(torch._foreach_norm(tensors)).isfinite().all()).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise FloatingPointError(f"non-finite loss or weights at or before step {step}; the last good checkpoint "
+                                 f"({out / 'checkpoint.pth'}, step {last_good}) is left intact. Lower --base-lr or "
+                                 "check the data.")
 
 
 def exit_distributed() -> None:

@@ -4,7 +4,8 @@
     python train.py                          # embedded synthetic data, CPU preset, joint mode, one process
 
 Modes (4.2): joint (L_RPN + L_det from random init), separate (only the RPN, on a frozen extractor and head from a
-soco run: --init), soco (L_det only: the SoCo baseline), byol (image-level BYOL baseline).
+soco run: --init), soco (L_det only: the SoCo baseline), byol (image-level BYOL baseline, on V1 and V2: 4.1.2's views,
+not BYOL's own random crops).
 
 Optimisation (4.2, reference.md): LARS (lars.py: momentum 0.9, trust coefficient 0.001, weight decay 1e-5; biases and
 norm parameters excluded from weight decay and trust ratio), lr = base_lr x global batch / 256 with linear warm-up from
@@ -18,9 +19,10 @@ with a non-finite weight; auto-resumed, only by the same run: check_same_run), l
 images replaced and samples without a visible box so far; plotted into curves.png at the end), pretrained.pth (the
 target branch, keys backbone.* fpn.* box_head.* rpn.*; model.export_pretrained; its meta holds the run's args).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, color_fn, save_checkpoint, check_same_run,
-load_checkpoint, train_step (one step of Eq. 8), check_finite, train_loop, main. From runtime.py (process group,
-atomic writes, log lines), re-exported here: setup_distributed, save_atomic, exit_distributed, anchor_sizes.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, v2_ratio, color_fn, save_checkpoint,
+check_same_run, load_checkpoint, train_step (one step of Eq. 8), train_loop, main. From runtime.py (process group,
+atomic writes, log lines, the non-finite stop), re-exported here: setup_distributed, save_atomic, exit_distributed,
+anchor_sizes, check_finite.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -41,8 +44,8 @@ import data
 import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
-from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_same_data, exit_distributed, log_line,
-                     plot_curves, read_checkpoint, refuse_other_run, replicas_identical, save_atomic,
+from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_finite, check_same_data, exit_distributed,
+                     log_line, plot_curves, read_checkpoint, refuse_other_run, replicas_identical, save_atomic,
                      setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
@@ -54,10 +57,11 @@ PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, 
 CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr=0.1, warmup_epochs=0.1, size=96,
            small_size=48, workers=1, ckpt_every=20, log_every=5, max_steps=60)
 # What fixes a run's model, data stream and schedule: a checkpoint resumes only a run that agrees on these and on
-# SAME_RUN_SCHEDULE. --max-steps may change (extend or cut a run; the cosine is laid over the new total)
+# SAME_RUN_SCHEDULE. --max-steps and --epochs may change (extend or cut a run; the lr and tau cosines are laid over
+# the new total)
 RESUME_KEYS = ("mode", "depth", "fpn_norm", "head", "fpn_channels", "anchor_sizes", "num_boxes", "size", "small_size",
-               "v3_independent", "min_visible", "rpn_views", "rpn_grad_to_backbone", "rpn_proposals", "base_lr",
-               "warmup_epochs", "weight_decay", "tau_base", "seed")
+               "v3_independent", "v2_ratio", "no_box_jitter", "min_visible", "rpn_views", "rpn_grad_to_backbone",
+               "rpn_proposals", "base_lr", "warmup_epochs", "weight_decay", "tau_base", "seed")
 SAME_RUN_SCHEDULE = ("global_batch", "steps_per_epoch")  # where a step lands in the data stream
 COMPILE_SCOPES = ("extractors", "model")  # --compile: model.compile_extractors, model.compile_model
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -102,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--v3-independent", action="store_true",
                    help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2); V2 stays\n"
                         "the paper's crop of V1 (SoCo crops it from the image)")
+    p.add_argument("--v2-ratio", default="3/4,4/3", help="4.1.2: V2's crop aspect range, log-uniform (also V3's with\n"
+                   "--v3-independent). DEVIATION (SoCo): the paper names only the scale; 1,1: square crops")
+    p.add_argument("--no-box-jitter", action="store_true", help="turn off SoCo's jitter of V1's L_det boxes (p 0.5, "
+                   "+-10%% of the\nside, augment.jitter_boxes). DEVIATION (SoCo): on by default; 4.1.2 names none")
     p.add_argument("--min-visible", type=float, default=augment.MIN_VISIBLE,
                    help="a box is drawn only if each view shows this share of it (reference.md: 'visible in all\n"
                         "views'). DEVIATION: SoCo takes any overlap (~0); 0.5 keeps the views on the same region")
@@ -169,6 +177,17 @@ def rpn_views(spec: str) -> tuple:
     return views
 
 
+def v2_ratio(spec: str) -> tuple[float, float]:
+    """--v2-ratio '3/4,4/3' -> (0.75, 1.333...): the aspect range lo <= hi of V2's crop (fractions or decimals)."""
+    try:
+        lo, hi = (float(Fraction(v)) for v in spec.split(","))
+    except (ValueError, ZeroDivisionError):
+        lo = hi = 0.0
+    if not 0 < lo <= hi:
+        raise SystemExit(f"--v2-ratio {spec!r}: expected LO,HI with 0 < LO <= HI, e.g. 3/4,4/3 or 1,1")
+    return lo, hi
+
+
 def build_data(args):
     """The dataset: --data/--proposals, or the embedded pool with its cached selective search."""
     if args.data:
@@ -187,7 +206,8 @@ def build_data(args):
                          "of selective_search.py --shard i/n)")
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
                                 small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
-                                max_missing=args.max_missing,
+                                max_missing=args.max_missing, jitter=not args.no_box_jitter,
+                                ratio=v2_ratio(args.v2_ratio),
                                 v3_mode="independent" if args.v3_independent else "downsample")
 
 
@@ -378,22 +398,6 @@ def train_loop(args, dataset, net, rank: int, world: int, device, log) -> int:
                 break
     bar.close()
     return step
-
-
-def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path, world: int = 1,
-                 tensors: list[torch.Tensor] | None = None) -> None:
-    """Stop, on every process, before anything is written when any process saw a non-finite loss (DDP has averaged
-    its gradients into every replica, so rank 0's own loss may look fine) or, with `tensors` (the checkpoint's), one
-    of them holds a non-finite value: the last good checkpoint stays intact. One host sync (and all_reduce)."""
-    flag = bad.to(torch.int32)  # () on the device
-    if tensors:
-        flag |= (~torch.stack(torch._foreach_norm(tensors)).isfinite().all()).to(torch.int32)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        raise FloatingPointError(f"non-finite loss or weights at or before step {step}; the last good checkpoint "
-                                 f"({out / 'checkpoint.pth'}, step {last_good}) is left intact. Lower --base-lr or "
-                                 "check the data.")
 
 
 if __name__ == "__main__":

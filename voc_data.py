@@ -27,8 +27,10 @@ VOC_NOVEL_SPLITS = {1: ("bird", "bus", "cow", "motorbike", "sofa"), 2: ("aeropla
 def voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict:
     """PASCAL VOC XML -> COCO JSON. image_sets: e.g. ["VOC2007/trainval", "VOC2012/trainval"] (each
     <root>/<year>/ImageSets/Main/<set>.txt). VOC's 1-based pixel boxes become 0-based continuous ones
-    (x1 - 1, y1 - 1, x2, y2, as detectron2 reads VOC); "difficult" objects become iscrowd = 1, so training drops
-    them and COCOeval ignores detections on them (VOC's rule). file_name is relative to voc_root.
+    (x1 - 1, y1 - 1, x2, y2, as detectron2 reads VOC); "difficult" objects keep iscrowd = 0 with "difficult": 1:
+    training and K-shot sampling use them (as TFA [33] and detectron2 do), the evaluation ignores detections on them
+    (VOC's rule: box_metrics.voc_map50; COCOeval, TIDE and recall read them as crowd through coco_files.load_coco).
+    file_name is relative to voc_root.
     Writes out_json atomically and returns the dict."""
     voc_root, images, anns = Path(voc_root), [], []
     cat = {c: i + 1 for i, c in enumerate(classes)}
@@ -57,7 +59,7 @@ def voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict:
                 difficult = obj.find("difficult")
                 anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"], "category_id": cat[cname],
                              "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                             "iscrowd": int(difficult is not None and difficult.text.strip() == "1")})
+                             "iscrowd": 0, "difficult": int(difficult is not None and difficult.text.strip() == "1")})
     coco = {"images": images, "annotations": anns,
             "categories": [{"id": i, "name": c} for c, i in cat.items()]}
     out = Path(out_json)

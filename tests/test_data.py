@@ -113,6 +113,17 @@ def test_rpn_targets_are_v1_boxes_before_the_jitter(tmp_path):
     assert moved > 0  # p = 0.5 per box: some of the 48 boxes moved
 
 
+def test_v2_ratio_reaches_the_draw(tmp_path):
+    """ratio=(1, 1): V2 is a square crop of the square V1, so V2's scale over V1's is the same along x and y (t1, t2:
+    the views' affine maps from the image); SoCo's default ratio gives non-square crops."""
+    props = write_images(tmp_path, 4, seed=5)
+    kw = dict(K=2, size=64, small_size=32, jitter=False, color=False)
+    for ratio, square in (((1, 1), True), (augment.V2_RATIO, False)):
+        ds = data.PretrainDataset(tmp_path, props, ratio=ratio, **kw)
+        zoom = [(ds[(e, i)]["t2"][[0, 2]] / ds[(e, i)]["t1"][[0, 2]]).abs() for e in range(3) for i in range(len(ds))]
+        assert all(torch.isclose(z[0], z[1]) for z in zoom) == square  # S / cw == S / ch
+
+
 def test_min_visible_reaches_the_draw(tmp_path):
     """min_visible=1: every drawn box lies whole in every view (its clipped box is the unclipped one)."""
     props = write_images(tmp_path, 4, seed=4)

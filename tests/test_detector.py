@@ -184,6 +184,12 @@ def test_mask_targets_and_paste():
     pasted = dh.paste_masks(torch.ones(1, 28, 28), torch.tensor([[10.0, 20, 30, 25]]), 32, 40)
     assert pasted.shape == (1, 1, 32, 40)
     assert torch.allclose(pasted[0, 0, 20:25, 10:30], torch.ones(5, 20)) and pasted.sum().item() == pytest.approx(100)
+    # a sub-pixel box: a full mask covers (at 0.5) exactly the pixels whose centre lies in the box (detectron2's
+    # paste; extending the edge values instead also took the ring of pixels centred just outside: 81, not 64)
+    on = dh.paste_masks(torch.ones(1, 28, 28), torch.tensor([[2.0, 2.0, 10.3, 10.3]]), 16, 16)[0, 0] >= 0.5
+    centred = torch.zeros(16, 16, dtype=torch.bool)
+    centred[2:10, 2:10] = True  # centres 2.5 .. 9.5 lie in [2, 10.3]
+    assert torch.equal(on, centred)
 
 
 def test_mask_loss_uses_gt_class_channel():
@@ -246,9 +252,9 @@ def test_forward_maps_resized_boxes_and_masks_to_original_pixels(monkeypatch):
     assert [o["labels"].tolist() for o in outs] == [[1], [1]]
     assert torch.allclose(outs[0]["boxes"], torch.tensor([[20.0, 10, 60, 40]]))  # / 0.5
     assert torch.allclose(outs[1]["boxes"], torch.tensor([[6.4, 3.2, 19.2, 12.8]]))  # / 1.5625
-    for o, (H, W), (r0, r1, c0, c1) in zip(outs, [(50, 200), (64, 32)], [(10, 40, 20, 60), (3, 13, 6, 20)]):
+    for o, (H, W), (r0, r1, c0, c1) in zip(outs, [(50, 200), (64, 32)], [(10, 40, 20, 60), (3, 13, 6, 19)]):
         inside = torch.zeros(H, W, dtype=torch.bool)
-        inside[r0:r1, c0:c1] = True  # pixels the pasted mask covers: floor(x1) .. ceil(x2) - 1 (original pixels)
+        inside[r0:r1, c0:c1] = True  # the pixels centred in the box, original pixels (col 19: centre 19.5 > 19.2)
         assert o["masks"].shape == (1, 1, H, W) and torch.equal(o["masks"][0, 0] > 0, inside)
 
 

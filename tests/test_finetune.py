@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import coco_data  # noqa: E402
+import coco_files  # noqa: E402
 import eval as ev  # noqa: E402
 import finetune  # noqa: E402
 import model  # noqa: E402
@@ -172,7 +173,14 @@ def test_voc_to_coco(tmp_path):
     assert json.loads(out.read_text()) == coco and len(coco["categories"]) == 20
     a, b = coco["annotations"]
     assert a["bbox"] == [0.0, 0.0, 50.0, 40.0] and a["category_id"] == voc_data.VOC_CLASSES.index("dog") + 1
-    assert b["iscrowd"] == 1 and coco["images"][1]["file_name"] == "VOC2007/JPEGImages/000002.jpg"
+    assert coco["images"][1]["file_name"] == "VOC2007/JPEGImages/000002.jpg"
+    # a difficult object trains (TFA, detectron2) and is ignored by the evaluation (VOC's rule)
+    assert (a["iscrowd"], a["difficult"], b["iscrowd"], b["difficult"]) == (0, 0, 0, 1)
+    (tmp_path / "VOC2007/JPEGImages").mkdir()
+    for im in coco["images"]:
+        cv2.imwrite(str(tmp_path / im["file_name"]), np.zeros((80, 100, 3), np.uint8))
+    assert sum(map(len, coco_data.load_coco(out, tmp_path).anns.values())) == 2
+    assert [x["iscrowd"] for x in coco_files.load_coco(out).dataset["annotations"]] == [0, 1]
     with pytest.raises(FileNotFoundError, match="test.txt"):
         voc_data.voc_to_coco(tmp_path, ["VOC2007/test"], out)
 
@@ -265,11 +273,12 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     assert "resumed from" in capsys.readouterr().out and (out / "subset.json").stat().st_mtime_ns == subset_mtime
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # no 3 twice
     assert (out / "curves.png").stat().st_size > 0  # the whole run's curves, written after the last step
-    assert set(metrics["bbox"]) >= {"AP", "AP50"} and "segm" in metrics and metrics["train_images"] == 3
+    # 3 of the 6 images drawn (fraction 0.5); the one without a box among them is not trained on
+    assert set(metrics["bbox"]) >= {"AP", "AP50"} and "segm" in metrics and metrics["train_images"] == 2
     assert json.loads((out / "metrics.json").read_text())["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"],
                                                                                          nan_ok=True)
     subset = json.loads((out / "subset.json").read_text())
-    assert subset["protocol"] == "label_fraction" and len(subset["image_ids"]) == 3
+    assert subset["protocol"] == "label_fraction" and len(subset["image_ids"]) == 2
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 4
     # another run's flags in this folder: refused naming the checkpoint and the keys, subset.json untouched
     for flags, diff in (({"label_fraction": 0.25, "seed": 1}, r"label_fraction: 0.5 -> 0.25; seed: 0 -> 1"),
@@ -278,7 +287,7 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
             finetune.main(_with(argv, **flags))
     # --eval-only evaluates model_final.pth as saved (its config, its run's subset) whatever the model flags
     m = finetune.main(_with(argv, depth=50, detector="faster", label_fraction=0.25) + ["--eval-only"])
-    assert m["detector"] == "mask" and m["train_images"] == 3 and "segm" in m
+    assert m["detector"] == "mask" and m["train_images"] == 2 and "segm" in m
     assert m["bbox"]["AP"] == pytest.approx(metrics["bbox"]["AP"], nan_ok=True)
     assert (out / "subset.json").stat().st_mtime_ns == subset_mtime
     # damaged files: errors naming them; a checkpoint without saved args (older runs) of another model too
@@ -342,6 +351,20 @@ def test_empty_splits_refused_before_training(tiny):
         finetune.InfiniteSampler(0, 0, 1, seed=0)
 
 
+def test_train_subset_drops_images_without_boxes_unless_asked(tiny):
+    """The label-fraction subset is drawn from every image; those with no box (none, or crowd only) are not trained
+    on, as detectron2 and torchvision's references do, unless --keep-empty."""
+    root, tj, vj = tiny
+    flags = ["--train-json", str(tj), "--train-images", str(root / "train"), "--val-json", str(vj), "--val-images",
+             str(root / "val")]
+    logged = []
+    _, _, keep, _, record = finetune.build_datasets(finetune.resolve(finetune.parse_args(flags))[0], logged.append)
+    assert keep == record["image_ids"] == [1, 2, 3, 4, 5] and any("1 of the subset's images" in m for m in logged)
+    _, _, keep, _, _ = finetune.build_datasets(finetune.resolve(finetune.parse_args(flags + ["--keep-empty"]))[0],
+                                               log=lambda *a: None)
+    assert keep == [1, 2, 3, 4, 5, 6]
+
+
 def test_kshot_cli_subset_and_voc_metrics(tiny):
     root, tj, vj = tiny
     args, _ = finetune.resolve(finetune.parse_args(
@@ -366,7 +389,11 @@ def test_schedule_and_sampler():
     args, preset = finetune.resolve(finetune.parse_args(["--train-json", "x", "--batch-size", "8"]))
     assert preset == "paper" and args.iters == 180000 and args.lr == 0.01 and args.steps == (120000, 160000)
     args, _ = finetune.resolve(finetune.parse_args(["--train-json", "x", "--label-fraction", "0.1"]))
-    assert args.iters == 9000 and args.warmup == 1000
+    assert args.iters == 9000 and args.warmup == 1000 and args.min_size == "640,672,704,736,768,800"
+    args, _ = finetune.resolve(finetune.parse_args(["--train-json", "x", "--shots", "10", "--novel", "voc1"]))
+    assert args.min_size == "480,512,544,576,608,640,672,704,736,768,800" and args.test_size == 800  # TFA's VOC
+    args, _ = finetune.resolve(finetune.parse_args(["--train-json", "x", "--novel", "voc1", "--min-size", "600"]))
+    assert args.min_size == "600"
     take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
     r0, r1 = (take(iter(finetune.InfiniteSampler(10, r, 2, seed=0)), 5) for r in (0, 1))
     assert sorted(i for i, _ in r0 + r1) == list(range(10))  # one pass, split across 2 ranks

@@ -156,6 +156,15 @@ def test_cli_two_models(tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["models"]["base"]["tide_bbox"]["Loc"] > 0
     assert (out / "metrics.md").read_text().startswith("### COCO box AP")
+    # VOC mAP50 with VOC07's 11-point AP by default (Table 2's test07, as finetune.py), named in the report
+    assert saved["voc_metric"] == "11-point (VOC07)" and "VOC mAP50 (Table 2), 11-point (VOC07) AP" in printed
+    # class 1: TP, FP, TP -> recall/precision (.5, 1), (.5, .5), (1, 2/3): area 5/6, 11-point (6 + 5 x 2/3) / 11
+    mixed = coco_files.save_results([det(1, 1, BOX_A, 0.95), det(2, 1, shifted(BOX_B, 0.6), 0.9),
+                                     det(2, 1, BOX_B, 0.8), det(1, 3, BOX_B, 0.7)], tmp_path / "mixed.json")
+    for flag, ap1 in (([], (6 + 5 * 2 / 3) / 11), (["--no-voc07"], 5 / 6)):
+        m = ev.main(["--gt", str(gt_path), "--results", str(mixed), "--out", str(tmp_path / "o2"), *flag])
+        assert m["models"]["mixed"]["voc"]["per_class"][1] == pytest.approx(100 * ap1)
+    assert m["voc_metric"] == "area (VOC2010+)"
     assert mpimg.imread(out / "side_by_side.png").shape[:2] == (2 * 320, 2 * 320)
     assert mpimg.imread(out / "tide.png").shape[:2] == (420, 960)
     with pytest.raises(SystemExit):

@@ -106,14 +106,24 @@ def test_bad_inputs_fail_before_training(pool, tmp_path):
         train.main(tiny_args(pool, tmp_path / "ck"))
 
 
-def test_rpn_views_and_min_visible_flags_reach_model_and_data(pool, tmp_path):
+def test_rpn_views_and_data_flags_reach_model_and_data(pool, tmp_path):
     args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path, "--rpn-views", "3,1",
-                                                            "--min-visible", "0.8")))
+                                                            "--min-visible", "0.8", "--v2-ratio", "1,1",
+                                                            "--no-box-jitter")))
     assert train.build_model(args, torch.device("cpu")).rpn_views == (1, 3)
-    assert train.build_data(args).min_visible == 0.8
+    ds = train.build_data(args)
+    assert (ds.min_visible, ds.ratio, ds.jitter) == (0.8, (1.0, 1.0), False)
     args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path)))
     assert train.build_model(args, torch.device("cpu")).rpn_views == (1, 2, 3)  # 3: all views feed the RPN
-    assert train.build_data(args).min_visible == 0.5
+    ds = train.build_data(args)
+    assert (ds.min_visible, ds.ratio, ds.jitter) == (0.5, (3 / 4, 4 / 3), True)  # SoCo's crop ratio and box jitter
+
+
+def test_v2_ratio_flag():
+    assert train.v2_ratio("3/4,4/3") == (0.75, 4 / 3) and train.v2_ratio("0.5,2") == (0.5, 2.0)
+    for bad in ("1", "4/3,3/4", "0,1", "a,b", "1/0,1", "1,2,3"):
+        with pytest.raises(SystemExit, match="--v2-ratio"):
+            train.v2_ratio(bad)
 
 
 def test_lars_excludes_biases_and_norms_from_trust_and_decay():

@@ -101,7 +101,8 @@ def test_resume_refuses_another_run(pool, tmp_path):
     data and the schedules) or another experiment flag is refused before any step, naming the file and the keys."""
     train.main(tiny_args(pool, tmp_path, "--max-steps", "2", "--ckpt-every", "2"))
     for extra, key in ((("--batch-size", "4"), "global_batch"), (("--rpn-proposals",), "rpn_proposals"),
-                       (("--rpn-views", "1"), "rpn_views"), (("--seed", "1"), "seed")):
+                       (("--rpn-views", "1"), "rpn_views"), (("--seed", "1"), "seed"),
+                       (("--no-box-jitter",), "no_box_jitter")):
         with pytest.raises(SystemExit, match=f"checkpoint.pth: written by a different run .*{key}"):
             train.main(tiny_args(pool, tmp_path, "--max-steps", "2", *extra))
     assert load(tmp_path / "checkpoint.pth")["step"] == 2
