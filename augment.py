@@ -92,6 +92,8 @@ def _crop_params(h: int, w: int, r: Draws, scale=(0.5, 1.0), ratio=V2_RATIO) -> 
 
 def _halvings(h: int, w: int, out: int) -> int:
     """How many exact 2x area reductions fit before resizing h x w to out x out (each keeps both sides >= out)."""
+    if out < 1:  # the loop below would never end
+        raise ValueError(f"view side must be >= 1 px, got {out}")
     k = 0
     while (h >> (k + 1)) >= out and (w >> (k + 1)) >= out:
         k += 1

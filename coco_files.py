@@ -12,8 +12,8 @@ Public
 - ``atomic_write(path, text) -> Path``: text to path through a temp file in the same folder and os.replace.
 - ``save_results(results, path) -> Path`` (atomic), ``load_results(path) -> list`` (ValueError: not a JSON list).
 - ``load_coco(gt) -> COCO``: a path or a COCO, completed in place (iscrowd 0 and area w * h filled where missing,
-  VOC's difficult objects made iscrowd 1, malformed polygons dropped with a warning); FileNotFoundError /
-  ValueError naming the file.
+  VOC's difficult objects made iscrowd 1, malformed polygons and boxes of width or height <= 0 dropped with a
+  warning); FileNotFoundError / ValueError naming the file (and the entry: no bbox, an unknown category_id).
 - ``gt_subset(coco, image_ids) -> COCO``: the ground truth cut to those images (categories kept).
 - ``check_results(results, coco, source="<results>")``: ValueError naming source and the entry for an unknown image
   or category id, a non-finite score, a malformed bbox, or neither bbox nor segmentation.
@@ -69,7 +69,9 @@ def load_coco(gt) -> COCO:
     """A COCO annotation path or a pycocotools COCO -> COCO (its loading messages silenced), completed for COCOeval
     in place (``_complete_gt``): iscrowd 0 and area w * h where missing, malformed polygons dropped."""
     if isinstance(gt, COCO):
-        _complete_gt(gt.dataset, "<ground truth>")
+        if _complete_gt(gt.dataset, "<ground truth>"):  # annotations dropped: index them again
+            with contextlib.redirect_stdout(io.StringIO()):
+                gt.createIndex()
         return gt
     if not Path(gt).is_file():
         raise FileNotFoundError(f"ground-truth annotations not found: {gt}")
@@ -94,15 +96,24 @@ def _polygon_ok(p) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p))
 
 
-def _complete_gt(d: dict, source) -> None:
+def _complete_gt(d: dict, source) -> bool:
     """In place, what pycocotools needs of a ground truth: iscrowd 0 and area = box w * h where missing (COCOeval
     reads both; a VOC "difficult": 1 object becomes iscrowd 1, which COCOeval ignores), malformed polygons dropped
-    (a warning counts them; an annotation left without one has no mask)."""
-    dropped = 0
+    (a warning counts them; an annotation left without one has no mask), boxes with a width or height <= 0 dropped
+    (counted; fine-tuning skips them too). ValueError naming the entry for a missing bbox or a category_id that is
+    not among the categories. Returns whether annotations were dropped."""
+    cats = {c.get("id") for c in d.get("categories") or [] if isinstance(c, dict)}
+    kept, dropped, degenerate = [], 0, 0
     for i, a in enumerate(d.get("annotations", [])):
         b = a.get("bbox") if isinstance(a, dict) else None
         if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
             raise ValueError(f"{source}: annotations[{i}] has no bbox [x, y, w, h]: {str(a)[:120]}")
+        if cats and a.get("category_id") not in cats:
+            raise ValueError(f"{source}: annotations[{i}] has category_id {a.get('category_id')!r}, not among the "
+                             f"categories {sorted(cats)[:20]}")
+        if not (b[2] > 0 and b[3] > 0):
+            degenerate += 1
+            continue
         a.setdefault("iscrowd", 0)
         if a.get("difficult"):  # VOC's difficult objects (voc_data.voc_to_coco): ignored by the evaluation
             a["iscrowd"] = 1
@@ -111,9 +122,15 @@ def _complete_gt(d: dict, source) -> None:
         if isinstance(seg, list) and not all(_polygon_ok(p) for p in seg):
             a["segmentation"] = [p for p in seg if _polygon_ok(p)]
             dropped += len(seg) - len(a["segmentation"])
+        kept.append(a)
     if dropped:
         warnings.warn(f"{source}: {dropped} malformed ground-truth polygons dropped (fewer than 6 numbers, an odd "
                       "count or non-numbers)", stacklevel=3)
+    if degenerate:
+        d["annotations"] = kept
+        warnings.warn(f"{source}: {degenerate} ground-truth boxes with a width or height <= 0 dropped (not "
+                      "evaluated; fine-tuning skips them too)", stacklevel=3)
+    return bool(degenerate)
 
 
 def gt_subset(coco: COCO, image_ids) -> COCO:

@@ -306,7 +306,7 @@ def load_pretrained(detector: Detector, path, verbose: bool = True) -> dict:
     depth, FPN norm or a non-ADePT file fail); a box head of another kind (4conv1fc vs 2fc) or another RPN anchor
     count is reported and left fresh.
     """
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = model_lib.load_weights(path, "pretrained weights file")  # ValueError naming the file if unreadable
     state, meta = (ck["state_dict"], ck.get("meta", {})) if "state_dict" in ck else (ck, {})
     own = detector.state_dict()
     new, loaded, unused, mismatched = {}, [], [], []

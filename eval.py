@@ -307,14 +307,21 @@ def main(argv=None) -> dict:
     image_root = Path(a.images) if a.images else image_root
     predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
-        preds = checkpoint_predictions(ck, gt_path, image_root)
+        try:
+            preds = checkpoint_predictions(ck, gt_path, image_root)
+        except ValueError as e:  # an unreadable or foreign file, other categories: one line naming it
+            raise SystemExit(f"--checkpoint: {e}") from None
         a.results.append(str(save_results(preds, Path(a.out) / f"{name}.json")))
         predicted[a.results[-1]] = preds
     names = a.names or [Path(r).stem for r in a.results]
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")
-    novel = [int(c) for c in a.novel.split(",")] if a.novel else None
     coco, models, loaded = load_coco(gt_path), {}, {}
+    novel = None
+    if a.novel:
+        novel = [int(c) for c in a.novel.split(",") if c.strip().lstrip("-").isdigit()]
+        if len(novel) != len(a.novel.split(",")) or not set(novel) <= set(coco.getCatIds()):
+            parser.error(f"--novel {a.novel}: expected comma-separated category ids among {coco.getCatIds()}")
     for name, path in zip(names, a.results):
         res = predicted[path] if path in predicted else load_results(path)
         check_results(res, coco, path)

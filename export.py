@@ -59,6 +59,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from detector import IMAGENET_MEAN, IMAGENET_STD, DetectorConfig
+from model import load_weights
 
 RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50,
            101: torchvision.models.resnet101}
@@ -149,7 +150,11 @@ def torchvision_args(cfg: DetectorConfig) -> dict:
 def export_torchvision(final_path, out_path) -> Path:
     """model_final.pth (finetune.py) -> torchvision state dict at out_path + builder args (torchvision_args, and
     "cat_ids", "names") in out_path.json."""
-    ck = torch.load(final_path, map_location="cpu", weights_only=True)
+    ck = load_weights(final_path, "finetune.py model_final.pth")
+    if "config" not in ck or "state_dict" not in ck:
+        hint = " (a train.py file: export it with `export.py detectron2 pretrained.pth`)" if "meta" in ck or \
+            "model" in ck else ""
+        raise ValueError(f"{final_path}: not a finetune.py model_final.pth (no 'config' / 'state_dict'){hint}")
     cfg = DetectorConfig(**ck["config"])
     sd = to_torchvision(ck["state_dict"], cfg)
     out_path = Path(out_path)
@@ -166,7 +171,7 @@ def load_torchvision(path):
     path = Path(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     model = torchvision_model(**{k: v for k, v in meta.items() if k not in ("cat_ids", "names")})
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(load_weights(path, "export_torchvision model_tv.pth"), strict=True)
     return model
 
 
@@ -216,8 +221,13 @@ def to_detectron2(state: dict) -> dict:
 
 def export_detectron2(pretrained_path, out_path) -> Path:
     """pretrained.pth -> detectron2 pickle {"model": {name: ndarray}, "__author__", "matching_heuristics": True}."""
-    ck = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    ck = load_weights(pretrained_path, "train.py pretrained.pth")
     state = ck.get("state_dict", ck)
+    if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("fpn.") for k in state):
+        what = ("a train.py checkpoint.pth: export its pretrained.pth" if "model" in ck and "optimizer" in ck else
+                "a finetune.py model_final.pth: the detector goes to torchvision (`export.py torchvision`)"
+                if "config" in ck else "no backbone.* and fpn.* keys")
+        raise ValueError(f"{pretrained_path}: not a train.py pretrained.pth ({what})")
     obj = {"model": to_detectron2(state), "__author__": "ADePT", "matching_heuristics": True}
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -233,7 +243,10 @@ def main(argv=None) -> Path:
     p.add_argument("src", help="torchvision: finetune.py's model_final.pth; detectron2: train.py's pretrained.pth")
     p.add_argument("dst")
     a = p.parse_args(argv)
-    path = (export_torchvision if a.target == "torchvision" else export_detectron2)(a.src, a.dst)
+    try:
+        path = (export_torchvision if a.target == "torchvision" else export_detectron2)(a.src, a.dst)
+    except ValueError as e:  # an unreadable or wrong file: one line naming it
+        raise SystemExit(str(e)) from None
     print(f"wrote {path}")
     return path
 

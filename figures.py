@@ -270,6 +270,7 @@ def comparison_figures(coco, results_by_model: dict, tide_by_model: dict, image_
 
 
 if __name__ == "__main__":  # python figures.py LOG.jsonl [OUT.png]: the curves of a run, also while it runs
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python figures.py LOG.jsonl [OUT.png]   (default OUT: curves.png beside the log)")
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
+        sys.exit("usage: python figures.py LOG.jsonl [OUT.png]   the training curves of a train.py / finetune.py run "
+                 "(default OUT: curves.png beside the log)")
     print(plot_training_log(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None))

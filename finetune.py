@@ -49,8 +49,8 @@ import coco_data
 import model as model_lib
 from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
-from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, plot_curves, read_checkpoint,
-                     refuse_other_run, save_atomic, setup_distributed, trim_log, write_atomic)
+from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, plot_curves, positive_int,
+                     read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log, write_atomic)
 from voc_data import VOC_NOVEL_SPLITS, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -83,32 +83,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", help="pretrained.pth | none | torchvision:PATH (default: %s if it exists)" % DEFAULT_INIT)
     p.add_argument("--depth", type=int, help="ResNet depth (paper 50; CPU preset 18)")
     p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head (pre-trained: 4conv1fc)")
-    p.add_argument("--fpn-channels", type=int, default=model_lib.FPN_CHANNELS,
+    p.add_argument("--fpn-channels", type=positive_int, default=model_lib.FPN_CHANNELS,
                    help="FPN d, as pre-trained (FPN paper 256; DEVIATION, the CPU study: 128)")
-    p.add_argument("--mask-dim", type=int, default=256,
+    p.add_argument("--mask-dim", type=positive_int, default=256,
                    help="mask head width (Mask R-CNN 256; DEVIATION, CPU study 64)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="4.3: 0.01 / 0.1 / 1.0 of the train images")
     p.add_argument("--keep-empty", action="store_true", help="also train on the subset's images without a box "
                    "(DEVIATION from detectron2 / torchvision, which drop them: ~0.9%% of train2017)")
-    p.add_argument("--shots", type=int, help="4.4: K instances per class (TFA protocol, see coco_data.py)")
+    p.add_argument("--shots", type=positive_int, help="4.4: K instances per class (TFA protocol, see coco_data.py)")
     p.add_argument("--novel", help="novel category ids '1,2,3' or voc1 / voc2 / voc3 (TFA's VOC splits)")
     p.add_argument("--base-full", action="store_true", help="with --shots: base classes keep all annotations")
-    p.add_argument("--iters", type=int, help="iterations (default: 90k, label-scarce 9k, x 16 / batch)")
-    p.add_argument("--batch-size", type=int, help="global images per iteration (paper 16)")
+    p.add_argument("--iters", type=positive_int, help="iterations (default: 90k, label-scarce 9k, x 16 / batch)")
+    p.add_argument("--batch-size", type=positive_int, help="global images per iteration (paper 16)")
     p.add_argument("--lr", type=float, help="peak lr (default 0.02 x batch / 16)")
     p.add_argument("--warmup", type=int, help="linear warm-up iterations (x 16 / batch)")
     # DEVIATION: 4.3 follows SoCo [13], whose detectron2 configs use weight decay 2.5e-5; we default to the
     # detectron2 / Mask R-CNN 1x value 1e-4 (the project's choice); --weight-decay 2.5e-5 reproduces SoCo.
     p.add_argument("--weight-decay", type=float, default=1e-4, help="detectron2 1e-4; SoCo's configs 2.5e-5")
     p.add_argument("--min-size", help="comma list of training short sides (multi-scale)")
-    p.add_argument("--max-size", type=int), p.add_argument("--test-size", type=int)
-    p.add_argument("--roi-batch", type=int, help="sampled RoIs per image (paper 512)")
+    p.add_argument("--max-size", type=positive_int), p.add_argument("--test-size", type=positive_int)
+    p.add_argument("--roi-batch", type=positive_int, help="sampled RoIs per image (paper 512)")
     p.add_argument("--anchor-sizes", help="P2..P6 anchor sides, comma list (COCO 32,64,128,256,512 at 800 px)")
-    p.add_argument("--test-proposals", type=int, help="RPN proposals per image at test (paper 1000)")
-    p.add_argument("--max-dets", type=int, help="detections per image (COCO 100)")
+    p.add_argument("--test-proposals", type=positive_int, help="RPN proposals per image at test (paper 1000)")
+    p.add_argument("--max-dets", type=positive_int, help="detections per image (COCO 100)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--workers", type=int), p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--workers", type=int), p.add_argument("--ckpt-every", type=positive_int)
+    p.add_argument("--log-every", type=positive_int)
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--eval-only", action="store_true", help="evaluate --out/model_final.pth only")
     p.add_argument("--seed", type=int, default=0)
@@ -150,12 +150,21 @@ def lr_at(step: int, peak: float, warmup: int, steps) -> float:
 
 
 def _novel_ids(spec, cs) -> list | None:
+    """--novel '1,2' or voc1..voc3 -> category ids of cs; SystemExit for ids or VOC classes cs does not have."""
     if not spec:
         return None
-    if spec.startswith("voc"):
-        names = VOC_NOVEL_SPLITS[int(spec[3:])]
-        return [cs.cat_ids[cs.names.index(n)] for n in names]
-    return [int(v) for v in spec.split(",")]
+    try:
+        if spec.startswith("voc"):
+            names = VOC_NOVEL_SPLITS[int(spec[3:])]
+            ids = [cs.cat_ids[cs.names.index(n)] for n in names]
+        else:
+            ids = [int(v) for v in spec.split(",")]
+    except (KeyError, ValueError):  # voc4, a VOC class the split lacks, a non-integer id
+        ids = None
+    if not ids or not set(ids) <= set(cs.cat_ids):
+        raise SystemExit(f"--novel {spec}: expected category ids among {cs.cat_ids} (names {cs.names}) or "
+                         f"voc1/voc2/voc3 on a VOC split")
+    return ids
 
 
 def build_datasets(args, log=print):
@@ -204,19 +213,22 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
     sizes = tuple(int(v) for v in str(args.min_size).split(","))
     cfg = DetectorConfig(num_classes=num_classes, kind=args.detector, depth=args.depth, head=args.head,
                          fpn_channels=args.fpn_channels, mask_dim=args.mask_dim,
-                         anchor_sizes=anchor_sizes(args.anchor_sizes),
+                         anchor_sizes=anchor_sizes(args.anchor_sizes, 5),
                          min_size=sizes, max_size=args.max_size, test_size=args.test_size, roi_batch=args.roi_batch,
                          rpn_pre_nms_test=max(args.test_proposals, 1000), rpn_post_nms_test=args.test_proposals,
                          max_dets=args.max_dets)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     weights = args.init.split(":", 1)[1] if args.init.startswith("torchvision:") else None
-    det = Detector(cfg, weights_path=weights)
-    if weights:
-        log(f"init: backbone from the torchvision checkpoint {weights}; FPN, RPN and heads fresh")
-    elif args.init == "none":
-        log("init: none (random initialisation of every layer)")
-    else:
-        load_pretrained(det, args.init, verbose=True)
+    try:  # an unreadable or mismatched --init file: one line naming it (ValueError from model / detector)
+        det = Detector(cfg, weights_path=weights)
+        if weights:
+            log(f"init: backbone from the torchvision checkpoint {weights}; FPN, RPN and heads fresh")
+        elif args.init == "none":
+            log("init: none (random initialisation of every layer)")
+        else:
+            load_pretrained(det, args.init, verbose=True)
+    except ValueError as e:
+        raise SystemExit(f"--init: {e}") from None
     return det
 
 
@@ -367,8 +379,11 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
 
 def check_same_run(path: Path, ck: dict, args) -> None:
     """Refuse to resume a checkpoint written with other RUN_KEYS flags: it would continue another model, subset or
-    schedule, and subset.json / metrics.json would describe a run the model never had."""
-    refuse_other_run(path, ck.get("args", {}), vars(args), RUN_KEYS)
+    schedule, and subset.json / metrics.json would describe a run the model never had. Data paths compare as
+    resolved paths (from the current folder): 'coco' and '/data/coco' name the same data there."""
+    def resolved(a: dict) -> dict:
+        return {**a, **{k: str(Path(a[k]).resolve()) for k in DATA_KEYS if a.get(k)}}
+    refuse_other_run(path, resolved(ck.get("args", {})), resolved(vars(args)), RUN_KEYS)
 
 
 def resume(path: Path, ck: dict | None, det, opt, log) -> int:

@@ -23,9 +23,12 @@ Public
                                            pool_sync_free(): RoI pooling without host reads on every device
     export_pretrained(model, use_online)   the weights fine-tuning loads (keys: backbone.*, fpn.*, rpn.*, box_head.*)
     maybe_sync_bn(module)                  SyncBN when running distributed on GPUs
+    load_weights(path, what) -> dict       torch.load(weights_only) of a weights file, ValueError naming it
     compile_extractors(net), compile_model(net)   torch.compile of f alone or of the whole step (train.py --compile)
 """
 from __future__ import annotations
+
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -52,6 +55,24 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}: expected bn, gn or none")
 
 
+def load_weights(path, what: str = "weights file") -> dict:
+    """torch.load(path, weights_only=True): a file never runs code. ValueError naming the file when it is missing,
+    unreadable (truncated or corrupt) or not a dict of tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{path}: {what} not found") from None
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never for a file of unknown origin
+        raise ValueError(f"{path}: not a {what}: it holds objects other than tensors, which weights_only=True refuses "
+                         "to load (loading them would run code)") from None
+    except Exception as e:  # truncated zip, text, ...: whatever else torch.load raises
+        raise ValueError(f"{path}: cannot be read as a {what}, truncated or corrupt? ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a {what} (a {type(state).__name__}, not a dict)")
+    return state
+
+
 class Backbone(nn.Module):
     """torchvision ResNet (weights=None) returning C2..C5; parameter names equal torchvision's (minus fc)."""
 
@@ -71,8 +92,8 @@ class Backbone(nn.Module):
 
     def load_local(self, path: str) -> None:
         """Initialise from a local torchvision ResNet checkpoint (never downloaded); fc.* is ignored."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = load_weights(path, "torchvision ResNet checkpoint")
+        state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)

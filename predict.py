@@ -32,6 +32,7 @@ study_cells.py.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -117,11 +118,12 @@ def checkpoint_predictions(path, gt_path, image_root) -> Predictions:
     image_root/val: the synthetic layout). ValueError naming both files when the checkpoint's categories differ
     from the ground truth's, or for a split without images. Loaded with weights_only=True: never runs code."""
     import coco_data
+    import model as model_lib
     from detector import Detector, DetectorConfig
     if image_root is None:
         raise ValueError(f"{path}: give --images, the image folder of {gt_path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in ck:
+    ck = model_lib.load_weights(path, "finetune.py model_final.pth")
+    if "state_dict" not in ck or "config" not in ck:
         raise ValueError(f"{path}: not a finetune.py model_final.pth (needs 'state_dict' and 'config')")
     d = json.loads(Path(gt_path).read_text())
     if not isinstance(d, dict) or not d.get("images"):
@@ -151,3 +153,8 @@ def _check_categories(ck: dict, val, path) -> None:
         mine = list(zip(ids, names)) if names is not None else list(ids)
         raise ValueError(f"{path}: the checkpoint's categories (id, name) {mine} differ from those of {val.path}: "
                          f"{theirs}; evaluate it on the categories it was fine-tuned on")
+
+
+if __name__ == "__main__":  # a library: its command line is eval.py's
+    sys.exit("predict.py has no command line: `python eval.py --checkpoint model_final.pth [--gt VAL.json --images "
+             "DIR]` predicts and evaluates (or import predict and call predict(model, dataset))")

@@ -17,10 +17,12 @@ Public
     log_line(path, bar, rec)                          append rec to log.jsonl (path None: not rank 0), show it on bar
     plot_curves(log_path, log)                        curves.png beside log.jsonl at the end of a run (figures.py)
     apply_preset(args, preset)                        fill the flags left unset (None) from a PAPER / CPU preset
-    anchor_sizes(spec) -> tuple                       --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
+    anchor_sizes(spec, levels) -> tuple               --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
+    positive_int(text) -> int                         argparse type of the size, batch and interval flags
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -125,8 +127,9 @@ def check_finite(bad: torch.Tensor, step: int, last_good: int, out: Path, world:
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
-        raise FloatingPointError(f"non-finite loss or weights at or before step {step}; the last good checkpoint "
-                                 f"({out / 'checkpoint.pth'}, step {last_good}) is left intact. Lower --base-lr or "
+        kept = (f"the last good checkpoint ({out / 'checkpoint.pth'}, step {last_good}) is left intact" if last_good
+                else "no checkpoint was written yet")
+        raise FloatingPointError(f"non-finite loss or weights at or before step {step}; {kept}. Lower --base-lr or "
                                  "check the data.")
 
 
@@ -199,12 +202,26 @@ def apply_preset(args, preset: dict) -> None:
             setattr(args, k, v)
 
 
-def anchor_sizes(spec: str) -> tuple:
-    """--anchor-sizes of train.py and finetune.py: '24,48,96,192' -> (24, 48, 96, 192), one positive side per level."""
+def anchor_sizes(spec: str, levels: int | None = None) -> tuple:
+    """--anchor-sizes of train.py (levels = 4: P2-P5) and finetune.py (5: P2-P6): '24,48,96,192' -> (24, 48, 96,
+    192), one positive side per level."""
     try:
         sizes = tuple(int(v) for v in str(spec).split(","))
     except ValueError:
         raise SystemExit(f"--anchor-sizes {spec!r}: expected comma-separated integers, e.g. 24,48,96,192") from None
     if not sizes or min(sizes) <= 0:
         raise SystemExit(f"--anchor-sizes {spec!r}: sides must be positive")
+    if levels is not None and len(sizes) != levels:
+        raise SystemExit(f"--anchor-sizes {spec!r}: {len(sizes)} sides for {levels} FPN levels")
     return sizes
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes, batch, intervals), refused with argparse's usage line otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

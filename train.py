@@ -45,8 +45,8 @@ import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
 from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_finite, check_same_data, exit_distributed,
-                     log_line, plot_curves, read_checkpoint, refuse_other_run, replicas_identical, save_atomic,
-                     setup_distributed, trim_log)
+                     log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run, replicas_identical,
+                     save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -89,10 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, help="ResNet depth (paper: 50; CPU preset: 18)")
     p.add_argument("--fpn-norm", default="bn", choices=("bn", "gn", "none"), help="FPN norm (SoCo: BN)")
     p.add_argument("--head", default="4conv1fc", choices=("4conv1fc", "2fc"), help="box head g (3.3; SoCo: 4conv1fc)")
-    p.add_argument("--fpn-channels", type=int, default=model_lib.FPN_CHANNELS,
+    p.add_argument("--fpn-channels", type=positive_int, default=model_lib.FPN_CHANNELS,
                    help="d of the FPN, RPN and head (3: FPN's 256; DEVIATION, the CPU study: 128 for speed)")
-    p.add_argument("--epochs", type=int, help="4.2: 100")
-    p.add_argument("--batch-size", type=int, help="images per process (SoCo: 128 per GPU)")
+    p.add_argument("--epochs", type=positive_int, help="4.2: 100")
+    p.add_argument("--batch-size", type=positive_int, help="images per process (SoCo: 128 per GPU)")
     p.add_argument("--base-lr", type=float, help="4.2: 0.1; DEVIATION (SoCo): scaled by global batch / 256")
     p.add_argument("--warmup-epochs", type=float,
                    help="linear warm-up from lr/100; DEVIATION (SoCo: 10; the paper names none: 0)")
@@ -100,9 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-base", type=float, default=0.99, help="3.3: EMA momentum at step 0 (-> 1 by cosine)")
     p.add_argument("--anchor-sizes", help="4.1.3: anchor side per level P2..P5 (24,48,96,192 for 224 px views; "
                                           "DEVIATION, CPU preset: 6,12,24,48, the paper's / 4 like its objects)")
-    p.add_argument("--num-boxes", type=int, default=4, help="3.4: K boxes per image")
-    p.add_argument("--size", type=int, help="4.1.2: V1/V2 side (224)")
-    p.add_argument("--small-size", type=int, help="4.1.2: V3 side (112)")
+    p.add_argument("--num-boxes", type=positive_int, default=4, help="3.4: K boxes per image")
+    p.add_argument("--size", type=positive_int, help="4.1.2: V1/V2 side (224)")
+    p.add_argument("--small-size", type=positive_int, help="4.1.2: V3 side (112)")
     p.add_argument("--v3-independent", action="store_true",
                    help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2); V2 stays\n"
                         "the paper's crop of V1 (SoCo crops it from the image)")
@@ -133,8 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "replay the step as CUDA graphs, with --compile model only (GPUs: no kernel launches from\n"
                         "the host; not yet measured)")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, help="steps between log lines (the only host-device syncs)")
+    p.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints")
+    p.add_argument("--log-every", type=positive_int, help="steps between log lines (the only host-device syncs)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (CPU preset: 60; 0 = no cap)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -214,7 +214,7 @@ def build_data(args):
 def build_model(args, device) -> model_lib.ADePT:
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     net = model_lib.ADePT(args.mode, args.depth, args.fpn_norm, args.head, args.rpn_grad_to_backbone,
-                          args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes),
+                          args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes, 4),
                           rpn_views=rpn_views(args.rpn_views))
     if args.mode == "separate":
         if not args.init:
@@ -231,7 +231,10 @@ def build_model(args, device) -> model_lib.ADePT:
 
 def load_init(net: model_lib.ADePT, path: str) -> None:
     """Separate mode: the extractor and head of both branches from a soco run (weights_only: no code runs)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = model_lib.load_weights(path, "soco run's pretrained.pth or checkpoint.pth")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if "model" in state:  # a checkpoint.pth: its target branch, the one pretrained.pth exports (3)
         enc = {k.removeprefix("target."): v for k, v in state["model"].items() if k.startswith("target.")}
     else:
@@ -239,7 +242,10 @@ def load_init(net: model_lib.ADePT, path: str) -> None:
         enc = {("extractor." + k if k.startswith(("backbone.", "fpn.")) else k): v for k, v in state.items()
                if not k.startswith("rpn.")}
     for branch in (net.online, net.target):
-        missing, unexpected = branch.load_state_dict(enc, strict=False)
+        try:
+            missing, unexpected = branch.load_state_dict(enc, strict=False)
+        except RuntimeError as e:  # shapes: another depth, --fpn-channels or head
+            raise SystemExit(f"{path}: does not match the model built from the flags: {str(e)[:300]}") from None
         missing = [k for k in missing if not k.startswith("projector.")]
         if missing or unexpected:
             raise SystemExit(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -289,12 +295,12 @@ def main(argv=None) -> None:
     if args.color_on == "device" and device.type == "cpu":
         log("note: --color-on device on a CPU runs the colour in this process with torch, 12-23x the loader's "
             "OpenCV CPU time (bench/RESULTS.md 4e); it pays off on a GPU")
+    net = build_model(args, device)  # first: a bad --init fails before a long listing of --data
     dataset = build_data(args) if rank == 0 else None
     if world > 1:  # rank 0 generates data/proposals once; the others wait, then open them
         dist.barrier()
         dataset = dataset or build_data(args)
         check_same_data(dataset, world)
-    net = build_model(args, device)
     step = train_loop(args, dataset, net, rank, world, device, log)
     if world > 1:
         same = replicas_identical(net, world)

@@ -77,5 +77,5 @@ def voc2coco_cli(argv) -> None:
     p.add_argument("--out", required=True, help="COCO JSON to write")
     a = p.parse_args(argv)
     coco = voc_to_coco(a.voc_root, a.sets, a.out)
-    print(f"{a.out}: {len(coco['images'])} images, {len(coco['annotations'])} objects; use --train-images "
-          f"{a.voc_root} (file names are relative to it)")
+    print(f"{a.out}: {len(coco['images'])} images, {len(coco['annotations'])} objects; use --train-images (or, for "
+          f"a test set, --val-images) {a.voc_root}: the file names are relative to it")
