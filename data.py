@@ -159,10 +159,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         if len(missing) > max_missing:
             raise ValueError(f"{source}: no proposals for {len(absent)} of {len(files)} images under {self.root}, "
                              f"{len(missing)} or more of them readable (e.g. {missing[:3]}); it has {len(proposals)} "
-                             f"entries, e.g. {list(proposals)[:3]}. Rerun the command that made it, "
-                             f"`python selective_search.py {self.root} OUT.npz [--shard i/n] [options]`, with the same OUT (for shard files: their "
-                             "name without .shard{i}of{n}) and options: it retries the images it recorded as "
-                             "unreadable and adds missing ones. Or pass the proposals file made for this folder.")
+                             f"entries, e.g. {list(proposals)[:3]}. Rerun the command that made it, `python "
+                             f"selective_search.py {self.root} OUT.npz [--shard i/n] [options]`, with the same OUT "
+                             "(for shard files: their name without .shard{i}of{n}) and options: it retries the images "
+                             "it recorded as unreadable and adds missing ones. Or pass the proposals file made for "
+                             "this folder.")
         if missing or unreadable:
             warnings.warn(f"{source}: skipping {len(missing)} images without proposals (e.g. {missing[:3]}) and "
                           f"{len(unreadable)} unreadable ones (e.g. {unreadable[:3]})")
