@@ -51,7 +51,7 @@ from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
 from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, plot_curves, positive_int,
                      read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log, write_atomic)
-from voc_data import VOC_NOVEL_SPLITS, voc2coco_cli
+from voc_data import novel_ids, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
@@ -149,24 +149,6 @@ def lr_at(step: int, peak: float, warmup: int, steps) -> float:
     return peak * factor
 
 
-def _novel_ids(spec, cs) -> list | None:
-    """--novel '1,2' or voc1..voc3 -> category ids of cs; SystemExit for ids or VOC classes cs does not have."""
-    if not spec:
-        return None
-    try:
-        if spec.startswith("voc"):
-            names = VOC_NOVEL_SPLITS[int(spec[3:])]
-            ids = [cs.cat_ids[cs.names.index(n)] for n in names]
-        else:
-            ids = [int(v) for v in spec.split(",")]
-    except (KeyError, ValueError):  # voc4, a VOC class the split lacks, a non-integer id
-        ids = None
-    if not ids or not set(ids) <= set(cs.cat_ids):
-        raise SystemExit(f"--novel {spec}: expected category ids among {cs.cat_ids} (names {cs.names}) or "
-                         f"voc1/voc2/voc3 on a VOC split")
-    return ids
-
-
 def build_datasets(args, log=print):
     """Train / val CocoSets, the train subset (label fraction or K-shot) and its record for subset.json."""
     paths = (args.train_json, args.train_images, args.val_json, args.val_images)
@@ -190,7 +172,10 @@ def build_datasets(args, log=print):
                          "evaluate; give a val JSON with boxes")
     if args.detector == "mask":
         coco_data.require_masks(val)  # mask AP needs every val mask: refuse now, not after training
-    novel = _novel_ids(args.novel, train)
+    try:
+        novel = novel_ids(args.novel, train.cat_ids, train.names) if args.novel else None
+    except ValueError as e:
+        raise SystemExit(f"--novel {e}") from None
     record = {"seed": args.seed, "train_json": str(tj)}
     if args.shots:
         keep = coco_data.kshot_subset(train, args.shots, args.seed, novel, args.base_full)

@@ -4,6 +4,7 @@ then reads like any COCO split, TFA's base / novel class splits, and the convers
 
 Public
     VOC_CLASSES, VOC_NOVEL_SPLITS
+    novel_ids(spec, cat_ids, names) -> list   --novel '1,2' | voc1..voc3 -> category ids (ValueError if not there)
     voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict
     voc2coco_cli(argv)                    finetune.py voc2coco VOC_ROOT --sets YEAR/SET ... --out JSON
 
@@ -22,6 +23,22 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 # TFA [33] / FSRW's three PASCAL VOC base/novel splits (novel class names).
 VOC_NOVEL_SPLITS = {1: ("bird", "bus", "cow", "motorbike", "sofa"), 2: ("aeroplane", "bottle", "cow", "horse", "sofa"),
                     3: ("boat", "cat", "motorbike", "sheep", "sofa")}
+
+
+def novel_ids(spec: str, cat_ids, names) -> list:
+    """--novel '1,2' or 'voc1'..'voc3' (TFA's splits, by class name) -> category ids among cat_ids (names: theirs).
+    ValueError naming the spec and the categories for an id or VOC class the split does not have."""
+    try:
+        if spec.startswith("voc"):
+            ids = [cat_ids[list(names).index(n)] for n in VOC_NOVEL_SPLITS[int(spec[3:])]]
+        else:
+            ids = [int(v) for v in spec.split(",")]
+    except (KeyError, ValueError):  # voc4, a VOC class the split lacks, a non-integer id
+        ids = []
+    if not ids or not set(ids) <= set(cat_ids):
+        raise ValueError(f"{spec}: expected category ids among {list(cat_ids)} (names {list(names)}) or voc1/voc2/"
+                         "voc3 on a VOC split")
+    return ids
 
 
 def voc_to_coco(voc_root, image_sets, out_json, classes=VOC_CLASSES) -> dict:

@@ -15,6 +15,7 @@ import finetune
 import model
 import runtime
 import train
+import voc_data
 from test_train import tiny_args
 
 
@@ -89,12 +90,13 @@ def test_ground_truth_checks_in_evaluation(tmp_path):
 
 
 def test_novel_ids_must_be_categories_of_the_split(tmp_path):
-    class Split:
-        cat_ids, names = [1, 2, 3], ["a", "b", "c"]
-    assert finetune._novel_ids("3,1", Split) == [3, 1]
+    assert voc_data.novel_ids("3,1", [1, 2, 3], "abc") == [3, 1]
+    names = list(voc_data.VOC_CLASSES)
+    assert voc_data.novel_ids("voc1", list(range(1, 21)), names) == [names.index(n) + 1 for n in
+                                                                      ("bird", "bus", "cow", "motorbike", "sofa")]
     for bad in ("7,8", "voc1", "voc4", "x"):
-        with pytest.raises(SystemExit, match=rf"--novel {bad}: expected category ids among \[1, 2, 3\]"):
-            finetune._novel_ids(bad, Split)
+        with pytest.raises(ValueError, match=rf"{bad}: expected category ids among \[1, 2, 3\]"):
+            voc_data.novel_ids(bad, [1, 2, 3], "abc")
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.png", "width": 9, "height": 9}],
                               "categories": [{"id": 1, "name": "a"}], "annotations": []}))

@@ -187,7 +187,8 @@ def test_precompute_retries_recorded_failures(image_root, tmp_path, capsys):
     assert ssp.precompute(image_root, out, workers=1, chunk_size=3, progress=False)["unreadable"] == [
         "b/bad.jpg", "b/c/long_name_sorted_inside.png"]
     image.write_bytes(good)
-    with pytest.raises(ValueError, match=r"no proposals for 1 of 9 images.*python selective_search\.py"):
+    with pytest.raises(ValueError, match=r"no proposals for 2 of 9 images.*1 or more of them readable.*python "
+                                         r"selective_search\.py"):
         data.PretrainDataset(image_root, out)
     capsys.readouterr()
     summary = ssp.precompute(image_root, out, workers=1, chunk_size=1, progress=False)  # 2 retry files
