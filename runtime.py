@@ -18,7 +18,7 @@ Public
     plot_curves(log_path, log)                        curves.png beside log.jsonl at the end of a run (figures.py)
     apply_preset(args, preset)                        fill the flags left unset (None) from a PAPER / CPU preset
     anchor_sizes(spec, levels) -> tuple               --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
-    positive_int(text) -> int                         argparse type of the size, batch and interval flags
+    in_range(lo, hi, kind), positive_int               argparse types: a number in [lo, hi]; an integer >= 1
 """
 from __future__ import annotations
 
@@ -216,12 +216,19 @@ def anchor_sizes(spec: str, levels: int | None = None) -> tuple:
     return sizes
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (sizes, batch, intervals), refused with argparse's usage line otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def in_range(lo=None, hi=None, kind=int):
+    """argparse type: a `kind` number in [lo, hi] (None: unbounded), refused with argparse's usage line otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {bounds}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+positive_int = in_range(1)  # sizes, batches, intervals

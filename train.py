@@ -45,8 +45,8 @@ import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
 from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_finite, check_same_data, exit_distributed,
-                     log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run, replicas_identical,
-                     save_atomic, setup_distributed, trim_log)
+                     in_range, log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run,
+                     replicas_identical, save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--v3-independent). DEVIATION (SoCo): the paper names only the scale; 1,1: square crops")
     p.add_argument("--no-box-jitter", action="store_true", help="turn off SoCo's jitter of V1's L_det boxes (p 0.5, "
                    "+-10%% of the\nside, augment.jitter_boxes). DEVIATION (SoCo): on by default; 4.1.2 names none")
-    p.add_argument("--min-visible", type=float, default=augment.MIN_VISIBLE,
+    p.add_argument("--min-visible", type=in_range(0.0, 1.0, float), default=augment.MIN_VISIBLE,
                    help="a box is drawn only if each view shows this share of it (reference.md: 'visible in all\n"
                         "views'). DEVIATION: SoCo takes any overlap (~0); 0.5 keeps the views on the same region")
     p.add_argument("--rpn-views", default="1,2,3",
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints")
     p.add_argument("--log-every", type=positive_int, help="steps between log lines (the only host-device syncs)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (CPU preset: 60; 0 = no cap)")
+    p.add_argument("--max-steps", type=in_range(0), help="stop after this many steps (CPU preset: 60; 0 = no cap)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     check_compile_flags(p, a)

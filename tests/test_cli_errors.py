@@ -107,12 +107,13 @@ def test_novel_ids_must_be_categories_of_the_split(tmp_path):
 
 def test_numeric_flags_are_checked_before_anything_runs():
     for argv in (["--size", "0"], ["--small-size", "-1"], ["--batch-size", "0"], ["--ckpt-every", "0"],
-                 ["--num-boxes", "0"]):
+                 ["--num-boxes", "0"], ["--min-visible", "1.5"], ["--max-steps", "-1"]):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
     for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"]):
         with pytest.raises(SystemExit):
             finetune.parse_args(argv)
+    assert train.parse_args(["--min-visible", "1", "--max-steps", "0", "--size", "32"]).min_visible == 1.0
     with pytest.raises(SystemExit, match="5 sides for 4 FPN levels"):
         runtime.anchor_sizes("8,16,32,64,128", 4)
     with pytest.raises(ValueError, match="view side"):  # used to loop forever
