@@ -43,7 +43,7 @@ coco_eval(iou_type="segm") warns and returns NaN with the reason under "skipped"
 Empty results evaluate as COCOeval would: AP 0 where the ground truth has objects, NaN where it has none; a ground
 truth without images raises ValueError.
 
-Project-local dependencies: box_metrics.py, coco_files.py, figures.py, predict.py, tide.py (imported at load);
+Project-local dependencies: box_metrics.py, coco_files.py, figures.py, predict.py, tide.py, voc_data.py (at load);
 through predict.py, coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only),
 ss_proposals.py (--proposals .npz only).
 """
@@ -68,6 +68,7 @@ from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
 from predict import checkpoint_names, checkpoint_predictions  # --checkpoint
 from tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
+from voc_data import novel_ids  # --novel
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -287,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "file's stem, a checkpoint's folder name)")
     p.add_argument("--images", help="image folder for the figures (default: the synthetic split's)")
     p.add_argument("--out", default="out/eval", help="folder for metrics.json, metrics.md and PNGs")
-    p.add_argument("--novel", help="comma-separated novel category ids: VOC mAP50 novel / base (Table 2)")
+    p.add_argument("--novel", help="novel category ids '1,2,3' or voc1 / voc2 / voc3 (TFA's VOC splits): VOC mAP50 "
+                                   "novel / base (Table 2)")
     p.add_argument("--voc07", action=argparse.BooleanOptionalAction, default=True,
                    help="VOC mAP50's AP: VOC07's 11-point (default: Table 2's test07, as TFA and finetune.py) or, with "
                         "--no-voc07, the VOC2010+ area")
@@ -305,6 +307,13 @@ def main(argv=None) -> dict:
         parser.error("give --checkpoint model_final.pth, --results R.json (one per model) or --proposals")
     gt_path, image_root = (Path(a.gt), None) if a.gt else _default_gt()
     image_root = Path(a.images) if a.images else image_root
+    coco, models, loaded, novel = load_coco(gt_path), {}, {}, None
+    if a.novel:  # checked before any prediction: ids of the ground truth's categories, or voc1..voc3 on VOC
+        cats = coco.loadCats(coco.getCatIds())
+        try:
+            novel = novel_ids(a.novel, [c["id"] for c in cats], [c.get("name") for c in cats])
+        except ValueError as e:
+            parser.error(f"--novel {e}")
     predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
         try:
@@ -316,12 +325,6 @@ def main(argv=None) -> dict:
     names = a.names or [Path(r).stem for r in a.results]
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")
-    coco, models, loaded = load_coco(gt_path), {}, {}
-    novel = None
-    if a.novel:
-        novel = [int(c) for c in a.novel.split(",") if c.strip().lstrip("-").isdigit()]
-        if len(novel) != len(a.novel.split(",")) or not set(novel) <= set(coco.getCatIds()):
-            parser.error(f"--novel {a.novel}: expected comma-separated category ids among {coco.getCatIds()}")
     for name, path in zip(names, a.results):
         res = predicted[path] if path in predicted else load_results(path)
         check_results(res, coco, path)

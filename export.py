@@ -152,8 +152,9 @@ def export_torchvision(final_path, out_path) -> Path:
     "cat_ids", "names") in out_path.json."""
     ck = load_weights(final_path, "finetune.py model_final.pth")
     if "config" not in ck or "state_dict" not in ck:
-        hint = " (a train.py file: export it with `export.py detectron2 pretrained.pth`)" if "meta" in ck or \
-            "model" in ck else ""
+        hint = (" (a finetune.py checkpoint.pth: export its run's model_final.pth)" if "config" in ck else
+                " (a train.py file: export its pretrained.pth with `export.py detectron2`)" if "meta" in ck or
+                "model" in ck else "")
         raise ValueError(f"{final_path}: not a finetune.py model_final.pth (no 'config' / 'state_dict'){hint}")
     cfg = DetectorConfig(**ck["config"])
     sd = to_torchvision(ck["state_dict"], cfg)
@@ -224,9 +225,9 @@ def export_detectron2(pretrained_path, out_path) -> Path:
     ck = load_weights(pretrained_path, "train.py pretrained.pth")
     state = ck.get("state_dict", ck)
     if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("fpn.") for k in state):
-        what = ("a train.py checkpoint.pth: export its pretrained.pth" if "model" in ck and "optimizer" in ck else
-                "a finetune.py model_final.pth: the detector goes to torchvision (`export.py torchvision`)"
-                if "config" in ck else "no backbone.* and fpn.* keys")
+        what = ("a finetune.py file: its model_final.pth goes to torchvision (`export.py torchvision`)"
+                if "config" in ck else "a train.py checkpoint.pth: export its pretrained.pth"
+                if "model" in ck and "optimizer" in ck else "no backbone.* and fpn.* keys")
         raise ValueError(f"{pretrained_path}: not a train.py pretrained.pth ({what})")
     obj = {"model": to_detectron2(state), "__author__": "ADePT", "matching_heuristics": True}
     out_path = Path(out_path)

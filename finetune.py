@@ -68,6 +68,7 @@ TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
 DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
+LEGACY_DEFAULTS = {"keep_empty": True}  # runs from before --keep-empty trained on empty images: resume them so
 RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "keep_empty",
             "shots", "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size",
             "max_size", "roi_batch", "anchor_sizes", "seed")
@@ -204,15 +205,18 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
                          max_dets=args.max_dets)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     weights = args.init.split(":", 1)[1] if args.init.startswith("torchvision:") else None
-    try:  # an unreadable or mismatched --init file: one line naming it (ValueError from model / detector)
-        det = Detector(cfg, weights_path=weights)
-        if weights:
-            log(f"init: backbone from the torchvision checkpoint {weights}; FPN, RPN and heads fresh")
-        elif args.init == "none":
-            log("init: none (random initialisation of every layer)")
-        else:
-            load_pretrained(det, args.init, verbose=True)
-    except ValueError as e:
+    if args.init == "none" or weights:
+        try:  # an unreadable or mismatched torchvision file: one line naming it
+            det = Detector(cfg, weights_path=weights)
+        except ValueError as e:
+            raise SystemExit(f"--init: {e}" if weights else str(e)) from None
+        log(f"init: backbone from the torchvision checkpoint {weights}; FPN, RPN and heads fresh" if weights else
+            "init: none (random initialisation of every layer)")
+        return det
+    det = Detector(cfg)
+    try:
+        load_pretrained(det, args.init, verbose=True)
+    except ValueError as e:  # an unreadable or mismatched pretrained.pth
         raise SystemExit(f"--init: {e}") from None
     return det
 
@@ -282,7 +286,8 @@ def main(argv=None) -> dict | None:
     out, ck, final = Path(args.out), None, None
     if args.eval_only:  # the run's own subset / schedule / init (model_final.pth's args), the flags' data paths
         final = read_checkpoint(out / "model_final.pth", ("state_dict", "config"), "finetune.py model")
-        vars(args).update({k: v for k, v in final.get("args", {}).items() if k in RUN_KEYS and k not in DATA_KEYS})
+        saved = saved_args(final)
+        vars(args).update({k: v for k, v in saved.items() if k in RUN_KEYS and k not in DATA_KEYS})
     elif (out / "checkpoint.pth").exists():
         ck = read_checkpoint(out / "checkpoint.pth", ("model", "optimizer", "step"), "finetune.py checkpoint")
         check_same_run(out / "checkpoint.pth", ck, args)
@@ -368,7 +373,12 @@ def check_same_run(path: Path, ck: dict, args) -> None:
     resolved paths (from the current folder): 'coco' and '/data/coco' name the same data there."""
     def resolved(a: dict) -> dict:
         return {**a, **{k: str(Path(a[k]).resolve()) for k in DATA_KEYS if a.get(k)}}
-    refuse_other_run(path, resolved(ck.get("args", {})), resolved(vars(args)), RUN_KEYS)
+    refuse_other_run(path, resolved(saved_args(ck)), resolved(vars(args)), RUN_KEYS)
+
+
+def saved_args(ck: dict) -> dict:
+    """A checkpoint's or model_final.pth's flags; a run from before a flag existed did what LEGACY_DEFAULTS says."""
+    return {**LEGACY_DEFAULTS, **ck["args"]} if ck.get("args") else {}
 
 
 def resume(path: Path, ck: dict | None, det, opt, log) -> int:

@@ -202,8 +202,9 @@ class ADePT(nn.Module):
 
     mode      joint: L = L_RPN + L_det (Eq. 8) from random init (4.2)
               separate: only L_RPN; extractor and head frozen (initialised from a soco run, 4.2)
-              soco: only L_det (the SoCo baseline)          byol: image-level BYOL baseline on V1 and V2 (4.1.2's
-                                                            geometry with BYOL's colour, not BYOL's two random crops)
+              soco: only L_det (the SoCo baseline)          byol: image-level BYOL baseline on V1 and V2
+                                                            # DEVIATION (baseline, no flag): 4.1.2's geometry with
+                                                            BYOL's colour, not BYOL's two random crops
     rpn_grad_to_backbone   Table 4: False (default, best) trains the RPN on detached features
     rpn_proposals          Table 4: False (default, best) feeds the head selective-search boxes only; True adds the
                            RPN's top-K proposals of V1 (top 64 before NMS, 4.1.3) mapped into V2 and V3

@@ -17,9 +17,9 @@ Symbols (paper -> code)
                                                       N_reg ~ 2400 anchor locations and lambda = 10, a similar balance)
     N        anchors of one image, levels concatenated; A = anchors per location (3 ratios x 1 size)
 
-Anchors that cross the image border are labelled like the others (torchvision's and detectron2's default).
-[19]'s training ignored them; at 224 px that would leave P5 with ~3 % of its anchors (P4 29 %), so the paper's
-"see [19]" is not read as that rule.
+# DEVIATION (interpretation; no flag): anchors that cross the image border are labelled like the others
+(torchvision's and detectron2's default). [19]'s training ignored them; at 224 px that would leave P5 with ~3 % of
+its anchors (P4 29 %), so the paper's "see [19]" is not read as that rule.
 
 Public
     make_anchors(feature_sizes, strides, sizes, ratios, device, dtype) -> list of (H_l*W_l*A, 4)

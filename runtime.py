@@ -147,12 +147,12 @@ def exit_distributed() -> None:
 def read_checkpoint(path: Path, keys=(), what: str = "checkpoint") -> dict:
     """torch.load(weights_only: a file never runs code) with a SystemExit naming the file when it is missing,
     unreadable (a truncated or corrupt zip) or lacks `keys`."""
+    from model import load_weights  # torch.load(weights_only=True) with messages naming the file
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated zip, unpickling error...: whatever torch.load raises
-        raise SystemExit(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); if truncated or corrupt, "
-                         "delete it or pass another --out") from e
-    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+        ck = load_weights(path, what)
+    except ValueError as e:  # missing, truncated zip, not plain tensors...
+        raise SystemExit(f"{e}; if truncated or corrupt, delete it or pass another --out") from None
+    missing = [k for k in keys if k not in ck]
     if missing:
         raise SystemExit(f"{path}: not a {what} (no {missing})")
     return ck
@@ -222,8 +222,8 @@ def in_range(lo=None, hi=None, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            value = None
-        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            value = None  # value != value below: NaN
+        if value is None or value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {bounds}, "
                                              f"got {text!r}")

@@ -36,10 +36,11 @@ def finetune_cell(out: Path, argv: list) -> None:
 
 def _predict_final(out: Path, val_json, val_images, path: Path) -> None:
     import coco_data
+    import model as model_lib
     from coco_files import save_results
     from detector import Detector, DetectorConfig
     from predict import predict
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    final = model_lib.load_weights(out / "model_final.pth", "finetune.py model_final.pth")
     det = Detector(DetectorConfig(**final["config"]))
     det.load_state_dict(final["state_dict"])
     ds = coco_data.DetectionDataset(coco_data.load_coco(val_json, val_images), train=False)
@@ -58,7 +59,7 @@ def rpn_recall(weights, coco_json, image_root, depth=18, top_n=1000, fpn_channel
     meta, state = {"depth": depth, "fpn_norm": "bn", "fpn_channels": fpn_channels,
                    "anchor_sizes": anchor_sizes or rpn.PRETRAIN_ANCHOR_SIZES}, {}
     if weights != "none":
-        ck = torch.load(weights, map_location="cpu", weights_only=True)
+        ck = model_lib.load_weights(weights, "train.py pretrained.pth")
         state, meta = ck["state_dict"], {**meta, **ck.get("meta", {})}
         if not any(k.startswith("rpn.") for k in state):
             return None

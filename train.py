@@ -106,8 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--v3-independent", action="store_true",
                    help="DEVIATION (SoCo): V3 an independent 112 crop instead of V2 downsampled (4.1.2); V2 stays\n"
                         "the paper's crop of V1 (SoCo crops it from the image)")
-    p.add_argument("--v2-ratio", default="3/4,4/3", help="4.1.2: V2's crop aspect range, log-uniform (also V3's with\n"
-                   "--v3-independent). DEVIATION (SoCo): the paper names only the scale; 1,1: square crops")
+    p.add_argument("--v2-ratio", type=v2_ratio, default="3/4,4/3", help="4.1.2: V2's crop aspect range, log-uniform "
+                   "(also V3's\nwith --v3-independent). DEVIATION (SoCo): the paper names only the scale; 1,1: square")
     p.add_argument("--no-box-jitter", action="store_true", help="turn off SoCo's jitter of V1's L_det boxes (p 0.5, "
                    "+-10%% of the\nside, augment.jitter_boxes). DEVIATION (SoCo): on by default; 4.1.2 names none")
     p.add_argument("--min-visible", type=in_range(0.0, 1.0, float), default=augment.MIN_VISIBLE,
@@ -178,13 +178,13 @@ def rpn_views(spec: str) -> tuple:
 
 
 def v2_ratio(spec: str) -> tuple[float, float]:
-    """--v2-ratio '3/4,4/3' -> (0.75, 1.333...): the aspect range lo <= hi of V2's crop (fractions or decimals)."""
+    """argparse type of --v2-ratio: '3/4,4/3' -> (0.75, 1.333...), V2's crop aspect range (fractions or decimals)."""
     try:
         lo, hi = (float(Fraction(v)) for v in spec.split(","))
     except (ValueError, ZeroDivisionError):
         lo = hi = 0.0
     if not 0 < lo <= hi:
-        raise SystemExit(f"--v2-ratio {spec!r}: expected LO,HI with 0 < LO <= HI, e.g. 3/4,4/3 or 1,1")
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, e.g. 3/4,4/3 or 1,1; got {spec!r}")
     return lo, hi
 
 
@@ -207,7 +207,7 @@ def build_data(args):
     return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
                                 small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
                                 max_missing=args.max_missing, jitter=not args.no_box_jitter,
-                                ratio=v2_ratio(args.v2_ratio),
+                                ratio=args.v2_ratio,
                                 v3_mode="independent" if args.v3_independent else "downsample")
 
 

@@ -37,10 +37,15 @@ def test_load_weights_names_the_file_and_never_suggests_unsafe_loading(bad_files
     assert model.load_weights(bad_files[0].parent / "ok.pth")["state_dict"]["backbone.w"].sum() == 2
 
 
-def test_init_and_checkpoint_flags_give_one_line(pool, tmp_path, bad_files):
+def test_init_and_checkpoint_flags_give_one_line(pool, tmp_path, bad_files, monkeypatch):
     path = bad_files[2]  # truncated
-    with pytest.raises(SystemExit, match=rf"{path}: cannot be read"):  # before the dataset is built
+
+    def listing(args):  # on ImageNet, minutes of listing files: a bad --init must fail before it
+        raise AssertionError("the dataset was built before --init was read")
+    monkeypatch.setattr(train, "build_data", listing)
+    with pytest.raises(SystemExit, match=rf"{path}: cannot be read"):
         train.main(tiny_args(pool, tmp_path / "sep", "--mode", "separate", "--init", str(path)))
+    monkeypatch.undo()
     args, _ = finetune.resolve(finetune.parse_args(["--init", str(path), "--depth", "18"]))
     with pytest.raises(SystemExit, match=rf"--init: {path}: cannot be read"):
         finetune.build_detector(args, 2, log=lambda *a: None)
@@ -101,13 +106,14 @@ def test_novel_ids_must_be_categories_of_the_split(tmp_path):
     gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.png", "width": 9, "height": 9}],
                               "categories": [{"id": 1, "name": "a"}], "annotations": []}))
     (tmp_path / "r.json").write_text("[]")
-    with pytest.raises(SystemExit):  # argparse's error: usage line and the message, exit status 2
-        ev.main(["--gt", str(gt), "--results", str(tmp_path / "r.json"), "--novel", "7"])
+    for bad in ("7", "voc1"):  # checked before any --checkpoint is predicted
+        with pytest.raises(SystemExit):  # argparse's error: usage line and the message, exit status 2
+            ev.main(["--gt", str(gt), "--checkpoint", str(tmp_path / "never_read.pth"), "--novel", bad])
 
 
 def test_numeric_flags_are_checked_before_anything_runs():
     for argv in (["--size", "0"], ["--small-size", "-1"], ["--batch-size", "0"], ["--ckpt-every", "0"],
-                 ["--num-boxes", "0"], ["--min-visible", "1.5"], ["--max-steps", "-1"]):
+                 ["--num-boxes", "0"], ["--min-visible", "1.5"], ["--min-visible", "nan"], ["--max-steps", "-1"]):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
     for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"]):
@@ -133,3 +139,9 @@ def test_finetune_resume_compares_data_paths_resolved(tmp_path, monkeypatch):
     finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": saved}, args)  # the same files: resumes
     with pytest.raises(SystemExit, match="train_json"):
         finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": {**saved, "train_json": "b.json"}}, args)
+    # a run from before --keep-empty trained on the empty images: resuming it without the flag would change its data
+    old = {k: v for k, v in saved.items() if k != "keep_empty"}
+    with pytest.raises(SystemExit, match="keep_empty: True -> False"):
+        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+    args.keep_empty = True
+    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)

@@ -119,11 +119,13 @@ def test_rpn_views_and_data_flags_reach_model_and_data(pool, tmp_path):
     assert (ds.min_visible, ds.ratio, ds.jitter) == (0.5, (3 / 4, 4 / 3), True)  # SoCo's crop ratio and box jitter
 
 
-def test_v2_ratio_flag():
-    assert train.v2_ratio("3/4,4/3") == (0.75, 4 / 3) and train.v2_ratio("0.5,2") == (0.5, 2.0)
+def test_v2_ratio_flag(capsys):
+    assert train.parse_args(["--v2-ratio", "0.75,4/3"]).v2_ratio == train.parse_args([]).v2_ratio == (0.75, 4 / 3)
+    assert train.parse_args(["--v2-ratio", "0.5,2"]).v2_ratio == (0.5, 2.0)
     for bad in ("1", "4/3,3/4", "0,1", "a,b", "1/0,1", "1,2,3"):
-        with pytest.raises(SystemExit, match="--v2-ratio"):
-            train.v2_ratio(bad)
+        with pytest.raises(SystemExit):
+            train.parse_args(["--v2-ratio", bad])
+        assert "--v2-ratio: expected LO,HI" in capsys.readouterr().err
 
 
 def test_lars_excludes_biases_and_norms_from_trust_and_decay():
