@@ -112,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=positive_int)
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--eval-only", action="store_true", help="evaluate --out/model_final.pth only")
+    p.add_argument("--val-limit", type=positive_int, help="evaluate on the first N val images only (quick checks; "
+                   "the paper's numbers: all)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -255,14 +257,15 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
 
 
-def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: bool = False, out: Path | None = None
-             ) -> dict:
+def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: bool = False, out: Path | None = None,
+             limit: int | None = None) -> dict:
     """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py; with kshot also VOC mAP50 (11-point, VOC07)
-    for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE."""
+    for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE.
+    limit: only the first `limit` val images (by id) are predicted and evaluated (quick checks)."""
     import eval as ev
     from coco_files import save_results
     from predict import predict
-    dataset = coco_data.DetectionDataset(val, train=False, with_masks=False)
+    dataset = coco_data.DetectionDataset(val, train=False, with_masks=False, keep=sorted(val.images)[:limit])
     results = predict(det, dataset, device=device, cat_ids=val.cat_ids)
     if out is not None:
         save_results(results, out / "predictions.json")
@@ -313,8 +316,9 @@ def main(argv=None) -> dict | None:
     det.load_state_dict(final["state_dict"])
     if final.get("cat_ids", val.cat_ids) != val.cat_ids:
         raise SystemExit(f"{out / 'model_final.pth'}: categories {final['cat_ids']} differ from {val.path}'s")
-    metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots), out=out)
-    metrics.update(iters=args.iters, detector=args.detector, init=args.init, train_images=len(record["image_ids"]))
+    metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots), out=out, limit=args.val_limit)
+    metrics.update(iters=args.iters, detector=args.detector, init=args.init, train_images=len(record["image_ids"]),
+                   val_images=min(len(val.images), args.val_limit or len(val.images)))
     write_json(metrics, out / "metrics.json")
     log(json.dumps(_json_safe(metrics), indent=1))
     return metrics

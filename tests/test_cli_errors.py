@@ -116,7 +116,7 @@ def test_numeric_flags_are_checked_before_anything_runs():
                  ["--num-boxes", "0"], ["--min-visible", "1.5"], ["--min-visible", "nan"], ["--max-steps", "-1"]):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
-    for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"]):
+    for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"], ["--val-limit", "0"]):
         with pytest.raises(SystemExit):
             finetune.parse_args(argv)
     assert train.parse_args(["--min-visible", "1", "--max-steps", "0", "--size", "32"]).min_visible == 1.0

@@ -311,6 +311,8 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
                  "--out", str(root / "eval"), "--figure-images", "1"])
     assert m["models"]["run"]["bbox"]["AP"] == pytest.approx(final_ap, nan_ok=True)
     assert (root / "eval" / "tide.png").exists()
+    quick = finetune.main(argv + ["--eval-only", "--val-limit", "1"])  # rewrites metrics.json: after the check above
+    assert (quick["val_images"], json.loads((out / "metrics.json").read_text())["val_images"]) == (1, 1)
     # two checkpoints in one folder keep their own predictions (they once shared <folder>.json)
     ck = torch.load(out / "model_final.pth", weights_only=True)
     torch.manual_seed(1)
@@ -375,8 +377,11 @@ def test_kshot_cli_subset_and_voc_metrics(tiny):
     assert record["protocol"] == "kshot" and novel == [7] and len(record["annotation_ids"]) == 2
     det = Detector(DetectorConfig(num_classes=2, kind="faster", depth=18, min_size=(96,), test_size=96,
                                   rpn_post_nms_test=20, max_dets=10))
-    metrics = finetune.evaluate(det, val, "cpu", novel=novel, kshot=True)
+    metrics = finetune.evaluate(det, val, "cpu", novel=novel, kshot=True, out=root)
     assert {"bbox", "voc_map50"} <= set(metrics) and {"mAP", "nAP", "bAP"} <= set(metrics["voc_map50"])
+    assert len({p["image_id"] for p in json.loads((root / "predictions.json").read_text())}) == len(val.images) > 1
+    finetune.evaluate(det, val, "cpu", novel=novel, kshot=True, out=root, limit=1)  # --val-limit 1
+    assert {p["image_id"] for p in json.loads((root / "predictions.json").read_text())} == {min(val.images)}
 
 
 def test_schedule_and_sampler():
