@@ -147,15 +147,31 @@ def torchvision_args(cfg: DetectorConfig) -> dict:
             "nms_thresh": cfg.nms_thresh, "max_dets": cfg.max_dets, "roi_batch": cfg.roi_batch}
 
 
+ADVICE = {  # what a file given to the wrong export is, and what to export instead
+    "model_final": "a finetune.py model_final.pth: the detector goes to torchvision (`export.py torchvision`)",
+    "finetune_checkpoint": "a finetune.py checkpoint.pth: export its run's model_final.pth",
+    "train_checkpoint": "a train.py checkpoint.pth: export its pretrained.pth (`export.py detectron2`)",
+    "pretrained": "a train.py pretrained.pth: the pre-trained weights go to detectron2 (`export.py detectron2`)",
+    "unknown": "no 'config' / 'state_dict', nor backbone.* and fpn.* keys"}
+
+
+def _kind(ck: dict) -> str:
+    """Which of the project's files a loaded dict is (a key of ADVICE)."""
+    if "config" in ck:
+        return "model_final" if "state_dict" in ck else "finetune_checkpoint"
+    if "model" in ck and "optimizer" in ck:
+        return "train_checkpoint"
+    state = ck.get("state_dict", ck)
+    has = lambda p: any(str(k).startswith(p) for k in state)  # noqa: E731
+    return "pretrained" if has("backbone.") and has("fpn.") else "unknown"
+
+
 def export_torchvision(final_path, out_path) -> Path:
     """model_final.pth (finetune.py) -> torchvision state dict at out_path + builder args (torchvision_args, and
     "cat_ids", "names") in out_path.json."""
     ck = load_weights(final_path, "finetune.py model_final.pth")
-    if "config" not in ck or "state_dict" not in ck:
-        hint = (" (a finetune.py checkpoint.pth: export its run's model_final.pth)" if "config" in ck else
-                " (a train.py file: export its pretrained.pth with `export.py detectron2`)" if "meta" in ck or
-                "model" in ck else "")
-        raise ValueError(f"{final_path}: not a finetune.py model_final.pth (no 'config' / 'state_dict'){hint}")
+    if _kind(ck) != "model_final":
+        raise ValueError(f"{final_path}: not a finetune.py model_final.pth ({ADVICE[_kind(ck)]})")
     cfg = DetectorConfig(**ck["config"])
     sd = to_torchvision(ck["state_dict"], cfg)
     out_path = Path(out_path)
@@ -223,12 +239,9 @@ def to_detectron2(state: dict) -> dict:
 def export_detectron2(pretrained_path, out_path) -> Path:
     """pretrained.pth -> detectron2 pickle {"model": {name: ndarray}, "__author__", "matching_heuristics": True}."""
     ck = load_weights(pretrained_path, "train.py pretrained.pth")
+    if _kind(ck) != "pretrained":
+        raise ValueError(f"{pretrained_path}: not a train.py pretrained.pth ({ADVICE[_kind(ck)]})")
     state = ck.get("state_dict", ck)
-    if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("fpn.") for k in state):
-        what = ("a finetune.py file: its model_final.pth goes to torchvision (`export.py torchvision`)"
-                if "config" in ck else "a train.py checkpoint.pth: export its pretrained.pth"
-                if "model" in ck and "optimizer" in ck else "no backbone.* and fpn.* keys")
-        raise ValueError(f"{pretrained_path}: not a train.py pretrained.pth ({what})")
     obj = {"model": to_detectron2(state), "__author__": "ADePT", "matching_heuristics": True}
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")

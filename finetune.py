@@ -186,10 +186,11 @@ def build_datasets(args, log=print):
                       annotation_ids=[a.get("id") for anns in keep.values() for a in anns])
     else:
         keep = coco_data.label_fraction_subset(train.images, args.label_fraction, args.seed)  # of all images (1%: 1183)
-        empty = [i for i in keep if not train.anns[i]]  # no box left (none, or crowd only): dropped as detectron2 does
-        if empty and not args.keep_empty:
-            keep = [i for i in keep if train.anns[i]]
-            log(f"{tj}: {len(empty)} of the subset's images have no box: not trained on (--keep-empty keeps them)")
+        boxed = [i for i in keep if train.anns[i]]  # images without a box (none, or crowd only): dropped as detectron2
+        if len(boxed) < len(keep) and not args.keep_empty:
+            log(f"{tj}: {len(keep) - len(boxed)} of the subset's images have no box: not trained on (--keep-empty "
+                "keeps them)")
+            keep = boxed
         record.update(protocol="label_fraction", fraction=args.label_fraction, image_ids=keep)
     if not (sum(map(len, keep.values())) if args.shots else sum(len(train.anns[i]) for i in keep)):
         raise SystemExit(f"{tj}: the train subset ({record['protocol']}, seed {args.seed}) has no usable annotation: "
@@ -201,7 +202,7 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
     sizes = tuple(int(v) for v in str(args.min_size).split(","))
     cfg = DetectorConfig(num_classes=num_classes, kind=args.detector, depth=args.depth, head=args.head,
                          fpn_channels=args.fpn_channels, mask_dim=args.mask_dim,
-                         anchor_sizes=anchor_sizes(args.anchor_sizes, 5),
+                         anchor_sizes=anchor_sizes(args.anchor_sizes, 5),  # P2-P6
                          min_size=sizes, max_size=args.max_size, test_size=args.test_size, roi_batch=args.roi_batch,
                          rpn_pre_nms_test=max(args.test_proposals, 1000), rpn_post_nms_test=args.test_proposals,
                          max_dets=args.max_dets)

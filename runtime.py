@@ -222,8 +222,9 @@ def in_range(lo=None, hi=None, kind=int):
         try:
             value = kind(text)
         except ValueError:
-            value = None  # value != value below: NaN
-        if value is None or value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+            value = None
+        ok = value is not None and value == value and (lo is None or value >= lo) and (hi is None or value <= hi)
+        if not ok:  # value == value is False for NaN
             bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {bounds}, "
                                              f"got {text!r}")
