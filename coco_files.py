@@ -57,9 +57,11 @@ def save_results(results: list, path) -> Path:
 
 
 def load_results(path) -> list:
-    """COCO results JSON (a list of dicts) -> list; ValueError naming the file if it is not a list."""
-    with open(path) as f:
-        data = json.load(f)
+    """COCO results JSON (a list of dicts) -> list; ValueError naming the file if it is not a JSON list."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
     return data

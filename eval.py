@@ -67,6 +67,7 @@ from coco_files import atomic_write, check_results, gt_subset, load_coco, load_r
 from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa: F401 (re-exported)
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
 from predict import checkpoint_names, checkpoint_predictions  # --checkpoint
+from runtime import bad_input_exits, positive_int
 from tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
 from voc_data import novel_ids  # --novel
 
@@ -220,8 +221,10 @@ def _proposal_lists(coco: COCO, path):
     """(gt boxes, proposals) per gt image from a .json {file_name or image id: [[x1, y1, x2, y2], ...]} or a
     selective_search.py proposals file (keys: paths relative to the image root)."""
     if str(path).endswith(".json"):
-        with open(path) as f:
-            table = json.load(f)
+        try:
+            table = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     else:
         import ss_proposals
         table = ss_proposals.load_proposals(path)
@@ -295,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-voc07, the VOC2010+ area")
     p.add_argument("--proposals", help="proposals for AR@10/100/1000: .json {file_name: [[x1,y1,x2,y2],..]} best "
                    "first, or a selective_search.py file (unranked: read AR@k for k >= its box count)")
+    p.add_argument("--val-limit", type=positive_int, help="evaluate on the first N images (by id) of the ground "
+                   "truth only, for a quick check (as finetune.py --val-limit); other images' predictions are ignored")
     p.add_argument("--figure-images", type=int, default=4, help="rows of the side-by-side figure")
     p.add_argument("--score-thresh", type=float, default=0.5, help="score threshold of the drawn detections")
     return p
@@ -307,18 +312,21 @@ def main(argv=None) -> dict:
         parser.error("give --checkpoint model_final.pth, --results R.json (one per model) or --proposals")
     gt_path, image_root = (Path(a.gt), None) if a.gt else _default_gt()
     image_root = Path(a.images) if a.images else image_root
-    coco, models, loaded, novel = load_coco(gt_path), {}, {}, None
+    with bad_input_exits():  # a missing or malformed ground truth: one line naming it
+        coco, models, loaded, novel = load_coco(gt_path), {}, {}, None
     if a.novel:  # checked before any prediction: ids of the ground truth's categories, or voc1..voc3 on VOC
         cats = coco.loadCats(coco.getCatIds())
         try:
             novel = novel_ids(a.novel, [c["id"] for c in cats], [c.get("name") for c in cats])
         except ValueError as e:
             parser.error(f"--novel {e}")
+    keep = sorted(coco.getImgIds())[:a.val_limit]  # all without --val-limit
+    coco = gt_subset(coco, keep) if a.val_limit else coco
     predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
         try:
-            preds = checkpoint_predictions(ck, gt_path, image_root)
-        except ValueError as e:  # an unreadable or foreign file, other categories: one line naming it
+            preds = checkpoint_predictions(ck, gt_path, image_root, keep)
+        except (ValueError, FileNotFoundError) as e:  # an unreadable or foreign file, other categories, no images
             raise SystemExit(f"--checkpoint: {e}") from None
         a.results.append(str(save_results(preds, Path(a.out) / f"{name}.json")))
         predicted[a.results[-1]] = preds
@@ -326,14 +334,18 @@ def main(argv=None) -> dict:
     if len(names) != len(a.results) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(a.results)} distinct names, got {names}")
     for name, path in zip(names, a.results):
-        res = predicted[path] if path in predicted else load_results(path)
-        check_results(res, coco, path)
+        with bad_input_exits():  # a malformed results file: one line naming it
+            res = predicted[path] if path in predicted else load_results(path)
+            res = [r for r in res if r.get("image_id") in set(keep)] if a.val_limit and path not in predicted else res
+            check_results(res, coco, path)
         loaded[name] = res
         models[name] = _model_metrics(coco, res, novel, a.voc07)
-    metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models,
+    metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models, "images": len(keep),
                "voc_metric": "11-point (VOC07)" if a.voc07 else "area (VOC2010+)"}
     if a.proposals:
-        metrics["proposals"] = proposal_recall(*_proposal_lists(coco, a.proposals))
+        with bad_input_exits():
+            lists = _proposal_lists(coco, a.proposals)
+        metrics["proposals"] = proposal_recall(*lists)
     report = _tables(metrics)
     print(report)
     out = Path(a.out)

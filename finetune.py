@@ -49,8 +49,9 @@ import coco_data
 import model as model_lib
 from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
-from runtime import (anchor_sizes, apply_preset, exit_distributed, log_line, plot_curves, positive_int,
-                     read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log, write_atomic)
+from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, log_line, plot_curves,
+                     positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log,
+                     write_atomic)
 from voc_data import novel_ids, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -164,7 +165,10 @@ def build_datasets(args, log=print):
         import data
         root = data.ensure_synthetic_dataset()
         tj, ti, vj, vi = root / "annotations/train.json", root / "train", root / "annotations/val.json", root / "val"
-    train, val = coco_data.load_coco(tj, ti), coco_data.load_coco(vj, vi)
+    with bad_input_exits():  # a malformed JSON, missing images...: one line naming the file
+        train, val = coco_data.load_coco(tj, ti), coco_data.load_coco(vj, vi)
+        if args.detector == "mask":
+            coco_data.require_masks(val)  # mask AP needs every val mask: refuse now, not after training
     for cs in (train, val):
         log(f"{cs.path}: {len(cs.images)} images, {sum(map(len, cs.anns.values()))} boxes, {len(cs.cat_ids)} "
             f"classes; skipped {cs.skipped or 'nothing'}")
@@ -173,8 +177,6 @@ def build_datasets(args, log=print):
     if not any(val.anns.values()):  # COCOeval would report AP 0 / -1 after the whole schedule (load_coco: no images)
         raise SystemExit(f"{vj}: the val set has {len(val.images)} images and no usable annotation: nothing to "
                          "evaluate; give a val JSON with boxes")
-    if args.detector == "mask":
-        coco_data.require_masks(val)  # mask AP needs every val mask: refuse now, not after training
     try:
         novel = novel_ids(args.novel, train.cat_ids, train.names) if args.novel else None
     except ValueError as e:
@@ -283,7 +285,8 @@ def main(argv=None) -> dict | None:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "voc2coco":
-        return voc2coco_cli(argv[1:])
+        with bad_input_exits():  # a missing image-set list, a malformed XML: one line naming it
+            return voc2coco_cli(argv[1:])
     args, preset = resolve(parse_args(argv))
     rank, world, device = setup_distributed()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)

@@ -113,10 +113,11 @@ def checkpoint_names(paths) -> list[str]:
     return [b if base.count(b) == 1 else f"{b}_{i}" for i, b in enumerate(base)]
 
 
-def checkpoint_predictions(path, gt_path, image_root) -> Predictions:
+def checkpoint_predictions(path, gt_path, image_root, image_ids=None) -> Predictions:
     """finetune.py's model_final.pth -> its Predictions on the split gt_path (images under image_root, or
-    image_root/val: the synthetic layout). ValueError naming both files when the checkpoint's categories differ
-    from the ground truth's, or for a split without images. Loaded with weights_only=True: never runs code."""
+    image_root/val: the synthetic layout), on image_ids only when given. ValueError naming both files when the
+    checkpoint's categories differ from the ground truth's, or for a split without images. Loaded with
+    weights_only=True: never runs code."""
     import coco_data
     import model as model_lib
     from detector import Detector, DetectorConfig
@@ -136,7 +137,8 @@ def checkpoint_predictions(path, gt_path, image_root) -> Predictions:
     det = Detector(DetectorConfig(**ck["config"]))
     det.load_state_dict(ck["state_dict"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return predict(det.to(device), coco_data.DetectionDataset(val, train=False), device=device, cat_ids=val.cat_ids)
+    dataset = coco_data.DetectionDataset(val, train=False, keep=image_ids)
+    return predict(det.to(device), dataset, device=device, cat_ids=val.cat_ids)
 
 
 def _check_categories(ck: dict, val, path) -> None:

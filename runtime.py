@@ -19,10 +19,12 @@ Public
     apply_preset(args, preset)                        fill the flags left unset (None) from a PAPER / CPU preset
     anchor_sizes(spec, levels) -> tuple               --anchor-sizes '24,48,96,192' -> (24, 48, 96, 192)
     in_range(lo, hi, kind), positive_int               argparse types: a number in [lo, hi]; an integer >= 1
+    bad_input_exits()                                 context: a bad input file ends the run with one line
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -233,3 +235,14 @@ def in_range(lo=None, hi=None, kind=int):
 
 
 positive_int = in_range(1)  # sizes, batches, intervals
+
+
+@contextlib.contextmanager
+def bad_input_exits():
+    """Wrap the reading of input files (annotations, images, proposals): the ValueError / FileNotFoundError that the
+    data code raises, whose message names the file and what is wrong, ends the run as that one line instead of a
+    traceback. Wrap nothing else: a bug in the model or the training must keep its traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -126,8 +126,18 @@ def _read(files: list[Path]) -> dict:
     """Proposals files -> their arrays concatenated in order, as _arrays' arguments (counts (N,), no offsets)."""
     loaded = []
     for f in files:
-        with np.load(f, allow_pickle=False) as z:
-            loaded.append({k: z[k] for k in z.files})
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                loaded.append({k: z[k] for k in z.files})
+                missing = {"paths", "offsets", "boxes"} - set(z.files)
+                if missing:
+                    raise KeyError(f"no {sorted(missing)}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f}: proposals file not found") from None
+        except (OSError, ValueError, KeyError) as e:  # not an .npz, pickled objects (never loaded), arrays missing
+            why = f"; {e.args[0]}" if isinstance(e, KeyError) else ""
+            raise ValueError(f"{f}: not a selective_search.py proposals file (an .npz of plain arrays paths, offsets, "
+                             f"boxes{why})") from None
     loaded = loaded or [_arrays([], [], [], [], [], [], [], {})]  # an empty shard
     cat = {k: np.concatenate([z[k] for z in loaded]) for k in loaded[0] if k not in ("offsets", "config")}
     return {**cat, "counts": np.concatenate([np.diff(z["offsets"]) for z in loaded])}
@@ -303,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="paper: sec. 4.1.1, k=500 sigma=0.9 min_size=10 on HSV; soco: SoCo's k=300 sigma=0.9 "
                    "min_size=100; fast/quality: OpenCV's selective-search modes")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
-    p.add_argument("--shard", default="0/1", help="i/n: do the i-th (0-based) of n contiguous slices, one per machine")
+    p.add_argument("--shard", type=shard_spec, default=(0, 1),
+                   help="i/n: do the i-th (0-based) of n contiguous slices, one per machine")
     p.add_argument("--max-side", type=int, default=None, help="resize the long side to at most this before the search")
     p.add_argument("--min-side", type=float, default=0,
                    help=f"SoCo's extra filter w, h >= MIN_SIDE (SoCo: {SOCO_MIN_SIDE}; the paper, sec. 4.1.1: 0)")
@@ -313,6 +324,23 @@ def main(argv: list[str] | None = None) -> dict:
                    help="opencv: ximgproc's grouping; numpy: ss_grouping.py on the same segmentation (the same "
                    "boxes, 34-42 %% of the CPU time; presets paper and soco); auto: numpy where it can")
     a = p.parse_args(argv)
-    i, n = (int(v) for v in a.shard.split("/"))
-    return precompute(a.image_root, a.out, a.preset, a.workers, (i, n), a.max_side, a.min_side, a.chunk_size,
-                      a.keep_parts, grouping=a.grouping)
+    for flag, value, low in (("--workers", a.workers, 0), ("--chunk-size", a.chunk_size, 1),
+                             ("--max-side", a.max_side or 1, 1), ("--min-side", a.min_side, 0)):
+        if not value >= low:  # not >=: NaN too
+            p.error(f"{flag} must be >= {low}, got {value}")
+    try:
+        return precompute(a.image_root, a.out, a.preset, a.workers, a.shard, a.max_side, a.min_side, a.chunk_size,
+                          a.keep_parts, grouping=a.grouping)
+    except FileNotFoundError as e:  # no images under IMAGE_ROOT: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """argparse type of --shard: 'i/n' with 0 <= i < n -> (i, n)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = 0, 0
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return i, n

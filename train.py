@@ -44,8 +44,8 @@ import data
 import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
-from runtime import (all_processes_sum, anchor_sizes, apply_preset, check_finite, check_same_data, exit_distributed,
-                     in_range, log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run,
+from runtime import (all_processes_sum, anchor_sizes, apply_preset, bad_input_exits, check_finite, check_same_data,
+                     exit_distributed, in_range, log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run,
                      replicas_identical, save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
@@ -204,11 +204,11 @@ def build_data(args):
     if missing:
         raise SystemExit(f"{missing[0]}: proposals file not found (a glob such as 'ss.shard*of4.npz' takes the shards "
                          "of selective_search.py --shard i/n)")
-    return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
-                                small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
-                                max_missing=args.max_missing, jitter=not args.no_box_jitter,
-                                ratio=args.v2_ratio,
-                                v3_mode="independent" if args.v3_independent else "downsample")
+    with bad_input_exits():  # a foreign proposals file, no readable image...: one line naming it
+        return data.PretrainDataset(root, proposals, K=args.num_boxes, seed=args.seed, size=args.size,
+                                    small_size=args.small_size, color_on=args.color_on, min_visible=args.min_visible,
+                                    max_missing=args.max_missing, jitter=not args.no_box_jitter, ratio=args.v2_ratio,
+                                    v3_mode="independent" if args.v3_independent else "downsample")
 
 
 def build_model(args, device) -> model_lib.ADePT:

@@ -145,3 +145,38 @@ def test_finetune_resume_compares_data_paths_resolved(tmp_path, monkeypatch):
         finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
     args.keep_empty = True
     finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+
+
+def test_bad_input_files_end_in_one_line(pool, tmp_path, capsys):
+    """A malformed file read by the data code ends the run with SystemExit and its one-line message, naming the file
+    (no traceback; runtime.bad_input_exits); never numpy's advice to load pickled data."""
+    import numpy as np
+    import ss_proposals
+    images, _ = pool
+    bad_json, foreign = tmp_path / "bad.json", tmp_path / "foreign.npz"
+    bad_json.write_text("{not json")
+    np.savez(foreign, paths=np.array(["a.jpg"]))  # an .npz without offsets, boxes
+    for props, why in ((bad_json, "not a selective_search.py proposals file"), (foreign, r"no \['boxes', 'offsets'\]")):
+        with pytest.raises(SystemExit, match=rf"^error: {props}: .*{why}") as e:
+            train.main(tiny_args((images, props), tmp_path / "t"))
+        assert "allow_pickle" not in str(e.value)
+    with pytest.raises(SystemExit, match=rf"^error: {bad_json}: not valid JSON"):
+        finetune.main(["--train-json", str(bad_json), "--train-images", str(images), "--val-json", str(bad_json),
+                       "--val-images", str(images), "--out", str(tmp_path / "f"), "--depth", "18"])
+    with pytest.raises(SystemExit, match=rf"^error: {bad_json}: not valid JSON"):
+        ev.main(["--gt", str(bad_json), "--results", str(bad_json), "--out", str(tmp_path / "e")])
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+                              "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    for flag in ("--results", "--proposals"):
+        with pytest.raises(SystemExit, match=rf"^error: {bad_json}: "):
+            ev.main(["--gt", str(gt), flag, str(bad_json), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match=rf"^error: no .* images under {tmp_path / 'none'}"):
+        ss_proposals.main([str(tmp_path / "none"), str(tmp_path / "p.npz")])
+    with pytest.raises(SystemExit, match=r"^error: .*image set list not found"):
+        finetune.main(["voc2coco", str(tmp_path), "--sets", "VOC2007/test", "--out", str(tmp_path / "v.json")])
+    for argv in (["--shard", "1/1"], ["--shard", "x"], ["--chunk-size", "0"], ["--min-side", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            ss_proposals.main([str(images), str(tmp_path / "p.npz"), *argv])
+        assert e.value.code == 2  # argparse's usage error, before any image is read
+    assert "Traceback" not in capsys.readouterr().err

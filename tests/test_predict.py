@@ -165,6 +165,12 @@ def test_cli_two_models(tmp_path, capsys):
         m = ev.main(["--gt", str(gt_path), "--results", str(mixed), "--out", str(tmp_path / "o2"), *flag])
         assert m["models"]["mixed"]["voc"]["per_class"][1] == pytest.approx(100 * ap1)
     assert m["voc_metric"] == "area (VOC2010+)"
+    # --val-limit 1: image 1 only (its detections TP class 1, FP class 3; image 2's ignored), as gt_subset scores it
+    m = ev.main(["--gt", str(gt_path), "--results", str(mixed), "--out", str(tmp_path / "o3"), "--val-limit", "1"])
+    sub = [r for r in coco_files.load_results(mixed) if r["image_id"] == 1]
+    assert m["images"] == 1 and m["models"]["mixed"]["bbox"] == pytest.approx(ev.coco_eval(
+        coco_files.gt_subset(coco_files.load_coco(gt_path), [1]), sub), nan_ok=True)
+    assert m["models"]["mixed"]["bbox"]["AP"] != ev.coco_eval(gt_path, mixed)["AP"]
     assert mpimg.imread(out / "side_by_side.png").shape[:2] == (2 * 320, 2 * 320)
     assert mpimg.imread(out / "tide.png").shape[:2] == (420, 960)
     with pytest.raises(SystemExit):
