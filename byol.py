@@ -2,7 +2,7 @@
 
 Sections
 --------
-- 3.3, Eq. 5: v = q(p(h)) online, v' = p_xi(h') target -- ``Projector`` (p) and ``Predictor`` (q).
+- 3.3, Eq. 5: v = q(p(h)) online, v' = p_xi(h') target -- ``latent``, ``Projector`` (p) and ``Predictor`` (q).
 - 3.3: the target ("momentum") network xi, an exponential moving average of theta -- ``make_target``,
   ``ema_update``, ``tau_schedule`` (BYOL's / SoCo's cosine schedule, reference.md).
 - 3.3, Eq. 6: L_sim, Eq. 7: L_det = L_sim + its symmetric form -- ``similarity_loss``, ``detector_loss``.
@@ -19,7 +19,9 @@ g          Fast R-CNN box head, roi_head.BoxHead: RoI features -> h (1024-d)
 p          projector: h (1024) -> 4096 (BN, ReLU) -> 256
 q          predictor: 256 -> 4096 (BN, ReLU) -> 256, online branch only
 h          box-level representation g(RoIAlign(f(V), b_i)) (Eqs. 2-4)
-v          latent vector of a box: v = q_theta(p_theta(h)) online, v' = p_xi(h') target (Eq. 5)
+v          latent vector of a box: v = q_theta(p_theta(h)) online, v' = p_xi(h') target (Eq. 5); Eq. 7 uses
+           both branches on every view: v_online = [v_theta, v'_theta, v''_theta], v_target = [v_xi, v'_xi, v''_xi]
+q1, z1     byol_loss only (BYOL's notation): online prediction q(p(h)) and target projection p_xi(h) of a view
 V1..V3     the three augmented views (224, 224, 112 px), section 4.1.2
 K          boxes per image (4); ``total_steps`` is the EMA schedule's K, the number of iterations
 =========  ============================================================================================
@@ -31,12 +33,13 @@ Public functions
 ----------------
 - ``class Projector(in_dim=1024, hidden_dim=4096, out_dim=256)``: p.
 - ``class Predictor(in_dim=256, hidden_dim=4096, out_dim=256)``: q.
+- ``latent(h, p, q=None) -> (..., D)``: Eq. 5, v = q(p(h)) (online) or p(h) (target, q None).
 - ``make_target(online) -> nn.Module``: xi, a frozen deep copy.
 - ``ema_update(online, target, tau)``: xi <- tau xi + (1 - tau) theta, parameters only.
 - ``cosine_term(step, total_steps) -> float``, ``tau_schedule(step, total_steps, tau_base=0.99) -> float``.
 - ``negative_cosine(a, b) -> (...)``: -2 cos(a, b) along the last dim.
 - ``similarity_loss(v_online, v_target_views) -> scalar``: Eq. 6.
-- ``detector_loss(q, z) -> scalar``: Eq. 7.
+- ``detector_loss(v_online, v_target) -> scalar``: Eq. 7.
 - ``byol_loss(q1, q2, z1, z2) -> scalar``: image-level BYOL.
 """
 import copy
@@ -76,6 +79,14 @@ class Predictor(Projector):
 
     def __init__(self, in_dim=256, hidden_dim=4096, out_dim=256):
         super().__init__(in_dim, hidden_dim, out_dim)
+
+
+def latent(h, p, q=None):
+    # Eq. 5: v = q_theta(p_theta(h)) on the online branch, v' = p_xi(h') on the target branch (no q)
+    """h (..., 1024) box representations g(RoIAlign(f(V), b)) (Eqs. 2-4); p a Projector, q a Predictor or None
+    -> v (..., D)."""
+    v = p(h)
+    return q(v) if q is not None else v
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,16 +169,17 @@ def similarity_loss(v_online, v_target_views):
     return per_box.mean(dim=1).mean(dim=0)  # 1/K sum over boxes, mean over images
 
 
-def detector_loss(q, z):
+def detector_loss(v_online, v_target):
     # Eq. 7: L_det = L_sim(v_theta; v'_xi, v''_xi) + Lbar_sim(v_xi; v'_theta, v''_theta)
-    """q: 3 online predictions q(p(h)) for V1, V2, V3, each (B, K, D); z: 3 target projections p_xi(h) for the
-    same views. L_sim pairs q1 with z2, z3; the symmetric Lbar_sim pairs z1 with q2, q3 (the cosine is symmetric,
-    so Lbar_sim = L_sim(q2; z1) + L_sim(q3; z1)). The z's are detached. Scalar, minimum -8.
+    """v_online: Eq. 5's online vectors q(p(h)) of V1, V2, V3, each (B, K, D); v_target: the target's p_xi(h) of the
+    same views. L_sim pairs v_theta (V1) with v'_xi, v''_xi; the symmetric Lbar_sim pairs v_xi (V1) with v'_theta,
+    v''_theta (the cosine is symmetric, so Lbar_sim = L_sim(v'_theta; v_xi) + L_sim(v''_theta; v_xi)). The target
+    vectors are detached. Scalar, minimum -8.
     """
-    q1, q2, q3 = q
-    z1, z2, z3 = z
-    loss_sim = similarity_loss(q1, [z2, z3])  # V1 online, V2 and V3 through the target
-    loss_sim_bar = similarity_loss(q2, [z1]) + similarity_loss(q3, [z1])  # V1 target, V2 and V3 online
+    v_theta, v1_theta, v2_theta = v_online  # V1, V2, V3 online (v, v', v'')
+    v_xi, v1_xi, v2_xi = v_target  # V1, V2, V3 through the target
+    loss_sim = similarity_loss(v_theta, [v1_xi, v2_xi])
+    loss_sim_bar = similarity_loss(v1_theta, [v_xi]) + similarity_loss(v2_theta, [v_xi])
     return loss_sim + loss_sim_bar
 
 

@@ -13,16 +13,23 @@ Symbols (paper -> code)
     V1, V2, V3      the three views (224, 224, 112 px)        views[0..2]
     b               K selective-search boxes per image        boxes[j]: (B, K, 4) xyxy in view j's pixels
     b*              Eq. 1's pseudo ground truth (3.2)          rpn_boxes[j]: the same boxes, V1's before SoCo's jitter
-    L = L_RPN + L_det                                         Eq. 8, ADePT.forward
+    h               g(RoIAlign(f(V), b)) (Eqs. 2-4)            box_representations
+    v, v', v''      q(p(h)) online, p(h) target (Eq. 5)        Encoder.project_boxes -> byol.latent
+    L = L_RPN + L_det                                         Eq. 8, total_loss (ADePT.forward)
     C               FPN channels (the FPN paper's d = 256)     fpn_channels / FeatureExtractor(channels=)
 
 Public
-    Backbone, FPN, FeatureExtractor        f; `FeatureExtractor(depth, fpn_norm, p6, weights_path)`
-    Encoder                                f, g, p: what the target branch copies and averages
-    ADePT(mode, ...)                       forward(views, boxes) -> dict of losses for one pre-training step;
-                                           pool_sync_free(): RoI pooling without host reads on every device
+    Backbone, FPN, FeatureExtractor        f; `FeatureExtractor(depth, fpn_norm, p6, weights_path, channels)`
+    make_norm(kind, channels), ConvNorm    the FPN's normalisation ("bn", "gn", "none") and conv + norm block
+    Encoder                                f, g, p: what the target branch copies and averages;
+                                           project_boxes(feats, boxes, q=None) -> v (Eqs. 2-5)
+    box_representations(feats, boxes, strides, g, sync_free) -> h    Eqs. 2-4, (B, K, 1024)
+    total_loss(loss_rpn, loss_det)         Eq. 8
+    ADePT(mode, ...)                       forward(views, boxes, transforms=None, rpn_boxes=None) -> dict of losses
+                                           for one step; pool_sync_free(): RoI pooling without host reads anywhere
     export_pretrained(model, use_online)   the weights fine-tuning loads (keys: backbone.*, fpn.*, rpn.*, box_head.*)
-    maybe_sync_bn(module)                  SyncBN when running distributed on GPUs
+    maybe_sync_bn(module, device)          SyncBN when running distributed on GPUs
+    map_boxes(boxes, t_src, t_dst, size)   boxes from one view's pixels to another's (Table 4's RPN proposals)
     load_weights(path, what) -> dict       torch.load(weights_only) of a weights file, ValueError naming it
     compile_extractors(net), compile_model(net)   torch.compile of f alone or of the whole step (train.py --compile)
 """
@@ -188,13 +195,25 @@ class Encoder(nn.Module):
             return self.projector(self.extractor.backbone(x)[-1].mean(dim=(2, 3)))
         return self.project_boxes(self.extractor(x), boxes)
 
-    def project_boxes(self, feats: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """Eqs. 2-5 without q: feats [P2..P5] of f, boxes (B,K,4) xyxy view pixels -> p(g(RoIAlign(f, b))) (B,K,D)."""
-        B, K, _ = boxes.shape
-        pooled = roi_head.multilevel_roi_align(feats, list(boxes), self.extractor.strides,
-                                               sync_free=self.sync_free)             # (B*K, C, 7, 7)
-        h = self.box_head(pooled)                                                       # Eqs. 2-4: (B*K, 1024)
-        return self.projector(h).view(B, K, -1)                                         # Eq. 5:    (B, K, 256)
+    def project_boxes(self, feats: list[torch.Tensor], boxes: torch.Tensor, q: nn.Module | None = None):
+        """Eqs. 2-5: feats f(V) = [P2..P5], boxes (B,K,4) xyxy view pixels -> v = q(p(h)) (p(h) without q), (B,K,D)."""
+        h = box_representations(feats, boxes, self.extractor.strides, self.box_head, self.sync_free)  # (B, K, 1024)
+        return byol.latent(h, self.projector, q)
+
+
+def box_representations(feats: list[torch.Tensor], boxes: torch.Tensor, strides, g: nn.Module,
+                        sync_free: bool | None = None) -> torch.Tensor:
+    # Eqs. 2-4: h_i = g(RoIAlign(f(V), b_i)), given feats = f(V)
+    """feats [P2..P5] (B, C, H_l, W_l) with their strides; boxes (B, K, 4) xyxy view pixels; g the box head ->
+    h (B, K, g.out_channels). Each box is pooled from one FPN level by its scale (roi_head.multilevel_roi_align)."""
+    B, K, _ = boxes.shape
+    pooled = roi_head.multilevel_roi_align(feats, list(boxes), strides, sync_free=sync_free)  # (B*K, C, 7, 7)
+    return g(pooled).view(B, K, -1)
+
+
+def total_loss(loss_rpn: torch.Tensor, loss_det: torch.Tensor) -> torch.Tensor:
+    # Eq. 8: L = L_RPN + L_det (joint mode; separate mode has L_det = 0, soco mode L_RPN = 0)
+    return loss_rpn + loss_det
 
 
 class ADePT(nn.Module):
@@ -274,11 +293,12 @@ class ADePT(nn.Module):
         if self.mode != "separate":
             if self.rpn_proposals:
                 boxes = self.add_rpn_proposals(feats[0], views, boxes, transforms)
-            q = [self.predictor(self.online.project_boxes(fj, bj)) for fj, bj in zip(feats, boxes)]  # Eq. 5
+            # Eqs. 2-5 on every view through both branches: v, v', v'' online (theta) and target (xi), Eq. 7's terms
+            v_online = [self.online.project_boxes(fj, bj, self.predictor) for fj, bj in zip(feats, boxes)]
             with torch.no_grad():
-                z = [self.target(vj, bj) for vj, bj in zip(views, boxes)]                          # Eqs. 3-5
-            loss_det = byol.detector_loss(q, z)                                                      # Eq. 7
-        return {"loss": loss_rpn + loss_det, "loss_rpn": loss_rpn, "loss_det": loss_det}  # Eq. 8
+                v_target = [self.target(vj, bj) for vj, bj in zip(views, boxes)]
+            loss_det = byol.detector_loss(v_online, v_target)  # Eq. 7
+        return {"loss": total_loss(loss_rpn, loss_det), "loss_rpn": loss_rpn, "loss_det": loss_det}
 
     def rpn_loss(self, feats, views, boxes) -> torch.Tensor:
         """Eq. 1 on each of rpn_views, the view's K selective-search boxes as pseudo ground truth (3.2); their mean.

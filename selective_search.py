@@ -23,11 +23,12 @@ Public
     filter_with_fallback(boxes, width, height, min_side)   -> (boxes, level), level in LEVELS
     decode_image(data) -> RGB uint8 (H, W, 3) or None
 
-Project-local dependencies: ss_grouping.py (grouping="numpy", imported when a search runs); ss_proposals.py (the
-command line only).
+Project-local dependencies: ss_grouping.py (grouping="numpy", imported when a search runs; without it "auto" is
+OpenCV's grouping, so this file also works alone); ss_proposals.py (the command line only).
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import cv2
@@ -64,15 +65,17 @@ def _strategy():
 
 
 def resolve_grouping(preset: str, grouping: str) -> str:
-    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality.
-    Bad combinations fail here, before any image is read."""
+    """Resolve grouping="auto": "numpy" for the single-strategy presets (paper, soco), "opencv" for fast/quality
+    and where ss_grouping.py is absent (this file copied alone: the same boxes, slower). Bad combinations fail here,
+    before any image is read."""
     if preset not in PRESETS or grouping not in GROUPINGS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, grouping one of {GROUPINGS}; got {preset!r}, "
                          f"{grouping!r}")
     if grouping == "numpy" and preset in MULTI_STRATEGY:
         raise ValueError(f"grouping='numpy' implements the single-strategy presets, not {preset!r}")
     if grouping == "auto":
-        return "opencv" if preset in MULTI_STRATEGY else "numpy"
+        numpy_grouping = importlib.util.find_spec("ss_grouping") is not None
+        return "numpy" if numpy_grouping and preset not in MULTI_STRATEGY else "opencv"
     return grouping
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from byol import (Predictor, Projector, byol_loss, cosine_term, detector_loss, ema_update, make_target,
+from byol import (Predictor, Projector, byol_loss, cosine_term, detector_loss, ema_update, latent, make_target,
                   negative_cosine, similarity_loss, tau_schedule)
 
 
@@ -207,3 +207,12 @@ def test_byol_loss():
     z1, z2 = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
     byol_loss(q1, q2, z1, z2).backward()
     assert q1.grad is not None and q2.grad is not None and z1.grad is None and z2.grad is None
+
+
+def test_latent_is_eq5():
+    """Eq. 5: v = q(p(h)) on the online branch, v' = p(h') on the target branch (no predictor)."""
+    torch.manual_seed(0)
+    p, q = Projector(in_dim=8, hidden_dim=16, out_dim=4), Predictor(in_dim=4, hidden_dim=16, out_dim=4)
+    h = torch.randn(2, 3, 8)  # (B, K, 1024) in the paper
+    assert torch.equal(latent(h, p, q), q(p(h))) and torch.equal(latent(h, p), p(h))
+    assert latent(h, p, q).shape == (2, 3, 4)

@@ -358,3 +358,24 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "run", env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_box_representations_are_eqs_2_to_4_per_box():
+    """h_i = g(RoIAlign(f(V), b_i)): each box pooled with torchvision's roi_align (7x7, aligned) from its own image's
+    map of the level roi_head.assign_levels gives it, then g; independent of the other boxes and images."""
+    from torchvision.ops import roi_align
+    import roi_head
+    torch.manual_seed(0)
+    f, g = model.FeatureExtractor(depth=18, channels=32), roi_head.BoxHead(32, conv_dim=32, fc_dim=16)
+    f.eval(), g.eval()  # BN from running statistics: one box at a time must match the batch
+    x, boxes = torch.randn(2, 3, 224, 224), boxes_for(2, 4, 224)  # (B, K, 4): one box per level
+    with torch.no_grad():
+        feats = f(x)
+        h = model.box_representations(feats, boxes, f.strides, g)  # (B, K, 16)
+        levels = roi_head.assign_levels(boxes.reshape(-1, 4)).view(2, 4)
+        assert sorted(set(levels.flatten().tolist())) == [0, 1, 2, 3]
+        for b in range(2):
+            for k in range(4):
+                lvl = int(levels[b, k])
+                pooled = roi_align(feats[lvl][b:b + 1], [boxes[b, k:k + 1]], 7, 1 / f.strides[lvl], 0, True)
+                assert torch.allclose(h[b, k], g(pooled)[0], atol=1e-5)

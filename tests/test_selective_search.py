@@ -1,6 +1,9 @@
 """Tests for selective_search.py and ss_grouping.py (paper sections 3.2, 4.1.1): filter bounds, SoCo fallback
 levels, the search's determinism and presets, decoding, and the numpy grouping against OpenCV's. The precompute of
 ss_proposals.py (proposals files, shards, resume, workers) is tested in test_ss_proposals.py."""
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -271,6 +274,20 @@ def test_numpy_grouping_api():
     np.testing.assert_array_equal(ss.selective_search(img), ours)  # auto: numpy for the paper preset
     np.testing.assert_array_equal(ss.selective_search(img, "fast", grouping="auto"),
                                   ss.selective_search(img, "fast", grouping="opencv"))  # auto: OpenCV's for fast
+
+
+def test_selective_search_py_works_copied_alone(tmp_path):
+    """An engineer copies selective_search.py alone: "auto" falls back to OpenCV's grouping (ss_grouping.py absent)
+    and gives the boxes the repository gives."""
+    shutil.copy(Path(ROOT) / "selective_search.py", tmp_path)
+    np.save(tmp_path / "img.npy", make_image(6, 96, 72))
+    code = ("import numpy as np, selective_search as s; "
+            "print(s.resolve_grouping('paper', 'auto')); np.save('out.npy', s.selective_search(np.load('img.npy')))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "opencv" and ss.resolve_grouping("paper", "auto") == "numpy"
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ss.selective_search(make_image(6, 96, 72)))
 
 
 def iou_recall(ref: np.ndarray, got: np.ndarray, thresh: float = 0.7) -> float:
