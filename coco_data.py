@@ -31,7 +31,8 @@ Public
     require_masks(cocoset) -> None        ValueError naming the file when some annotation has no mask (no mask AP)
     label_fraction_subset(image_ids, fraction, seed) -> sorted image ids
     kshot_subset(cocoset, shots, seed, novel=None, base_full=False) -> {image_id: [annotation, ...]}
-    DetectionDataset(cocoset, train, with_masks, keep=None): item -> (image uint8 (3,H,W), target dict);
+    ann_mask(annotation, h, w) -> uint8 (h, w)   its polygons or RLE decoded; the clipped box filled when it has none
+    DetectionDataset(cocoset, train=True, with_masks=False, keep=None, seed=0): item -> (image uint8 (3,H,W), target);
         in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (predict.predict skips it)
     collate(batch) -> (images list, targets list)
     InfiniteSampler(n, rank, world, seed, start=0)   (index, pass) keys for DetectionDataset, endless, per rank

@@ -22,6 +22,9 @@ Symbols
                 gray, sigma (px, 0 = no blur), solarize
     q           (B,) the hue's position among the four jitter operations (4 when the jitter is off)
     M, o        (B, 3, 3), (B, 3): one jitter position's affine map x -> M x + o per view
+    c           (B, 4): per jitter position, o's coefficient of the mean luma (not an offset itself): o = c mean_luma(x)
+                on all three channels, x the image as it is when that position applies; 1 - f_c at the contrast's
+                position, 0 at the others (and where the jitter is off)
 
 Public
     rgb_to_hsv(x) -> hsv;  hsv_to_rgb(hsv) -> x      float (B, 3, H, W), RGB in 0..1 <-> h in turns [0, 1), s, v in 0..1

@@ -1,4 +1,8 @@
-"""pytest: the repository root holds the modules (flat layout); this file puts it on sys.path for bare `pytest`."""
+"""pytest: the repository root holds the modules (flat layout); this file puts it on sys.path for bare `pytest`.
+
+Fixtures
+    one_thread    torch.set_num_threads(1) for the test, the previous count restored after it
+"""
 import pytest
 import torch
 

@@ -23,7 +23,9 @@ Public
     Detector(cfg, weights_path=None)     .losses(images, targets) -> dict of scalar losses ("loss" = their sum)
                                          .forward(images) -> list of dict(boxes (n,4), labels (n,), scores (n,)
                                          [, masks (n,1,H,W) float in [0,1]]) in original pixels (torchvision's form)
+    CascadeStage(cfg)                    one cascade stage: its own box_head g and class-agnostic box_predictor
     load_pretrained(detector, path, verbose=True) -> dict(loaded, fresh, unused, mismatched, meta)
+    format_report(report, path) -> str   load_pretrained's report as the lines it prints (loaded / fresh / unused)
 """
 from __future__ import annotations
 

@@ -14,14 +14,16 @@ Symbols
 Public
     BOX_WEIGHTS, CASCADE_IOUS, CASCADE_WEIGHTS
     BoxPredictor(in_dim, num_classes, cls_agnostic=False): (N, D) -> logits (N, C+1), deltas (N, 4(C+1) or 4)
-    label_rois(rois (K,4), gt_boxes (M,4), gt_labels (M,), iou_thresh) -> labels (K,), matched (K,)
-    sample_rois(proposals, gt_boxes, gt_labels, num=512, positive_fraction=0.25, iou_thresh=0.5) -> dict
+    label_rois(rois (K,4), gt_boxes (M,4), gt_labels (M,), iou_thresh=0.5) -> labels (K,), matched (K,)
+    sample_rois(proposals, gt_boxes, gt_labels, num=512, positive_fraction=0.25, iou_thresh=0.5, add_gt=True) -> dict
     class_deltas(deltas (N, 4(C+1) or 4), labels (N,)) -> (N, 4)
     fast_rcnn_loss(logits, deltas, labels, target_deltas, beta=0.0) -> (loss_cls, loss_box)
     box_targets(rois, gt_boxes, labels, weights) -> (N, 4)
     scale_boxes(boxes (N,4), sx, sy, divide=False) -> (N, 4); clip_boxes(boxes (...,4), (H, W)) -> (..., 4)
     postprocess(boxes (N,C,4), scores (N,C), image_size, score_thresh, nms_thresh, max_dets) -> boxes, scores, labels
-    MaskHead(in_channels=256, num_classes, conv_dim=256, norm="bn"): (P, 256, 14, 14) -> (P, C+1, 28, 28)
+    ConvNormReLU(cin, cout, norm="bn"): 3x3 conv -> norm ("bn", "gn" or "none") -> ReLU, one conv of MaskHead
+    MaskHead(in_channels=256, num_classes=80, conv_dim=256, num_convs=4, norm="bn"): (P, 256, 14, 14)
+        -> (P, C+1, 28, 28)
     mask_targets(gt_masks (M,H,W), matched (P,), rois (P,4) in mask pixels, size=28) -> (P, 28, 28)
     mask_loss(mask_logits (P, C+1, 28, 28), labels (P,), targets (P, 28, 28)) -> scalar
     paste_masks(probs (n, 28, 28), boxes (n, 4), height, width) -> (n, 1, H, W)

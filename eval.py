@@ -23,7 +23,8 @@ proposals use xyxy pixels (contract). Masks in results are RLEs with str counts 
 Public
 ------
 - ``coco_eval(gt, results, iou_type="bbox") -> dict``; ``voc_ap(recall, precision, use_07_metric=False) -> float``;
-  ``voc_map50(gt, results, class_ids=None, novel_ids=None, use_07_metric=False, plus_one=False) -> dict``.
+  ``voc_map50(gt, results, class_ids=None, novel_ids=None, use_07_metric=False, iou_thresh=0.5, plus_one=False)
+  -> dict``.
 - ``tide(gt, results, iou_type="bbox", fg_iou=0.5, bg_iou=0.1) -> dict``; ``plot_tide(results_by_model, path)``.
 - ``proposal_recall(gt_boxes, proposals, max_dets=(10, 100, 1000)) -> dict``.
 - from figures.py: ``plot_side_by_side(images, predictions_by_model, class_names, path, score_thresh=0.5)``,
@@ -31,7 +32,9 @@ Public
 - ``predict_checkpoint(path, gt_path, image_root, out, name=None)``: a model_final.pth's predictions
   (predict.checkpoint_predictions) saved to out/<name>.json, one distinct results file per checkpoint
   (predict.checkpoint_names).
-- ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null); ``main``.
+- ``markdown_table(rows, columns) -> str``; ``write_metrics(metrics, path)`` (atomic JSON, NaN -> null).
+- ``build_parser() -> argparse.ArgumentParser``: the command line of ``main(argv=None) -> dict`` (--gt, --results,
+  --checkpoint, --proposals, ...; ``--val-limit N`` evaluates on the first N ground-truth images by id only).
 VOC AP and proposal recall are computed in box_metrics.py (numpy only) and re-exported here. Results files
 (``save_results``, ``load_results``), the ground truth (``load_coco``) and ``check_results`` are in coco_files.py.
 
@@ -43,9 +46,9 @@ coco_eval(iou_type="segm") warns and returns NaN with the reason under "skipped"
 Empty results evaluate as COCOeval would: AP 0 where the ground truth has objects, NaN where it has none; a ground
 truth without images raises ValueError.
 
-Project-local dependencies: box_metrics.py, coco_files.py, figures.py, predict.py, tide.py, voc_data.py (at load);
-through predict.py, coco_data.py and detector.py (--checkpoint only); data.py (the default synthetic split only),
-ss_proposals.py (--proposals .npz only).
+Project-local dependencies: box_metrics.py, coco_files.py, figures.py, predict.py, runtime.py, tide.py, voc_data.py
+(at load); through predict.py, coco_data.py, detector.py and model.py (--checkpoint only); data.py (the default
+synthetic split only), ss_proposals.py (--proposals .npz only).
 """
 from __future__ import annotations
 

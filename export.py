@@ -15,8 +15,9 @@ from torchvision's own components to match detector.Detector (weights=None, noth
 `torchvision_args(cfg)` gives the torchvision_model arguments that reproduce a DetectorConfig: its test size, anchor
 sizes and ratios, test-time proposal counts, NMS thresholds, score threshold, detections per image and RoIs per image
 (export_torchvision writes them to model_tv.json; `load_torchvision(model_tv.pth)` rebuilds and loads the model).
-`to_torchvision(state)` renames a Detector state dict so that model.load_state_dict(sd, strict=True) succeeds; the
-backbone, FPN, RPN-head, box-head, predictor and mask-head outputs then equal ours on the same input (tested).
+`to_torchvision(state, cfg)` renames a Detector state dict (cfg: its DetectorConfig; cascade, non-BN and non-256-wide
+detectors are refused) so that model.load_state_dict(sd, strict=True) succeeds; the backbone, FPN, RPN-head,
+box-head, predictor and mask-head outputs then equal ours on the same input (tested).
 End-to-end detections differ slightly: torchvision's MultiScaleRoIAlign uses aligned=False and 2 samples per bin
 (ours: aligned=True, adaptive), its anchors are rounded to integers, and its resize may round sizes differently.
 

@@ -27,8 +27,10 @@ step dropped: they are redone; plotted into curves.png), model_final.pth ({"stat
 "names", "args"}; --eval-only evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all
 with --shots). An empty val set or train subset is refused before training. export.py: model_final.pth -> torchvision.
 
-Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, train_loop, train_step,
-check_same_run, resume, evaluate, main (read_checkpoint, trim_log, log_line: runtime.py); re-exported:
+Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, TrainStep(detector) (forward
+= detector.losses, for DDP), param_groups(net, weight_decay) (no weight decay on norm layers), train_loop, train_step,
+check_same_run, saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, write_json(obj,
+path) (strict JSON, NaN -> null, atomic), main (read_checkpoint, trim_log, log_line: runtime.py); re-exported:
 InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations

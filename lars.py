@@ -33,25 +33,25 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             d = [p.grad for p in params]
-            if g["lars"]:
-                d = torch._foreach_add(d, params, alpha=g["weight_decay"])
+            if group["lars"]:
+                d = torch._foreach_add(d, params, alpha=group["weight_decay"])
                 p_norm = torch.stack(torch._foreach_norm(params))  # (P,) one norm per parameter tensor
                 d_norm = torch.stack(torch._foreach_norm(d))
-                trust = g["trust_coefficient"] * p_norm / (d_norm + g["eps"])
+                trust = group["trust_coefficient"] * p_norm / (d_norm + group["eps"])
                 trust = torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
                 torch._foreach_mul_(d, list(trust.unbind()))  # no .item(): no host sync
             for p in params:  # created once (setdefault would build, and throw away, a zeros_like every step)
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, d)
-            torch._foreach_add_(params, bufs, alpha=-g["lr"])
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:

@@ -19,14 +19,15 @@ Public
 - ``Predictions(results=(), image_ids=(), skipped=None)``: eval.py's coco_eval, voc_map50 and tide evaluate the
   predicted images only (the ground truth is cut to them), so an unreadable val image is left out instead of
   counting as missed.
-- ``checkpoint_predictions(path, gt_path, image_root)`` -> Predictions of a finetune.py model_final.pth on a split
-  (ValueError naming both files when the checkpoint's categories are not the ground truth's);
+- ``checkpoint_predictions(path, gt_path, image_root, image_ids=None)`` -> Predictions of a finetune.py
+  model_final.pth on a split, on the images image_ids only when given (ValueError naming both files when the
+  checkpoint's categories are not the ground truth's);
   ``checkpoint_names(paths)``: a distinct name per checkpoint (its results file's stem).
 Results files are written and read by coco_files.py (``save_results``, ``load_results``) and eval.py
 (``predict_checkpoint``).
 
-Project-local dependencies: coco_data.py and detector.py (checkpoint_predictions only, imported there); none at
-load. Used by eval.py (--checkpoint; eval.py imports this file, never the reverse), finetune.py (evaluate) and
+Project-local dependencies: coco_data.py, detector.py and model.py (checkpoint_predictions only, imported there);
+none at load. Used by eval.py (--checkpoint; eval.py imports this file, never the reverse), finetune.py (evaluate) and
 study_cells.py.
 """
 from __future__ import annotations

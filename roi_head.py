@@ -20,10 +20,13 @@ K          boxes per image (4 in the paper)
 
 Public functions
 ----------------
+- ``box_scale(boxes)`` -> (N,) float sqrt(w h) of each xyxy box (0 for degenerate boxes); used by ``assign_levels``.
 - ``assign_levels(boxes, mode="soco", num_levels=4, thresholds=(48, 96, 192), k0=4, canonical_size=224)``
   -> (N,) int64 level index (0 = P2).
 - ``multilevel_roi_align(features, boxes, strides, output_size=7, sampling_ratio=0, mode="soco", sync_free=None)``
   -> (sum K_i, C, 7, 7), in input box order; without a host sync on an accelerator.
+- ``class ConvNormAct(in_channels, out_channels, norm="bn")``: 3x3 conv -> norm ("bn", "gn" or "none") -> ReLU,
+  one conv layer of ``BoxHead``.
 - ``class BoxHead(in_channels=256, resolution=7, kind="4conv1fc", conv_dim=256, fc_dim=1024, norm="bn")``: g.
   ``BoxHead.torchvision_key_map()`` maps its state_dict keys onto torchvision's ``FastRCNNConvFCHead``.
 """
@@ -49,13 +52,13 @@ def box_scale(boxes):
 
 
 def assign_levels(boxes, mode="soco", num_levels=4, thresholds=SOCO_THRESHOLDS, k0=4, canonical_size=224):
-    # Section 3.4 (scale-aware assignment, SoCo); FPN paper Eq. 1 for mode "fpn"
+    # Section 3.4 (scale-aware assignment, SoCo); FPN paper (Lin et al. 2017) Eq. 1 for mode "fpn"
     """One FPN level per box. boxes (N, 4) xyxy view pixels -> (N,) int64, 0 = P2.
 
     mode "soco" (default, section 3.4 "analogous to SoCo"): s = sqrt(wh) in the view's own pixels;
         s <= thresholds[0] -> P2, s <= thresholds[1] -> P3, ... else the next level (boundaries inclusive).
-    mode "fpn" (FPN paper, Eq. 1 there; for fine-tuning): k = floor(k0 + log2(s / canonical_size)),
-        clamped to [2, 2 + num_levels - 1], returned as k - 2.
+    mode "fpn" (FPN paper (Lin et al. 2017), Eq. 1 there; for fine-tuning):
+        k = floor(k0 + log2(s / canonical_size)), clamped to [2, 2 + num_levels - 1], returned as k - 2.
     Pure function: no state, result on boxes.device.
     """
     s = box_scale(boxes.float())  # (N,)

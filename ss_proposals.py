@@ -19,6 +19,7 @@ Public
     precompute(image_root, out_path, ...) -> summary dict;   main(argv) CLI (run as `python selective_search.py`)
     read_proposal_arrays(path) -> (paths, offsets, boxes);   load_proposals(path) -> {relative path: (N, 4)}
     proposal_files(path) -> [Path]       a file, a glob of shard files or a list of either
+    shard_spec(text) -> (i, n)           argparse type of --shard: 'i/n' with 0 <= i < n
 
 Project-local dependencies: selective_search.py (the search, the filter, decoding; loading a file needs no OpenCV
 contrib build); through it ss_grouping.py. The spawned workers import this module by name (_run_chunk).

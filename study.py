@@ -23,9 +23,10 @@ Symbols: AP_bb / AP_mk COCO box / mask AP; nAP / mAP VOC mAP50 of novel / all cl
 s seed; f label fraction; K shots; SE standard error of a difference of two means over seeds.
 
 Public: PRESETS, Cell, plan(preset, seeds, root, files, novel, keep_weights) -> [Cell], estimate(cell, preset, val_n)
--> seconds, run_cell(cell, env) -> bool, run_cells(cells, jobs, runner) -> {name: state}, override(preset, args) ->
-preset with the plan flags, main(argv); the cells' entry points (finetune_cell, recall_cell, and the recalls they
-compute) live in study_cells.py; from study_report.py:
+-> seconds, run_cell(cell, env) -> bool, run_cells(cells, jobs, runner) -> {name: state}, dataset_files(root,
+val_images) -> (files, val image count, category ids) of the embedded dataset, parse_args(argv) -> Namespace,
+override(preset, args) -> preset with the plan flags, main(argv); the cells' entry points (finetune_cell,
+recall_cell, and the recalls they compute) live in study_cells.py; from study_report.py:
 aggregate(cells, root, preset, files) -> md path, mean_std(values), verdict(a, b).
 """
 from __future__ import annotations

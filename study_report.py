@@ -9,8 +9,10 @@ Verdict of "a > b" (verdict): "reproduces" when m_a - m_b > 2 SE; "same sign, wi
 2 SE; "does not reproduce" otherwise; with one seed only the sign is reported. When no fine-tuned AP_bb reaches
 LEARNED_AP the report says that no claim can be judged (the detectors have not learned).
 
-Public: PAPER_T1, PAPER_T2, PAPER_T3, TIDE_COLS, mean_std(values), fmt(ms), summarize(cells), verdict(a, b),
-claims(S, preset), aggregate(cells, root, preset, files) -> path of label_efficiency.md.
+Public: PAPER_T1, PAPER_T2, PAPER_T3, TIDE_COLS, mean_std(values), fmt(ms), summarize(cells), get(S, kind, method,
+key, metric) -> (m, s, n) (NAN3 when missing), verdict(a, b), claims(S, preset), tables(S, preset) -> markdown,
+plots(S, preset, root) -> [PNG paths], header(preset, files) -> the report's opening paragraph, aggregate(cells, root,
+preset, files) -> path of label_efficiency.md.
 """
 from __future__ import annotations
 

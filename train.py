@@ -19,10 +19,11 @@ with a non-finite weight; auto-resumed, only by the same run: check_same_run), l
 images replaced and samples without a visible box so far; plotted into curves.png at the end), pretrained.pth (the
 target branch, keys backbone.* fpn.* box_head.* rpn.*; model.export_pretrained; its meta holds the run's args).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, v2_ratio, color_fn, save_checkpoint,
-check_same_run, load_checkpoint, train_step (one step of Eq. 8), train_loop, main. From runtime.py (process group,
-atomic writes, log lines, the non-finite stop), re-exported here: setup_distributed, save_atomic, exit_distributed,
-anchor_sizes, check_finite.
+Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, v2_ratio, build_data (the dataset),
+build_model (the ADePT model, SyncBN'd, compiled), load_init (separate mode's --init), color_fn, save_checkpoint,
+check_same_run, load_checkpoint, train_step (one step of Eq. 8), log_step (a log.jsonl line), train_loop, main. From
+runtime.py (process group, atomic writes, log lines, the non-finite stop), re-exported here: setup_distributed,
+save_atomic, exit_distributed, anchor_sizes, check_finite.
 """
 from __future__ import annotations
 
