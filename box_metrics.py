@@ -90,7 +90,8 @@ def voc_map50(coco, res, class_ids=None, novel_ids=None, use_07_metric=False, io
     class_ids: classes to evaluate (default: all the gt's); novel_ids: the few-shot novel classes (nAP/bAP are NaN
     without them). Classes without positives are NaN and left out of the means. iscrowd gts act as "difficult".
     """
-    # DEVIATION: plus_one=False measures boxes in continuous pixels (COCO, this project); the VOC devkit adds 1.
+    # DEVIATION (flag eval.py --voc-plus-one): plus_one=False measures boxes in continuous pixels (COCO, this
+    # project); the VOC devkit and detectron2's VOC evaluator (TFA's Table 2 numbers) add 1.
     class_ids = list(class_ids) if class_ids is not None else coco.getCatIds()
     gts = defaultdict(dict)
     for img in coco.getImgIds():

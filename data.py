@@ -214,7 +214,9 @@ class PretrainDataset(torch.utils.data.Dataset):
             idx = np.flatnonzero(visible_mapped(full, clipped, self.min_visible))
             if len(idx):
                 break
-        if not len(idx):  # nothing visible after MAX_TRIES: the region every view shows
+        # DEVIATION (no flag; counted as "fallback" in log.jsonl): the paper does not say what to do when no box is
+        # visible in all three views; the region every view shows becomes the K boxes (and Eq. 1's targets)
+        if not len(idx):  # nothing visible after MAX_TRIES
             region = np.repeat(common_region(views, H, W), self.K, 0)  # (K, 4)
             return views, region, map_boxes_views(region, views)[1], True
         order = idx[torch.randperm(len(idx), generator=g.g).numpy()][: self.K]
@@ -230,7 +232,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         boxes = self.boxes[self.offsets[j]:self.offsets[j + 1]]
         boxes = np.clip(boxes, 0, [W, H, W, H])
         boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-        if not len(boxes):  # no proposal: the whole image (SoCo)
+        if not len(boxes):  # DEVIATION (follows SoCo; no flag): no proposal left, the whole image is the box
             boxes = np.array([[0, 0, W, H]], np.float32)
         views, chosen, mapped, fallback = self._choose(boxes, H, W, g)
         out = {"index": index, "replaced": j != index, "fallback": fallback,

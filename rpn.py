@@ -17,6 +17,9 @@ Symbols (paper -> code)
                                                       N_reg ~ 2400 anchor locations and lambda = 10, a similar balance)
     N        anchors of one image, levels concatenated; A = anchors per location (3 ratios x 1 size)
 
+# DEVIATION (interpretation; rpn_loss(lam=), no flag): Eq. 1's lambda, N_cls and N_reg are not given by the paper
+("see [19]"); torchvision's RPN convention above is used.
+
 # DEVIATION (interpretation; no flag): anchors that cross the image border are labelled like the others
 (torchvision's and detectron2's default). [19]'s training ignored them; at 224 px that would leave P5 with ~3 % of
 its anchors (P4 29 %), so the paper's "see [19]" is not read as that rule.
@@ -121,6 +124,8 @@ def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, valid: torch.Tenso
     iou = torch.where(valid[..., None], iou, -1.0)  # invalid boxes: below every real IoU
     max_iou, matched = iou.max(dim=1)  # (B, N): best box per anchor
     # torch.where, not boolean indexing: no host synchronisation on GPU. No valid box -> max_iou = -1 -> negative.
+    # DEVIATION (no flag): positive at IoU >= 0.7 (torchvision's Matcher), the paper's "IoU > 0.7"; they differ
+    # only at an IoU of exactly 0.7
     labels = torch.where(max_iou >= pos_thresh, 1, torch.where(max_iou < neg_thresh, 0, -1))  # (B, N) int64
     best_per_box = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
     # DEVIATION: a box whose best IoU is 0 (it overlaps no anchor) gives no low-quality match; torchvision's Matcher
@@ -277,8 +282,9 @@ def generate_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: list
 
     Per image: the top pre_nms_top_n anchors by objectness on each level, decode, clip to the image, drop boxes
     with a side < min_size, NMS at nms_thresh per level (torchvision batched_nms, level as the group), then the top
-    post_nms_top_n by score. Pre-training (4.1.3): 64 before NMS, K = 4 after; 4.1.3's "top 64 proposals before
-    non-maximum suppression" read per level, as torchvision and detectron2 apply pre_nms_top_n (an interpretation).
+    post_nms_top_n by score. Pre-training (4.1.3): 64 before NMS, K = 4 after.
+    # DEVIATION (interpretation; no flag): 4.1.3's "top 64 proposals before non-maximum suppression" is read per
+    level, as torchvision and detectron2 apply pre_nms_top_n.
     Fine-tuning (torchvision/detectron2 Faster R-CNN FPN): 2000 per level before NMS, 1000 after. No gradient flows
     through the proposals.
     Returns a list of B tuples (boxes (k, 4) xyxy, scores (k,) sigmoid probabilities), k <= post_nms_top_n,

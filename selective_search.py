@@ -165,6 +165,8 @@ def filter_with_fallback(boxes: np.ndarray, width: float, height: float, min_sid
     Levels (SoCo selective_search/filter_ss_proposals_json_post_no_prop.py): "filter" = the full filter; "ratio" =
     aspect ratio + min side (SoCo's filter_ratio); "size" = the absolute size check alone, w, h >= min_side (SoCo's
     filter_none; with min_side=0 every non-empty box); "image" = the whole image [0, 0, W, H].
+    # DEVIATION (follows SoCo; no flag): the paper does not say what an image keeps when the filter leaves nothing;
+    the levels are counted in the proposals file's summary.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     for level, keep in (("filter", None), ("ratio", _ratio_ok(boxes) & _side_ok(boxes, min_side)),

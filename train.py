@@ -50,6 +50,7 @@ from runtime import (all_processes_sum, anchor_sizes, apply_preset, bad_input_ex
                      replicas_identical, save_atomic, setup_distributed, trim_log)
 
 # One source of defaults. PAPER applies when --data is given; CPU when the embedded dataset is used.
+# DEVIATION (flag --batch-size): the paper gives no batch size; SoCo's 128 per process (1024 on 8 GPUs).
 PAPER = dict(anchor_sizes="24,48,96,192", depth=50, epochs=100, batch_size=128, base_lr=0.1, warmup_epochs=10,
              size=224, small_size=112, workers=8, ckpt_every=1000, log_every=50, max_steps=None)
 # CPU: the README's main job within ~10 minutes on 2 cores (~30 GFLOP per sample at 96 px: 60 steps of 16 samples).
