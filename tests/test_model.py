@@ -37,9 +37,15 @@ def test_backbone_loads_local_torchvision_checkpoint(tmp_path):
 
 
 def test_fpn_norms():
-    for norm in ("bn", "gn", "none"):
-        feats = model.FeatureExtractor(depth=18, fpn_norm=norm)(torch.randn(2, 3, 64, 64))
+    kinds = {"bn": torch.nn.BatchNorm2d, "gn": torch.nn.GroupNorm, "none": torch.nn.Identity}
+    for norm, kind in kinds.items():
+        f = model.FeatureExtractor(depth=18, fpn_norm=norm)
+        feats = f(torch.randn(2, 3, 64, 64))
         assert len(feats) == 4 and all(x.shape[1] == 256 for x in feats)
+        blocks = [*f.fpn.lateral, *f.fpn.output]
+        assert all(type(b.norm) is kind for b in blocks), norm
+        assert all(b.conv.bias is None for b in blocks) == (norm != "none")  # a bias only without a norm
+    assert f.fpn.lateral[0].norm is not None and model.make_norm("gn", 256).num_groups == 32
 
 
 def views_and_boxes(B=2, K=4, size=224):
@@ -238,6 +244,25 @@ def test_loss_det_is_eq7_of_each_views_own_boxes_with_the_target_branch():
         assert not torch.allclose(got, eq7_by_hand(net, views, boxes, net.online), atol=1e-3)  # the target matters
         v1_boxes = [boxes[0]] * 3
         assert not torch.allclose(got, eq7_by_hand(net, views, v1_boxes), atol=1e-3)  # each view its own boxes
+
+
+def test_total_loss_is_eq8_of_the_by_hand_terms(monkeypatch):
+    """Eq. 8: L = L_RPN + L_det, each term computed by hand (Eq. 1 per view, averaged; Eq. 7), in joint mode; soco
+    mode has no L_RPN, separate mode no L_det (caught: a weighted sum)."""
+    monkeypatch.setattr(rpn, "sample_anchors", lambda labels, *a, **k: labels)  # every anchor: no randomness
+    net = perturbed(model.ADePT("joint", depth=18, fpn_channels=64))
+    views, boxes = views_and_boxes(B=2, size=64)
+    with torch.no_grad():
+        net.rpn.o.bias.fill_(2.0)  # an L_RPN far from L_det's scale: a mix-up of the terms shows
+        got = net(views, boxes)
+        l_rpn, l_det = sum(eq1_on(net, views, boxes, j) for j in range(3)) / 3, eq7_by_hand(net, views, boxes)
+        assert torch.allclose(got["loss_rpn"], l_rpn, atol=2e-6) and torch.allclose(got["loss_det"], l_det, atol=1e-5)
+        assert torch.allclose(got["loss"], l_rpn + l_det, atol=1e-5)
+        assert got["loss_rpn"] > 1 and abs(got["loss_det"]) > 1e-2  # both terms weigh in the sum (tolerance 1e-5)
+    assert torch.equal(model.total_loss(torch.tensor(2.0), torch.tensor(-3.0)), torch.tensor(-1.0))
+    for mode, zero in (("soco", "loss_rpn"), ("separate", "loss_det")):
+        out = model.ADePT(mode, depth=18, fpn_channels=64)(views, boxes)
+        assert out[zero] == 0 and torch.equal(out["loss"], out["loss_rpn"] + out["loss_det"])
 
 
 def test_byol_mode_loss_pairs_each_online_view_with_the_other_target_view():

@@ -2,6 +2,7 @@
 soco run, resume (refused for another run; the same weights after a crash, also with persistent workers over an epoch
 boundary), no host sync in the step, --compile against eager, a non-finite loss, the cross-process checks (2 gloo
 processes), torchrun with 2 processes (eager and --compile model)."""
+import ast
 import json
 import math
 import os
@@ -62,6 +63,12 @@ def test_one_step_per_mode(pool, tmp_path, mode):
     if mode == "joint":
         assert not changed(before, after, "rpn.")[1]  # every RPN parameter moved
     assert_one_step_ema(before, after, 0.99)
+    # LARS on the weights; biases and norm parameters (the 1-D tensors) without weight decay and trust ratio (4.2)
+    args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path, *flags)))
+    trainable = [p for p in train.build_model(args, torch.device("cpu")).parameters() if p.requires_grad]
+    groups = load(tmp_path / "checkpoint.pth")["optimizer"]["param_groups"]
+    assert [(g["lars"], g["weight_decay"], len(g["params"])) for g in groups] == \
+        [(True, 1e-5, sum(p.ndim > 1 for p in trainable)), (False, 0.0, sum(p.ndim == 1 for p in trainable))]
     assert rec["replaced"] == 0 and 0 <= rec["fallback"] <= 2  # counts of images replaced / samples with no box
     assert (rec["loss_rpn"] > 0) == (mode == "joint")
     state = load(tmp_path / "pretrained.pth")
@@ -288,6 +295,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pool, tmp_path, mon
 
 # train.py under torchrun as is, and with --compile model under DDP (each process compiles; torch.compile's backend
 # swapped for aot_eager, as in the compile test above, through a `python -c` launcher)
+# The eager run records the dataset items each process reads (workers 0: in the process) into $ADEPT_TRACE<rank>
+TRACING_LAUNCHER = ["--no-python", sys.executable, "-c",
+                    "import os, sys, data, train; get = data.PretrainDataset.__getitem__; "
+                    "data.PretrainDataset.__getitem__ = lambda self, item: (open(os.environ['ADEPT_TRACE'] + "
+                    "os.environ['RANK'], 'a').write(repr(item) + '\\n'), get(self, item))[1]; train.main(sys.argv[1:])"]
 AOT_EAGER_LAUNCHER = ["--no-python", sys.executable, "-c",
                       "import sys, torch, train; real = torch.nn.Module.compile; torch.nn.Module.compile = "
                       "lambda self, *a, **k: real(self, *a, backend='aot_eager', **k); train.main(sys.argv[1:])"]
@@ -295,13 +307,13 @@ AOT_EAGER_LAUNCHER = ["--no-python", sys.executable, "-c",
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile-model"])
 def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path, compiled):
-    launcher = AOT_EAGER_LAUNCHER if compiled else [str(ROOT / "train.py")]
+    launcher = AOT_EAGER_LAUNCHER if compiled else TRACING_LAUNCHER
     extra = ["--compile", "model"] if compiled else []
     # lr = 64 x 2 images x 2 processes / 256 = 1.0 at step 0 (no warm-up), 0.5 at step 1 (cosine over 2 steps)
     flags = ("--mode", "joint", "--max-steps", "2", "--warmup-epochs", "0", "--base-lr", "64")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            *launcher, *tiny_args(pool, tmp_path, *flags, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ADEPT_TRACE": str(tmp_path / "rank")}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "weights identical on 2 processes: True" in r.stdout
@@ -311,7 +323,12 @@ def test_torchrun_two_processes_keep_identical_weights(pool, tmp_path, compiled)
     assert [rec["step"] for rec in recs] == [1, 2]
     assert f"training curves {tmp_path / 'curves.png'}" in r.stdout and (tmp_path / "curves.png").stat().st_size
     assert [rec["lr"] for rec in recs] == pytest.approx([1.0, 0.5])
-    assert recs[0]["tau"] == pytest.approx(0.99, abs=1e-12)
+    # tau of 3.3's cosine over the 2 steps: 1 - (1 - 0.99) (cos(pi k / 2) + 1) / 2 at k = 0, 1
+    assert [rec["tau"] for rec in recs] == pytest.approx([0.99, 0.995], abs=1e-12)
+    if not compiled:  # each process read its own half of the 8 images: 2 steps x 2 images, none read twice
+        items = [map(ast.literal_eval, (tmp_path / f"rank{k}").read_text().splitlines()) for k in (0, 1)]
+        read = [[i[1] if isinstance(i, tuple) else i for i in its] for its in items]  # (epoch, index) or index
+        assert [len(r) for r in read] == [4, 4] and sorted(read[0] + read[1]) == list(range(8)), read
     # identical weights that trained: the online backbone and RPN moved from their initial values, the target too
     before, after = initial_params(pool, tmp_path, *flags), load(tmp_path / "checkpoint.pth")["model"]
     for prefix in ("online.extractor.backbone.conv1.", "rpn.", "target.extractor.backbone.conv1."):
