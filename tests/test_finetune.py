@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -156,6 +157,22 @@ def test_kshot_subset_exact_shots_per_class(tiny):
     assert sum(a["category_id"] == 7 for anns in full.values() for a in anns) == 1
     ds = coco_data.DetectionDataset(cs, train=False, keep=keep)
     assert len(ds) == len(keep) and sum(len(ds[i][1]["labels"]) for i in range(len(ds))) == 4
+
+
+def test_kshot_counts_instances_not_images(tmp_path):
+    """K shots are K instances (TFA): image 2 holds 3 boxes of category 3, more than K = 2, so it is never drawn
+    for that class, whatever the seed; a class with fewer than K instances keeps them all, with a warning."""
+    extra = [{"image_id": 2, "category_id": 3, "bbox": [60.0 + 10 * k, 5.0, 8.0, 8.0], "iscrowd": 0, "area": 64.0}
+             for k in range(2)]
+    cs = coco_data.load_coco(write_split(tmp_path, "train", range(6), extra), tmp_path / "train")
+    assert sum(a["category_id"] == 3 for a in cs.anns[2]) == 3
+    for seed in range(30):  # image 2 comes among a class's first two draws for ~40 % of the seeds
+        keep = coco_data.kshot_subset(cs, shots=2, seed=seed)
+        assert [sum(a["category_id"] == c for anns in keep.values() for a in anns) for c in (3, 7)] == [2, 2], seed
+        assert not any(a["category_id"] == 3 for a in keep.get(2, [])), seed
+    with pytest.warns(UserWarning, match="category 7 gives only 5 of 6 shots"):
+        keep = coco_data.kshot_subset(cs, shots=6, seed=0)
+    assert sum(a["category_id"] == 7 for anns in keep.values() for a in anns) == 5
 
 
 def test_voc_to_coco(tmp_path):
@@ -387,6 +404,25 @@ def test_kshot_cli_subset_and_voc_metrics(tiny):
     assert len({p["image_id"] for p in json.loads((root / "predictions.json").read_text())}) == len(val.images) > 1
     finetune.evaluate(det, val, "cpu", novel=novel, kshot=True, out=root, limit=1)  # --val-limit 1
     assert {p["image_id"] for p in json.loads((root / "predictions.json").read_text())} == {min(val.images)}
+
+
+def test_kshot_evaluation_values(tiny, monkeypatch):
+    """finetune.evaluate's Table 2 numbers on known detections: base class 3 perfect (AP 100); novel class 7 ranked
+    TP, FP (on the empty image 3), TP: VOC07's 11-point AP (6 x 1 + 5 x 2/3) / 11, not the area's 5/6; mAP their mean."""
+    import predict as pr
+    root, _, vj = tiny
+    val = coco_data.load_coco(vj, root / "val")
+    gt = {(a["image_id"], a["category_id"]): a["bbox"] for a in json.loads(vj.read_text())["annotations"]}
+    dets = [{"image_id": i, "category_id": 3, "bbox": gt[i, 3], "score": 0.9} for i in (1, 2)] + [
+        {"image_id": 1, "category_id": 7, "bbox": gt[1, 7], "score": 0.95},
+        {"image_id": 3, "category_id": 7, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.9},
+        {"image_id": 2, "category_id": 7, "bbox": gt[2, 7], "score": 0.8}]
+    monkeypatch.setattr(pr, "predict", lambda *a, **k: dets)
+    faster = types.SimpleNamespace(cfg=types.SimpleNamespace(kind="faster"))  # evaluate reads only its kind
+    voc = finetune.evaluate(faster, val, "cpu", novel=[7], kshot=True)["voc_map50"]
+    n_ap = 100 * (6 + 5 * 2 / 3) / 11
+    assert voc["bAP"] == pytest.approx(100) and voc["nAP"] == pytest.approx(n_ap)
+    assert voc["mAP"] == pytest.approx((100 + n_ap) / 2)
 
 
 def test_schedule_and_sampler():
