@@ -239,7 +239,7 @@ def tiny_val(tmp_path):
     return tmp_path / "val.json", tmp_path / "img"
 
 
-def test_rpn_recall_loads_pretrained_rpn(tmp_path, tiny_val):
+def test_rpn_recall_loads_pretrained_rpn(tmp_path, tiny_val, monkeypatch):
     import torch
 
     import model
@@ -252,6 +252,22 @@ def test_rpn_recall_loads_pretrained_rpn(tmp_path, tiny_val):
     state = {**ext.state_dict(), **{f"rpn.{k}": v for k, v in head.state_dict().items()}}
     torch.save({"state_dict": state, "meta": {"depth": 18, "fpn_norm": "bn"}}, tmp_path / "p.pth")
     assert study_cells.rpn_recall(str(tmp_path / "p.pth"), *tiny_val, top_n=50) == fresh
+    # the file's weights are what run (a random RPN scores AR 0 here, so AR alone cannot tell): an RPN head whose
+    # delta conv is 0 with bias 10 gives deltas of 10 everywhere; an FPN whose output convs are 0 gives constant
+    # maps, so every location's objectness is the same
+    seen = []
+    real = rpn.generate_proposals
+    monkeypatch.setattr(rpn, "generate_proposals", lambda logits, deltas, *a: seen.append((logits, deltas)) or real(
+        logits, deltas, *a))
+    zero_d = {"rpn.d.weight": torch.zeros_like(state["rpn.d.weight"]), "rpn.d.bias": torch.full_like(
+        state["rpn.d.bias"], 10.0)}
+    zero_fpn = {k: torch.zeros_like(v) for k, v in state.items() if k.startswith("fpn.output.") and "conv" in k}
+    for changed, check in ((zero_d, lambda lg, dl: bool((dl == 10).all())),
+                           (zero_fpn, lambda lg, dl: bool((lg == lg[0, 0]).all())), ({}, lambda lg, dl: lg.std() > 0)):
+        torch.save({"state_dict": {**state, **changed}, "meta": {"depth": 18}}, tmp_path / "x.pth")
+        seen.clear()
+        study_cells.rpn_recall(str(tmp_path / "x.pth"), *tiny_val, top_n=50)
+        assert len(seen) == 2 and all(check(*s) for s in seen), sorted(changed)[:2]
     torch.save({"state_dict": ext.state_dict(), "meta": {"depth": 18}}, tmp_path / "soco.pth")  # no RPN in the file
     assert study_cells.rpn_recall(str(tmp_path / "soco.pth"), *tiny_val) is None
 
