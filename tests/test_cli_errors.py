@@ -111,14 +111,16 @@ def test_novel_ids_must_be_categories_of_the_split(tmp_path):
             ev.main(["--gt", str(gt), "--checkpoint", str(tmp_path / "never_read.pth"), "--novel", bad])
 
 
-def test_numeric_flags_are_checked_before_anything_runs():
+def test_numeric_flags_are_checked_before_anything_runs(capsys):
     for argv in (["--size", "0"], ["--small-size", "-1"], ["--batch-size", "0"], ["--ckpt-every", "0"],
                  ["--num-boxes", "0"], ["--min-visible", "1.5"], ["--min-visible", "nan"], ["--max-steps", "-1"]):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
+        assert f"argument {argv[0]}: expected" in capsys.readouterr().err, argv  # its flag, not another error
     for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"], ["--val-limit", "0"]):
         with pytest.raises(SystemExit):
             finetune.parse_args(argv)
+        assert f"argument {argv[0]}: expected" in capsys.readouterr().err, argv
     assert train.parse_args(["--min-visible", "1", "--max-steps", "0", "--size", "32"]).min_visible == 1.0
     with pytest.raises(SystemExit, match="5 sides for 4 FPN levels"):
         runtime.anchor_sizes("8,16,32,64,128", 4)
