@@ -396,38 +396,26 @@ def maybe_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def compile_extractors(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """train.py --compile (issue 7): torch.compile the feature extractor f of both branches in place
-    (nn.Module.compile).
-
-    Only f = backbone + FPN, the part of the step with static shapes (RoIAlign, the RPN's sampling and the losses
-    stay eager). In place: the module tree, its parameters (shared with LARS and byol.ema_update) and its
-    state_dict keys are unchanged (no `_orig_mod.` prefix), so checkpoints load with or without --compile. The
-    byol mode runs the backbone alone (Encoder.forward), so that is what it compiles.
-
-    dynamic: torch.compile's. False (default): static shapes, 4 graphs: 2 view sides (V1/V2, V3) x 2 grad modes
-    (online with grad, target under no_grad); the two branches share them (the weights are graph inputs). None
-    recompiles V3 with symbolic sizes: 3 graphs, but slower to compile on CPU (501 s vs 323 s with a cold cache,
-    ResNet-18, bench/RESULTS.md section 8) and no faster per step. mode: torch.compile's (--compile-mode).
-    """
+    """train.py --compile (issue 7): torch.compile, in place (nn.Module.compile), the feature extractor f of both
+    branches (the backbone alone in byol mode), the part of the step with static shapes; the rest stays eager.
+    In place: parameters (shared with LARS and byol.ema_update) and state_dict keys unchanged, so checkpoints load
+    with or without --compile. dynamic=False: 4 graphs (V1/V2 and V3 sides x grad / no_grad), shared by the
+    branches; None (symbolic V3) compiles slower on CPU and runs no faster (bench/RESULTS.md section 8).
+    mode: torch.compile's (--compile-mode)."""
     for branch in (net.online, net.target):
         f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
         f.compile(dynamic=dynamic, mode=mode)
 
 
 def compile_model(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """train.py --compile model (issue 7): torch.compile the whole ADePT.forward in place (nn.Module.compile): f,
-    the RPN and Eq. 1 (anchor matching and sampling included), RoIAlign, g, p, q, the target branch and Eq. 7.
+    """train.py --compile model (issue 7): torch.compile, in place, the whole ADePT.forward: f, the RPN and Eq. 1,
+    RoIAlign, g, p, q, the target branch and Eq. 7.
 
-    The RoI pooling is switched to the masked one on every device (ADePT.pool_sync_free: the same values bit for
-    bit, no host read), so Dynamo captures the step of every mode as one forward graph and AOTAutograd its
-    backward as one more (tests/test_train.py). Of the ~5,000 operators a joint step dispatches eagerly, ~1,000
-    remain (convolutions and other extern kernels) beside ~3,000 generated fused kernels (bench/op_counts.py
-    --compiled, on a CPU), without eager's per-operator autograd and dispatcher work. What stays outside: the
-    loss's backward call, lars.LARS and byol.ema_update (foreach ops, ~25 calls). With --rpn-proposals (NMS: its
-    output size is read by the host) the step splits into several graphs. Under torchrun, DDP wraps the compiled
-    module: the gradients' all-reduce starts after the compiled backward instead of overlapping it. Checkpoint
-    keys are unchanged, as with compile_extractors. mode (--compile-mode): torch.compile's; "reduce-overhead"
-    replays forward and backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them).
-    """
+    RoI pooling switches to the masked, host-read-free one (ADePT.pool_sync_free: the same values), so every mode's
+    step is one forward graph and one backward graph (tests/test_train.py); bench/op_counts.py --compiled counts
+    what remains. Outside the graphs: the backward call, lars.LARS and byol.ema_update. --rpn-proposals (NMS) splits
+    the step. Under torchrun DDP wraps the compiled module (its all-reduce then follows the backward instead of
+    overlapping it). Checkpoint keys are unchanged. mode (--compile-mode): "reduce-overhead" replays forward and
+    backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them)."""
     net.pool_sync_free(True)
     net.compile(dynamic=dynamic, mode=mode)
