@@ -90,8 +90,9 @@ def voc_map50(coco, res, class_ids=None, novel_ids=None, use_07_metric=False, io
     class_ids: classes to evaluate (default: all the gt's); novel_ids: the few-shot novel classes (nAP/bAP are NaN
     without them). Classes without positives are NaN and left out of the means. iscrowd gts act as "difficult".
     """
-    # DEVIATION (flag eval.py --voc-plus-one): plus_one=False measures boxes in continuous pixels (COCO, this
-    # project); the VOC devkit and detectron2's VOC evaluator (TFA's Table 2 numbers) add 1.
+    # plus_one=False (continuous pixels) on voc_data.voc_to_coco's boxes (x1 - 1, y1 - 1, as detectron2 loads VOC)
+    # gives the IoU of detectron2's VOC evaluator behind TFA's numbers, which adds 1 back to x1, y1 and uses the
+    # devkit's +1 widths (tests/test_eval.py). plus_one=True: the devkit's rule, for boxes kept in VOC's 1-based pixels.
     class_ids = list(class_ids) if class_ids is not None else coco.getCatIds()
     gts = defaultdict(dict)
     for img in coco.getImgIds():

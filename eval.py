@@ -269,11 +269,10 @@ def _tables(metrics: dict) -> str:
     return "\n".join(out)
 
 
-def _model_metrics(coco: COCO, res: list, novel, voc07: bool, plus_one: bool = False) -> dict:
+def _model_metrics(coco: COCO, res: list, novel, voc07: bool) -> dict:
     """One model's metrics: box AP, VOC mAP50, TIDE; mask AP and mask TIDE when every result has a mask (when the
     ground truth has no masks, segm holds NaN and the reason under "skipped", and mask TIDE is left out)."""
-    m = {"bbox": coco_eval(coco, res),
-         "voc": voc_map50(coco, res, novel_ids=novel, use_07_metric=voc07, plus_one=plus_one),
+    m = {"bbox": coco_eval(coco, res), "voc": voc_map50(coco, res, novel_ids=novel, use_07_metric=voc07),
          "tide_bbox": tide(coco, res)}
     if res and all("segmentation" in r for r in res):
         m["segm"] = coco_eval(coco, res, "segm")
@@ -300,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voc07", action=argparse.BooleanOptionalAction, default=True,
                    help="VOC mAP50's AP: VOC07's 11-point (default: Table 2's test07, as TFA and finetune.py) or, with "
                         "--no-voc07, the VOC2010+ area")
-    p.add_argument("--voc-plus-one", action="store_true", help="VOC mAP50's IoU with the VOC devkit's +1 pixel in "
-                   "widths and heights (detectron2's VOC evaluator, used by TFA); default: continuous pixels, as COCO")
     p.add_argument("--proposals", help="proposals for AR@10/100/1000: .json {file_name: [[x1,y1,x2,y2],..]} best "
                    "first, or a selective_search.py file (unranked: read AR@k for k >= its box count)")
     p.add_argument("--val-limit", type=positive_int, help="evaluate on the first N images (by id) of the ground "
@@ -345,9 +342,9 @@ def main(argv=None) -> dict:
             res = [r for r in res if r.get("image_id") in set(keep)] if a.val_limit and path not in predicted else res
             check_results(res, coco, path)
         loaded[name] = res
-        models[name] = _model_metrics(coco, res, novel, a.voc07, a.voc_plus_one)
+        models[name] = _model_metrics(coco, res, novel, a.voc07)
     metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models, "images": len(keep),
-               "voc_metric": ("11-point (VOC07)" if a.voc07 else "area (VOC2010+)") + (", +1 px" * a.voc_plus_one)}
+               "voc_metric": "11-point (VOC07)" if a.voc07 else "area (VOC2010+)"}
     if a.proposals:
         with bad_input_exits():
             lists = _proposal_lists(coco, a.proposals)

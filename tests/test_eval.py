@@ -150,6 +150,26 @@ def only(out, kind):
     return out[kind]
 
 
+def test_voc_iou_equals_detectron2s_on_voc2coco_boxes(tmp_path):
+    """voc_to_coco stores VOC's 1-based inclusive (x1, y1, x2, y2) as (x1 - 1, y1 - 1, x2, y2), as detectron2 loads
+    VOC; detectron2's evaluator (TFA's numbers) adds 1 back to a detection's x1, y1 and uses the devkit's +1 widths.
+    Our continuous IoU on the stored boxes is that IoU: the same AP, also next to the 0.5 threshold, where the +1
+    rule on the stored boxes themselves differs (a 10 px box shifted 3.4 px: 0.49 continuous, 0.53 with +1)."""
+    gt = make_gt({1: [(1, [0, 0, 10, 10]), (3, [20, 5, 12, 9])], 2: [(1, [4, 4, 30, 20])]})
+    res = [det(1, 1, [3.4, 0, 10, 10], 0.9), det(1, 3, [21, 6, 12, 9], 0.8), det(2, 1, [10, 8, 30, 20], 0.7),
+           det(2, 1, [5, 4, 28, 20], 0.6)]
+
+    def to_voc(b):  # stored (continuous) [x, y, w, h] -> VOC 1-based (x1, y1, x2, y2) as [x1, y1, x2 - x1, y2 - y1]
+        return [b[0] + 1, b[1] + 1, b[2] - 1, b[3] - 1]
+    voc_gt = {**gt, "annotations": [{**a, "bbox": to_voc(a["bbox"])} for a in gt["annotations"]]}
+    voc_res = [{**r, "bbox": to_voc(r["bbox"])} for r in res]
+    ours = ev.voc_map50(write_gt(tmp_path, gt), res)
+    devkit = ev.voc_map50(write_gt(tmp_path, voc_gt, "voc.json"), voc_res, plus_one=True)
+    assert ours["per_class"] == pytest.approx(devkit["per_class"]) and ours["per_class"][3] == pytest.approx(100)
+    plus_one_on_stored = ev.voc_map50(write_gt(tmp_path, gt), res, plus_one=True)
+    assert ours["per_class"][1] != pytest.approx(plus_one_on_stored["per_class"][1])
+
+
 def test_tide_perfect_is_all_zero(tmp_path):
     out = run_tide(tmp_path, make_gt(GT2), perfect(make_gt(GT2)))
     assert out["AP50"] == pytest.approx(100)

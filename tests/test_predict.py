@@ -186,14 +186,6 @@ def test_cli_two_models(tmp_path, capsys):
         m = ev.main(["--gt", str(gt_path), "--results", str(mixed), "--out", str(tmp_path / "o2"), *flag])
         assert m["models"]["mixed"]["voc"]["per_class"][1] == pytest.approx(100 * ap1)
     assert m["voc_metric"] == "area (VOC2010+)"
-    # --voc-plus-one: the VOC devkit's +1 px. Shifted 3.4 px, a 10 px box has IoU 6.6/13.4 < 0.5 in continuous pixels,
-    # 7.6/14.4 > 0.5 with +1
-    gt1 = write_gt(tmp_path, make_gt({1: [(1, [0, 0, 10, 10])]}), "small.json")
-    shifted1 = coco_files.save_results([det(1, 1, [3.4, 0, 10, 10], 0.9)], tmp_path / "shifted.json")
-    for flag, ap in (([], 0.0), (["--voc-plus-one"], 100.0)):
-        m = ev.main(["--gt", str(gt1), "--results", str(shifted1), "--out", str(tmp_path / "o4"), *flag])
-        assert m["models"]["shifted"]["voc"]["mAP"] == pytest.approx(ap)
-    assert m["voc_metric"] == "11-point (VOC07), +1 px"
     # --val-limit 1: image 1 only (its detections TP class 1, FP class 3; image 2's ignored), as gt_subset scores it
     m = ev.main(["--gt", str(gt_path), "--results", str(mixed), "--out", str(tmp_path / "o3"), "--val-limit", "1"])
     sub = [r for r in coco_files.load_results(mixed) if r["image_id"] == 1]
