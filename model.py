@@ -229,6 +229,8 @@ class ADePT(nn.Module):
                            RPN's top-K proposals of V1 (top 64 before NMS, 4.1.3) mapped into V2 and V3
     fpn_channels           C of the FPN, RPN and 4conv1fc head (paper: 256; the CPU study narrows it, see study.py)
     anchor_sizes           one anchor side per level P2..P5 (4.1.3: 24, 48, 96, 192 px for 224 px views)
+    ignore_border_anchors  Eq. 1 ignores anchors crossing the view's border, as [19] (default False: labelled, as
+                           torchvision and detectron2; rpn.py's DEVIATION)
     rpn_views              the views (1-3) whose features Eq. 1 trains on, averaged. Default all three: "these
                            views are passed through the feature extractor and the resulting features are fed to the
                            RPN" (3); 4.1.3 names only the 224 px images. # DEVIATION (interpretation, flag
@@ -238,7 +240,7 @@ class ADePT(nn.Module):
     def __init__(self, mode: str = "joint", depth: int = 50, fpn_norm: str = "bn", head: str = "4conv1fc",
                  rpn_grad_to_backbone: bool = False, rpn_proposals: bool = False, num_boxes: int = 4,
                  fpn_channels: int = FPN_CHANNELS, anchor_sizes: tuple = rpn.PRETRAIN_ANCHOR_SIZES,
-                 rpn_views: tuple = (1, 2, 3)):
+                 rpn_views: tuple = (1, 2, 3), ignore_border_anchors: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
@@ -247,6 +249,7 @@ class ADePT(nn.Module):
         self.rpn_views = tuple(sorted(rpn_views))
         self.mode, self.rpn_grad_to_backbone, self.rpn_proposals = mode, rpn_grad_to_backbone, rpn_proposals
         self.num_boxes, self.anchor_sizes = num_boxes, tuple(anchor_sizes)
+        self.ignore_border_anchors = ignore_border_anchors
         self.online = Encoder(depth, fpn_norm, head, global_pool=(mode == "byol"), channels=fpn_channels)
         self.predictor = byol.Predictor()
         self.rpn = rpn.RPNHead(fpn_channels, num_anchors=3) if mode in ("joint", "separate") else None
@@ -310,14 +313,15 @@ class ADePT(nn.Module):
         for j in self.rpn_views:
             by_size.setdefault(tuple(views[j - 1].shape[-2:]), []).append(j - 1)
         total = views[0].new_zeros(())
-        for js in by_size.values():
+        for size, js in by_size.items():
             V = len(js)
             # Table 4's best row (the default): detached features, so the backbone receives only L_det
             fs = [feats[j] if self.rpn_grad_to_backbone else [x.detach() for x in feats[j]] for j in js]
             f = [torch.cat(level) if V > 1 else level[0] for level in zip(*fs)]  # L x (V*B, C, H_l, W_l)
             logits, deltas = self.rpn(f)  # (V*B, N), (V*B, N, 4)
             anchors = self.anchors([tuple(x.shape[-2:]) for x in f], f[0].device)  # (N, 4)
-            labels, target_deltas = rpn.rpn_targets(anchors, torch.cat([boxes[j] for j in js]))  # (V*B, N), (.., 4)
+            labels, target_deltas = rpn.rpn_targets(anchors, torch.cat([boxes[j] for j in js]),  # (V*B, N), (.., 4)
+                                                    image_size=size if self.ignore_border_anchors else None)
             loss_cls, loss_reg = rpn.rpn_loss(*(t.unflatten(0, (V, -1)) for t in (logits, deltas, labels,
                                                                                   target_deltas)))  # mean over V
             total = total + V * (loss_cls + loss_reg)

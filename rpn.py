@@ -20,9 +20,10 @@ Symbols (paper -> code)
 # DEVIATION (interpretation; rpn_loss(lam=), no flag): Eq. 1's lambda, N_cls and N_reg are not given by the paper
 ("see [19]"); torchvision's RPN convention above is used.
 
-# DEVIATION (interpretation; no flag): anchors that cross the image border are labelled like the others
-(torchvision's and detectron2's default). [19]'s training ignored them; at 224 px that would leave P5 with ~3 % of
-its anchors (P4 29 %), so the paper's "see [19]" is not read as that rule.
+# DEVIATION (interpretation; flag train.py --ignore-border-anchors): anchors that cross the image border are labelled
+like the others (torchvision's and detectron2's default). [19]'s training ignored them (rpn_targets(image_size=));
+at 224 px that would leave P5 with ~3 % of its anchors (P4 29 %), so the paper's "see [19]" is not read as that
+rule by default.
 
 Public
     make_anchors(feature_sizes, strides, sizes, ratios, device, dtype) -> list of (H_l*W_l*A, 4)
@@ -31,7 +32,8 @@ Public
     sample_anchors(labels, batch_size_per_image, positive_fraction, generator) -> labels (B, N)
     encode_boxes(boxes, anchors, weights) / decode_boxes(deltas, anchors, weights, clamp)
     scale_pairs(x (..., 2), (w_0, w_1), divide) -> (..., 2)   per-coordinate factors, Python floats (no host copy)
-    rpn_targets(anchors, boxes, valid, ...) -> labels (B, N), target_deltas (B, N, 4)
+    inside_image(anchors, image_size) -> (N,) bool          anchors wholly inside the (H, W) image ([19]'s rule)
+    rpn_targets(anchors, boxes, valid, ..., image_size) -> labels (B, N), target_deltas (B, N, 4)
     rpn_loss(logits, deltas, labels, target_deltas, lam, beta) -> (loss_cls, loss_reg)      Eq. 1
     RPNHead(in_channels, num_anchors)                        c, o, d
     generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n, post_nms_top_n, nms_thresh, min_size)
@@ -202,16 +204,25 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, weights=(1.0, 1.0,
     return torch.cat([c - 0.5 * s, c + 0.5 * s], dim=-1)
 
 
+def inside_image(anchors: torch.Tensor, image_size) -> torch.Tensor:
+    """anchors (N, 4) xyxy -> (N,) bool: wholly inside the image of image_size (H, W), [19]'s training rule."""
+    H, W = image_size
+    return (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= W) & (anchors[:, 3] <= H)
+
+
 def rpn_targets(anchors: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor | None = None,
                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, image_size=None):
     """p* and t* of Eq. 1: anchors (N, 4), boxes (B, M, 4) (section 3.2: the K selective-search boxes per image).
 
-    Returns labels (B, N) sampled {1, 0, -1} and target_deltas (B, N, 4) (zero where the anchor is not positive).
-    Targets need no gradient.
+    image_size (H, W): anchors crossing its border are ignored (label -1) before sampling, as [19] trains; None
+    (default): labelled like the others (see the module's DEVIATION). Returns labels (B, N) sampled {1, 0, -1} and
+    target_deltas (B, N, 4) (zero where the anchor is not positive). Targets need no gradient.
     """
     B, M, _ = boxes.shape
     labels, matched = match_anchors(anchors, boxes.detach(), valid)
+    if image_size is not None:
+        labels = torch.where(inside_image(anchors, image_size), labels, -1)  # (B, N)
     labels = sample_anchors(labels, batch_size_per_image, positive_fraction, generator)
     anchors_b = anchors.expand(B, -1, -1)  # (B, N, 4)
     if M == 0:

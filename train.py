@@ -62,8 +62,8 @@ CPU = dict(anchor_sizes="6,12,24,48", depth=18, epochs=1, batch_size=16, base_lr
 # SAME_RUN_SCHEDULE. --max-steps and --epochs may change (extend or cut a run; the lr and tau cosines are laid over
 # the new total)
 RESUME_KEYS = ("mode", "depth", "fpn_norm", "head", "fpn_channels", "anchor_sizes", "num_boxes", "size", "small_size",
-               "v3_independent", "v2_ratio", "no_box_jitter", "min_visible", "rpn_views", "rpn_grad_to_backbone",
-               "rpn_proposals", "base_lr", "warmup_epochs", "weight_decay", "tau_base", "seed")
+               "v3_independent", "v2_ratio", "no_box_jitter", "min_visible", "rpn_views", "ignore_border_anchors",
+               "rpn_grad_to_backbone", "rpn_proposals", "base_lr", "warmup_epochs", "weight_decay", "tau_base", "seed")
 SAME_RUN_SCHEDULE = ("global_batch", "steps_per_epoch")  # where a step lands in the data stream
 COMPILE_SCOPES = ("extractors", "model")  # --compile: model.compile_extractors, model.compile_model
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpn-views", default="1,2,3",
                    help="views whose features Eq. 1 trains on, averaged (3: 'these views are ... fed to the RPN').\n"
                         "DEVIATION (interpretation): the paper names neither the views nor how they combine")
+    p.add_argument("--ignore-border-anchors", action="store_true",
+                   help="Eq. 1 ignores anchors crossing the view's border, as [19] trained. DEVIATION\n"
+                        "(interpretation): by default they are labelled like the others (torchvision, detectron2)")
     p.add_argument("--rpn-grad-to-backbone", action="store_true", help="Table 4: let L_RPN reach the backbone")
     p.add_argument("--rpn-proposals", action="store_true", help="Table 4: SS + RPN proposals for the head")
     p.add_argument("--export-online", action="store_true",
@@ -217,7 +220,7 @@ def build_model(args, device) -> model_lib.ADePT:
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     net = model_lib.ADePT(args.mode, args.depth, args.fpn_norm, args.head, args.rpn_grad_to_backbone,
                           args.rpn_proposals, args.num_boxes, args.fpn_channels, anchor_sizes(args.anchor_sizes, 4),
-                          rpn_views=rpn_views(args.rpn_views))
+                          rpn_views=rpn_views(args.rpn_views), ignore_border_anchors=args.ignore_border_anchors)
     if args.mode == "separate":
         if not args.init:
             raise SystemExit("--mode separate needs --init PATH: the pretrained.pth of a --mode soco run (4.2)")

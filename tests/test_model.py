@@ -79,13 +79,28 @@ def test_rpn_detached_by_default_and_switch():
         assert (g is not None and g.abs().sum() > 0) == expect
 
 
-def eq1_on(net, views, boxes, j):
-    """Eq. 1 of view j (0-based) by hand from rpn.py's pieces, on detached features (the default)."""
+def eq1_on(net, views, boxes, j, image_size=None):
+    """Eq. 1 of view j (0-based) by hand from rpn.py's pieces, on detached features (the default); image_size: [19]'s
+    border rule."""
     feats = [x.detach() for x in net.online.extractor(views[j])]
     logits, deltas = net.rpn(feats)
     anchors = torch.cat(rpn.make_anchors([tuple(x.shape[-2:]) for x in feats], sizes=net.anchor_sizes))
-    labels, targets = rpn.rpn_targets(anchors, boxes[j])
+    labels, targets = rpn.rpn_targets(anchors, boxes[j], image_size=image_size)
     return sum(rpn.rpn_loss(logits, deltas, labels, targets))
+
+
+def test_ignore_border_anchors_reaches_eq1(monkeypatch):
+    """ignore_border_anchors (train.py --ignore-border-anchors): Eq. 1 of each view with its own size's border rule
+    (V1, V2 at 64 px, V3 at 32 px); off, the loss differs."""
+    monkeypatch.setattr(rpn, "sample_anchors", lambda labels, *a, **k: labels)  # every anchor: no randomness
+    net = model.ADePT("joint", depth=18, fpn_channels=64, ignore_border_anchors=True).eval()
+    views, boxes = views_and_boxes(B=2, size=64)
+    with torch.no_grad():
+        got = net(views, boxes)["loss_rpn"]
+        want = sum(eq1_on(net, views, boxes, j, tuple(views[j].shape[-2:])) for j in range(3)) / 3
+        assert torch.allclose(got, want, atol=2e-6)
+        net.ignore_border_anchors = False
+        assert not torch.allclose(net(views, boxes)["loss_rpn"], got, atol=1e-4)
 
 
 def test_rpn_boxes_and_views_choose_eq1_targets(monkeypatch):

@@ -276,6 +276,26 @@ def test_rpn_targets_decode_back_to_boxes():
     torch.testing.assert_close(dec[pos], want[pos], atol=1e-3, rtol=1e-5)
 
 
+def test_border_anchors_ignored_only_when_asked():
+    """[19]'s rule (train.py --ignore-border-anchors): every anchor crossing the 64 x 64 image's border is ignored
+    (-1) before sampling, the others keep their labels; by default they are labelled (our reading, rpn.py)."""
+    g = torch.Generator().manual_seed(4)
+    anchors = torch.cat(rpn.make_anchors(FEATS_64, STRIDES, SIZES))
+    inside = rpn.inside_image(anchors, (64, 64))
+    a = anchors[~inside]
+    assert ((a[:, :2] < 0) | (a[:, 2:] > 64)).any(1).all() and ((anchors[inside] >= 0) & (anchors[inside] <= 64)).all()
+    assert 0 < inside.sum() < len(anchors) and not inside[-12:].any()  # P5's 192 px anchors all cross a 64 px image
+    boxes = random_boxes(g, 2, 4)
+    keep_all = lambda labels, *a, **k: labels  # noqa: E731 (no sampling: the labels as matched)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(rpn, "sample_anchors", keep_all)
+        plain, _ = rpn.rpn_targets(anchors, boxes)
+        ruled, t = rpn.rpn_targets(anchors, boxes, image_size=(64, 64))
+    assert (ruled[:, ~inside] == -1).all() and torch.equal(ruled[:, inside], plain[:, inside])
+    assert (plain[:, ~inside] >= 0).any() and (t[:, ~inside] == 0).all()
+    assert rpn.inside_image(anchors, (64, 96)).sum() > inside.sum()  # (H, W): a wider image keeps more
+
+
 # ---------------------------------------------------------------- proposals
 def test_proposals_nms_topn_clip_minsize():
     lvl0 = torch.tensor([[10.0, 10, 30, 30], [11, 11, 31, 31], [40, 40, 60, 60], [-10, -10, 20, 20],

@@ -109,8 +109,10 @@ def test_bad_inputs_fail_before_training(pool, tmp_path):
 def test_rpn_views_and_data_flags_reach_model_and_data(pool, tmp_path):
     args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path, "--rpn-views", "3,1",
                                                             "--min-visible", "0.8", "--v2-ratio", "1,1",
-                                                            "--no-box-jitter")))
-    assert train.build_model(args, torch.device("cpu")).rpn_views == (1, 3)
+                                                            "--no-box-jitter", "--ignore-border-anchors")))
+    net = train.build_model(args, torch.device("cpu"))
+    assert net.rpn_views == (1, 3) and net.ignore_border_anchors
+    assert "ignore_border_anchors" in train.RESUME_KEYS
     ds = train.build_data(args)
     assert (ds.min_visible, ds.ratio, ds.jitter) == (0.8, (1.0, 1.0), False)
     args, _ = train.resolve_args(train.parse_args(tiny_args(pool, tmp_path)))
