@@ -69,7 +69,7 @@ import box_metrics
 from coco_files import atomic_write, check_results, gt_subset, load_coco, load_results, save_results
 from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa: F401 (re-exported)
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
-from predict import checkpoint_names, checkpoint_predictions  # --checkpoint
+from predict import checkpoint_model, checkpoint_names, checkpoint_predictions, predict_split  # --checkpoint
 from runtime import bad_input_exits, positive_int
 from tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
 from voc_data import novel_ids  # --novel
@@ -236,7 +236,10 @@ def _proposal_lists(coco: COCO, path):
         keys = (img["file_name"], Path(img["file_name"]).name, str(img["id"]))
         hit = next((table[k] for k in keys if k in table), None)
         missing += hit is None
-        props.append(np.asarray(hit if hit is not None else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4))
+        try:
+            props.append(np.asarray(hit if hit is not None else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4))
+        except (ValueError, TypeError):
+            raise ValueError(f"{path}: the proposals of {img['file_name']} are not [[x1, y1, x2, y2], ...]") from None
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]])) if not a.get("iscrowd", 0)]
         gts.append(np.array([xywh_to_xyxy(a["bbox"]) for a in anns], dtype=np.float64).reshape(-1, 4))
     if missing:
@@ -324,13 +327,14 @@ def main(argv=None) -> dict:
         except ValueError as e:
             parser.error(f"--novel {e}")
     keep = sorted(coco.getImgIds())[:a.val_limit]  # all without --val-limit
-    coco = gt_subset(coco, keep) if a.val_limit else coco
+    full, coco = coco, gt_subset(coco, keep) if a.val_limit else coco
     predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
         try:
-            preds = checkpoint_predictions(ck, gt_path, image_root, keep)
+            det, val = checkpoint_model(ck, gt_path, image_root)
         except (ValueError, FileNotFoundError) as e:  # an unreadable or foreign file, other categories, no images
             raise SystemExit(f"--checkpoint: {e}") from None
+        preds = predict_split(det, val, keep)
         a.results.append(str(save_results(preds, Path(a.out) / f"{name}.json")))
         predicted[a.results[-1]] = preds
     names = a.names or [Path(r).stem for r in a.results]
@@ -339,8 +343,10 @@ def main(argv=None) -> dict:
     for name, path in zip(names, a.results):
         with bad_input_exits():  # a malformed results file: one line naming it
             res = predicted[path] if path in predicted else load_results(path)
-            res = [r for r in res if r.get("image_id") in set(keep)] if a.val_limit and path not in predicted else res
-            check_results(res, coco, path)
+            check_results(res, full, path)  # on the whole ground truth: a file of another split is refused
+        if a.val_limit and path not in predicted:
+            kept = set(keep)
+            res = [r for r in res if r["image_id"] in kept]
         loaded[name] = res
         models[name] = _model_metrics(coco, res, novel, a.voc07)
     metrics = {"gt": str(gt_path), "results": dict(zip(names, a.results)), "models": models, "images": len(keep),

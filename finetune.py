@@ -100,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=positive_int, help="iterations (default: 90k, label-scarce 9k, x 16 / batch)")
     p.add_argument("--batch-size", type=positive_int, help="global images per iteration (paper 16)")
     p.add_argument("--lr", type=float, help="peak lr (paper preset: 0.02 x batch / 16; CPU preset: 0.02)")
-    p.add_argument("--warmup", type=int, help="linear warm-up iterations (paper preset: 1000 x 16 / batch; CPU: 50); "
-                   "at most iters / 5")
+    p.add_argument("--warmup", type=int, help="linear warm-up iterations (paper preset: 1000, a given value too, "
+                   "x 16 / batch; CPU: 50); at most iters / 5")
     # DEVIATION: 4.3 follows SoCo [13], whose detectron2 configs use weight decay 2.5e-5; we default to the
     # detectron2 / Mask R-CNN 1x value 1e-4 (the project's choice); --weight-decay 2.5e-5 reproduces SoCo.
     p.add_argument("--weight-decay", type=float, default=1e-4, help="detectron2 1e-4; SoCo's configs 2.5e-5")

@@ -21,12 +21,13 @@ Public
   counting as missed.
 - ``checkpoint_predictions(path, gt_path, image_root, image_ids=None)`` -> Predictions of a finetune.py
   model_final.pth on a split, on the images image_ids only when given (ValueError naming both files when the
-  checkpoint's categories are not the ground truth's);
+  checkpoint's categories are not the ground truth's); ``checkpoint_model(path, gt_path, image_root)`` -> (Detector,
+  CocoSet), the checked model and split it predicts with; ``predict_split(det, val, image_ids=None)`` -> Predictions;
   ``checkpoint_names(paths)``: a distinct name per checkpoint (its results file's stem).
 Results files are written and read by coco_files.py (``save_results``, ``load_results``) and eval.py
 (``predict_checkpoint``).
 
-Project-local dependencies: coco_data.py, detector.py and model.py (checkpoint_predictions only, imported there);
+Project-local dependencies: coco_data.py, detector.py and model.py (the checkpoint functions only, imported there);
 none at load. Used by eval.py (--checkpoint; eval.py imports this file, never the reverse), finetune.py (evaluate) and
 study_cells.py.
 """
@@ -116,9 +117,28 @@ def checkpoint_names(paths) -> list[str]:
 
 def checkpoint_predictions(path, gt_path, image_root, image_ids=None) -> Predictions:
     """finetune.py's model_final.pth -> its Predictions on the split gt_path (images under image_root, or
-    image_root/val: the synthetic layout), on image_ids only when given. ValueError naming both files when the
-    checkpoint's categories differ from the ground truth's, or for a split without images. Loaded with
-    weights_only=True: never runs code."""
+    image_root/val: the synthetic layout), on image_ids only when given (ValueError naming ids not in the split).
+    Reading errors: see checkpoint_model."""
+    return predict_split(*checkpoint_model(path, gt_path, image_root), image_ids)
+
+
+def predict_split(det, val, image_ids=None) -> Predictions:
+    """A Detector's Predictions on a coco_data.CocoSet (on image_ids only when given; ValueError naming ids not in
+    the split), on the GPU when there is one."""
+    import coco_data
+    unknown = sorted(set(image_ids or ()) - set(val.images))
+    if unknown:
+        raise ValueError(f"{val.path}: image ids {unknown[:5]} are not in the split")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dataset = coco_data.DetectionDataset(val, train=False, keep=image_ids)
+    return predict(det.to(device), dataset, device=device, cat_ids=val.cat_ids)
+
+
+def checkpoint_model(path, gt_path, image_root):
+    """finetune.py's model_final.pth and the split it is evaluated on -> (Detector, coco_data.CocoSet), the images
+    under image_root or image_root/val (the synthetic layout). ValueError naming both files when the checkpoint's
+    categories differ from the ground truth's, or for a split without images; FileNotFoundError for missing images.
+    Loaded with weights_only=True: never runs code."""
     import coco_data
     import model as model_lib
     from detector import Detector, DetectorConfig
@@ -137,9 +157,7 @@ def checkpoint_predictions(path, gt_path, image_root, image_ids=None) -> Predict
     _check_categories(ck, val, path)
     det = Detector(DetectorConfig(**ck["config"]))
     det.load_state_dict(ck["state_dict"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = coco_data.DetectionDataset(val, train=False, keep=image_ids)
-    return predict(det.to(device), dataset, device=device, cat_ids=val.cat_ids)
+    return det, val
 
 
 def _check_categories(ck: dict, val, path) -> None:

@@ -16,7 +16,8 @@ Proposals file (one per shard; loadable with np.load(..., allow_pickle=False)): 
 
 Public
     find_images(root) -> sorted relative paths;   shard_path(out_path, shard) -> Path
-    precompute(image_root, out_path, ...) -> summary dict;   main(argv) CLI (run as `python selective_search.py`)
+    precompute(image_root, out_path, ...) -> summary dict (NoImages: none under image_root);   main(argv) CLI
+                                         (run as `python selective_search.py`)
     read_proposal_arrays(path) -> (paths, offsets, boxes);   load_proposals(path) -> {relative path: (N, 4)}
     proposal_files(path) -> [Path]       a file, a glob of shard files or a list of either
     shard_spec(text) -> (i, n)           argparse type of --shard: 'i/n' with 0 <= i < n
@@ -34,6 +35,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -128,14 +130,17 @@ def _read(files: list[Path]) -> dict:
     loaded = []
     for f in files:
         try:
-            with np.load(f, allow_pickle=False) as z:
+            z = np.load(f, allow_pickle=False)  # pickled objects are refused, never loaded
+            if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+                raise KeyError("a single array, not an .npz")
+            with z:
                 loaded.append({k: z[k] for k in z.files})
-                missing = {"paths", "offsets", "boxes"} - set(z.files)
-                if missing:
-                    raise KeyError(f"no {sorted(missing)}")
+            missing = {"paths", "offsets", "boxes"} - set(loaded[-1])
+            if missing:
+                raise KeyError(f"no {sorted(missing)}")
         except FileNotFoundError:
             raise FileNotFoundError(f"{f}: proposals file not found") from None
-        except (OSError, ValueError, KeyError) as e:  # not an .npz, pickled objects (never loaded), arrays missing
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # not an .npz, truncated, empty
             why = f"; {e.args[0]}" if isinstance(e, KeyError) else ""
             raise ValueError(f"{f}: not a selective_search.py proposals file (an .npz of plain arrays paths, offsets, "
                              f"boxes{why})") from None
@@ -204,6 +209,10 @@ def _died(lost: list[tuple], error: BaseException) -> str:
             "ran out).")
 
 
+class NoImages(FileNotFoundError):
+    """precompute: no image under IMAGE_ROOT (a wrong path)."""
+
+
 def precompute(image_root, out_path, preset: str = "paper", workers: int | None = os.cpu_count(),
                shard: tuple[int, int] = (0, 1), max_side: int | None = None, min_side: float = 0,
                chunk_size: int = DEFAULT_CHUNK, keep_parts: bool = False, progress: bool = True,
@@ -228,7 +237,7 @@ def precompute(image_root, out_path, preset: str = "paper", workers: int | None 
         raise ValueError(f"bad shard {shard} or chunk_size {chunk_size}")
     all_rels = find_images(image_root)
     if not all_rels:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {image_root}")
+        raise NoImages(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {image_root}")
     rels = all_rels[len(all_rels) * i // n: len(all_rels) * (i + 1) // n]  # contiguous shard
     cfg = {"preset": preset, "max_side": max_side, "min_side": min_side}
     if grouping != "opencv":
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="paper: sec. 4.1.1, k=500 sigma=0.9 min_size=10 on HSV; soco: SoCo's k=300 sigma=0.9 "
                    "min_size=100; fast/quality: OpenCV's selective-search modes")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     p.add_argument("--shard", type=shard_spec, default=(0, 1),
                    help="i/n: do the i-th (0-based) of n contiguous slices, one per machine")
     p.add_argument("--max-side", type=int, default=None, help="resize the long side to at most this before the search")
@@ -326,14 +335,15 @@ def main(argv: list[str] | None = None) -> dict:
                    "boxes, 34-42 %% of the CPU time; presets paper and soco); auto: numpy where it can")
     a = p.parse_args(argv)
     for flag, value, low in (("--workers", a.workers, 0), ("--chunk-size", a.chunk_size, 1),
-                             ("--max-side", a.max_side or 1, 1), ("--min-side", a.min_side, 0)):
+                             ("--max-side", 1 if a.max_side is None else a.max_side, 1), ("--min-side", a.min_side, 0)):
         if not value >= low:  # not >=: NaN too
             p.error(f"{flag} must be >= {low}, got {value}")
     try:
         return precompute(a.image_root, a.out, a.preset, a.workers, a.shard, a.max_side, a.min_side, a.chunk_size,
                           a.keep_parts, grouping=a.grouping)
-    except FileNotFoundError as e:  # no images under IMAGE_ROOT: one line, no traceback
+    except NoImages as e:  # one line, no traceback (any other error keeps its traceback)
         raise SystemExit(f"error: {e}") from None
+
 
 
 def shard_spec(text: str) -> tuple[int, int]:

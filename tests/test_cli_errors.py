@@ -154,11 +154,16 @@ def test_bad_input_files_end_in_one_line(pool, tmp_path, capsys):
     (no traceback; runtime.bad_input_exits); never numpy's advice to load pickled data."""
     import numpy as np
     import ss_proposals
-    images, _ = pool
-    bad_json, foreign = tmp_path / "bad.json", tmp_path / "foreign.npz"
+    images, proposals = pool
+    bad_json, foreign, empty, array = (tmp_path / n for n in ("bad.json", "foreign.npz", "empty.npz", "array.npy"))
     bad_json.write_text("{not json")
     np.savez(foreign, paths=np.array(["a.jpg"]))  # an .npz without offsets, boxes
-    for props, why in ((bad_json, "not a selective_search.py proposals file"), (foreign, r"no \['boxes', 'offsets'\]")):
+    empty.write_bytes(b"")
+    np.save(array, np.zeros(3))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(proposals.read_bytes()[:300])  # the pool's own proposals file, cut short
+    for props, why in ((bad_json, "not a selective_search.py proposals file"), (foreign, r"no \['boxes', 'offsets'\]"),
+                       (empty, "not a selective"), (array, "a single array"), (truncated, "not a selective")):
         with pytest.raises(SystemExit, match=rf"^error: {props}: .*{why}") as e:
             train.main(tiny_args((images, props), tmp_path / "t"))
         assert "allow_pickle" not in str(e.value)
@@ -173,11 +178,21 @@ def test_bad_input_files_end_in_one_line(pool, tmp_path, capsys):
     for flag in ("--results", "--proposals"):
         with pytest.raises(SystemExit, match=rf"^error: {bad_json}: "):
             ev.main(["--gt", str(gt), flag, str(bad_json), "--out", str(tmp_path / "e")])
+    five = tmp_path / "five.json"
+    five.write_text(json.dumps({"a.jpg": [[1, 2, 3, 4, 5]]}))
+    with pytest.raises(SystemExit, match=rf"^error: {five}: the proposals of a.jpg are not"):
+        ev.main(["--gt", str(gt), "--proposals", str(five), "--out", str(tmp_path / "e")])
+    other = tmp_path / "other.json"  # results of another split: refused with or without --val-limit
+    other.write_text(json.dumps([{"image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}]))
+    for extra in ([], ["--val-limit", "1"]):
+        with pytest.raises(SystemExit, match=rf"^error: {other}: entry 0.* unknown image_id"):
+            ev.main(["--gt", str(gt), "--results", str(other), "--out", str(tmp_path / "e"), *extra])
     with pytest.raises(SystemExit, match=rf"^error: no .* images under {tmp_path / 'none'}"):
         ss_proposals.main([str(tmp_path / "none"), str(tmp_path / "p.npz")])
     with pytest.raises(SystemExit, match=r"^error: .*image set list not found"):
         finetune.main(["voc2coco", str(tmp_path), "--sets", "VOC2007/test", "--out", str(tmp_path / "v.json")])
-    for argv in (["--shard", "1/1"], ["--shard", "x"], ["--chunk-size", "0"], ["--min-side", "nan"]):
+    for argv in (["--shard", "1/1"], ["--shard", "x"], ["--chunk-size", "0"], ["--min-side", "nan"],
+                 ["--max-side", "0"]):
         with pytest.raises(SystemExit) as e:
             ss_proposals.main([str(images), str(tmp_path / "p.npz"), *argv])
         assert e.value.code == 2  # argparse's usage error, before any image is read

@@ -234,6 +234,20 @@ def test_unreadable_val_image_is_skipped_not_misfiled(tmp_path):
         ev.coco_eval(path, pr.Predictions([], [], {1: "1.png"}))
 
 
+def test_predict_split_on_chosen_images(tmp_path):
+    """eval.py --val-limit's path: predict_split predicts exactly the given images (as a perfect detector shows: AP
+    100 on them); ids outside the split are refused by name."""
+    import coco_data
+    from test_coco_data import write_split
+    path, img = write_split(tmp_path, n=4)
+    cs = coco_data.load_coco(path, img)
+    res = pr.predict_split(GreyOracle(cs), cs, [3, 1])
+    assert sorted(res.image_ids) == [1, 3] and {r["image_id"] for r in res} == {1, 3}
+    assert ev.coco_eval(coco_files.gt_subset(coco_files.load_coco(path), [1, 3]), res)["AP"] == pytest.approx(100)
+    with pytest.raises(ValueError, match=r"image ids \[9\] are not in the split"):
+        pr.predict_split(GreyOracle(cs), cs, [1, 9])
+
+
 def _fake_checkpoint(tmp_path, cat_ids, names):
     """A model_final.pth stand-in: enough for the checks made before the detector is built."""
     p = tmp_path / "model_final.pth"
