@@ -9,7 +9,8 @@ Tables
     1b. equivalence of grouping="numpy" with OpenCV's on the same images: box counts, identical box sets, and the
        share of OpenCV's 4.1.1-filtered boxes that ours finds at IoU >= 0.7 and vice versa.
     2. scaling: ss_proposals.precompute(workers=w) for w = 1..N over JPEG files (decode included), wall images/s
-       and images per CPU-second (RUSAGE_CHILDREN for the spawn pool); pool start-up is inside the wall time.
+       and images per CPU-second (RUSAGE_CHILDREN for the spawn pool); pool start-up is inside the wall time and
+       the CPU time (hence 64 images by default: with 16, the start-up read as ~20 % of the per-core rate).
     3. --breakdown: where the time goes: RGB -> HSV, graph segmentation alone, each similarity strategy alone,
        cv2 threads, and smaller images (max_side) with the share of the full-size filtered boxes still found
        (IoU >= 0.7); then grouping="numpy" part by part (gradients, texture codes, histograms, boxes, neighbour
@@ -317,10 +318,11 @@ def against(images, rev: str, rounds: int = 5, repeat: int = 3) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=8, help="number of ~500 x 375 images")
+    p.add_argument("--images", type=int, default=32, help="number of ~500 x 375 images")
     p.add_argument("--python-images", type=int, default=2, help="images for the slow pure-Python package")
     p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--scaling-images", type=int, default=16, help="images for the workers table")
+    p.add_argument("--scaling-images", type=int, default=64, help="images for the workers table (enough to amortise "
+                   "the pool's start-up, ~0.3-0.5 s per worker: 16 images read ~20 %% slow)")
     p.add_argument("--breakdown", action="store_true", help="table 3: where the time goes")
     p.add_argument("--repeat", type=int, default=1, help="table 1: best of this many passes over the images")
     p.add_argument("--equivalence-extra", type=int, default=0, metavar="N",
