@@ -29,15 +29,14 @@ with --shots). An empty val set or train subset is refused before training. expo
 
 Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, TrainStep(detector) (forward
 = detector.losses, for DDP), param_groups(net, weight_decay) (no weight decay on norm layers), train_loop, train_step,
-check_same_run, saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, write_json(obj,
-path) (strict JSON, NaN -> null, atomic), main (read_checkpoint, trim_log, log_line: runtime.py); re-exported:
-InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
+check_same_run, saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main
+(read_checkpoint, trim_log, log_line: runtime.py; metrics.json and subset.json: eval.write_metrics, strict JSON);
+re-exported: InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -48,12 +47,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import coco_data
+import eval as ev
 import model as model_lib
 from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
 from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, log_line, plot_curves,
-                     positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log,
-                     write_atomic)
+                     positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log)
 from voc_data import novel_ids, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -240,20 +239,6 @@ class TrainStep(torch.nn.Module):
         return self.detector.losses(images, targets)
 
 
-def _json_safe(x):
-    """NaN (COCOeval's "no ground truth of that size") -> null: strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    return [_json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def write_json(obj, path: Path) -> None:
-    """Strict JSON (NaN -> null), atomically."""
-    write_atomic(path, lambda f: f.write(json.dumps(_json_safe(obj), indent=1, allow_nan=False).encode()))
-
-
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on every parameter except normalisation layers' (detectron2's WEIGHT_DECAY_NORM = 0)."""
     norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
@@ -268,7 +253,6 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
     """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py; with kshot also VOC mAP50 (11-point, VOC07)
     for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE.
     limit: only the first `limit` val images (by id) are predicted and evaluated (quick checks)."""
-    import eval as ev
     from coco_files import save_results
     from predict import predict
     dataset = coco_data.DetectionDataset(val, train=False, with_masks=False, keep=sorted(val.images)[:limit])
@@ -308,7 +292,7 @@ def main(argv=None) -> dict | None:
         det = build_detector(args, len(train.cat_ids), log)
         if rank == 0 and ck is None:  # a resumed run keeps the subset.json it was trained on
             out.mkdir(parents=True, exist_ok=True)
-            write_json(record, out / "subset.json")
+            ev.write_metrics(record, out / "subset.json")
         log(f"train subset: {len(record['image_ids'])} images ({record['protocol']}); ids in {out / 'subset.json'}")
         train_loop(args, det, train, keep, rank, world, device, out, log, ck)
     if dist.is_initialized():
@@ -326,8 +310,7 @@ def main(argv=None) -> dict | None:
     metrics = evaluate(det.to(device), val, device, novel, kshot=bool(args.shots), out=out, limit=args.val_limit)
     metrics.update(iters=args.iters, detector=args.detector, init=args.init, train_images=len(record["image_ids"]),
                    val_images=min(len(val.images), args.val_limit or len(val.images)))
-    write_json(metrics, out / "metrics.json")
-    log(json.dumps(_json_safe(metrics), indent=1))
+    log(ev.write_metrics(metrics, out / "metrics.json").read_text())  # strict JSON: COCOeval's NaN -> null
     return metrics
 
 
