@@ -57,7 +57,8 @@ SWITCHES = {"joint": (), "rpngrad": ("--rpn-grad-to-backbone",), "rpnprop": ("--
 # 128-160 px, 32 RoIs), Mask R-CNN inference 0.23 (100 proposals). soco, byol, separate and Faster R-CNN are scaled
 # from the ratios measured on the 256-wide models (soco = joint, byol 0.29x, separate 0.25x; Faster 0.75x Mask).
 # ~12 s to start a process.
-CPU_COST = dict(source="measured here, see above", start=12, pre=dict(joint=0.27, soco=0.27, byol=0.08, separate=0.07),
+CPU_COST = dict(source="measured on the 2-core development VM on 2026-11-27 (joint, Mask R-CNN), the rest scaled",
+                start=12, pre=dict(joint=0.27, soco=0.27, byol=0.08, separate=0.07),
                 train=dict(mask=0.38, faster=0.29), infer=dict(mask=0.23, faster=0.2), recall=0.15, ss=0.1)
 # GPU: measured on one H100 on 2026-11-27 (bench/gpu_run.sh; results/gpu_part_h100.md): pre-training joint 373
 # images/s end to end (ResNet-50, batch 128, 8 loader workers), Mask R-CNN training 67.5 images/s (batch 16,
