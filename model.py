@@ -31,7 +31,6 @@ Public
     maybe_sync_bn(module, device)          SyncBN when running distributed on GPUs
     map_boxes(boxes, t_src, t_dst, size)   boxes from one view's pixels to another's (Table 4's RPN proposals)
     load_weights(path, what) -> dict       torch.load(weights_only) of a weights file, ValueError naming it
-    compile_extractors(net), compile_model(net)   torch.compile of f alone or of the whole step (train.py --compile)
 """
 from __future__ import annotations
 
@@ -334,7 +333,8 @@ class ADePT(nn.Module):
         anchors = self._anchors.get(key)
         if anchors is None:
             anchors = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
-            if not torch.compiler.is_compiling():  # compile_model: built in the graph; a cache write would recompile
+            if not torch.compiler.is_compiling():  # compile_step.compile_model: built in the graph; a cache write would
+                # recompile
                 self._anchors[key] = anchors
         return anchors
 
@@ -397,29 +397,3 @@ def maybe_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
-
-
-def compile_extractors(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """train.py --compile (issue 7): torch.compile, in place (nn.Module.compile), the feature extractor f of both
-    branches (the backbone alone in byol mode), the part of the step with static shapes; the rest stays eager.
-    In place: parameters (shared with LARS and byol.ema_update) and state_dict keys unchanged, so checkpoints load
-    with or without --compile. dynamic=False: 4 graphs (V1/V2 and V3 sides x grad / no_grad), shared by the
-    branches; None (symbolic V3) compiles slower on CPU and runs no faster (bench/RESULTS.md section 8).
-    mode: torch.compile's (--compile-mode)."""
-    for branch in (net.online, net.target):
-        f = branch.extractor.backbone if net.mode == "byol" else branch.extractor
-        f.compile(dynamic=dynamic, mode=mode)
-
-
-def compile_model(net: ADePT, dynamic: bool | None = False, mode: str | None = None) -> None:
-    """train.py --compile model (issue 7): torch.compile, in place, the whole ADePT.forward: f, the RPN and Eq. 1,
-    RoIAlign, g, p, q, the target branch and Eq. 7.
-
-    RoI pooling switches to the masked, host-read-free one (ADePT.pool_sync_free: the same values), so every mode's
-    step is one forward graph and one backward graph (tests/test_train.py); bench/op_counts.py --compiled counts
-    what remains. Outside the graphs: the backward call, lars.LARS and byol.ema_update. --rpn-proposals (NMS) splits
-    the step. Under torchrun DDP wraps the compiled module (its all-reduce then follows the backward instead of
-    overlapping it). Checkpoint keys are unchanged. mode (--compile-mode): "reduce-overhead" replays forward and
-    backward as CUDA graphs (LARS and the EMA update the parameters in place, outside them)."""
-    net.pool_sync_free(True)
-    net.compile(dynamic=dynamic, mode=mode)

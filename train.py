@@ -19,11 +19,11 @@ with a non-finite weight; auto-resumed, only by the same run: check_same_run), l
 images replaced and samples without a visible box so far; plotted into curves.png at the end), pretrained.pth (the
 target branch, keys backbone.* fpn.* box_head.* rpn.*; model.export_pretrained; its meta holds the run's args).
 
-Public: lr_at, parse_args, check_compile_flags, resolve_args, rpn_views, v2_ratio, build_data (the dataset),
+Public: lr_at, parse_args, resolve_args, rpn_views, v2_ratio, build_data (the dataset),
 build_model (the ADePT model, SyncBN'd, compiled), load_init (separate mode's --init), color_fn, save_checkpoint,
 check_same_run, load_checkpoint, train_step (one step of Eq. 8), log_step (a log.jsonl line), train_loop, main. From
 runtime.py (process group, atomic writes, log lines, the non-finite stop), re-exported here: setup_distributed,
-save_atomic, exit_distributed, anchor_sizes, check_finite.
+save_atomic, exit_distributed, anchor_sizes, check_finite. --compile and its flags: compile_step.py.
 """
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ from tqdm import tqdm
 import augment
 import byol
 import color_device
+import compile_step
 import data
 import model as model_lib
 import ss_proposals
 from lars import LARS, param_groups
+from compile_step import COMPILE_HELP, COMPILE_MODES, COMPILE_SCOPES, check_compile_flags  # --compile (issue 7)
 from runtime import (all_processes_sum, anchor_sizes, apply_preset, bad_input_exits, check_finite, check_same_data,
                      exit_distributed, in_range, log_line, plot_curves, positive_int, read_checkpoint, refuse_other_run,
                      replicas_identical, save_atomic, setup_distributed, trim_log)
@@ -65,17 +67,6 @@ RESUME_KEYS = ("mode", "depth", "fpn_norm", "head", "fpn_channels", "anchor_size
                "v3_independent", "v2_ratio", "no_box_jitter", "min_visible", "rpn_views", "ignore_border_anchors",
                "rpn_grad_to_backbone", "rpn_proposals", "base_lr", "warmup_epochs", "weight_decay", "tau_base", "seed")
 SAME_RUN_SCHEDULE = ("global_batch", "steps_per_epoch")  # where a step lands in the data stream
-COMPILE_SCOPES = ("extractors", "model")  # --compile: model.compile_extractors, model.compile_model
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the step as CUDA graphs
-COMPILE_HELP = ("issue 7: torch.compile in place, off by default. 'extractors' (plain --compile): the online\n"
-                "and target feature extractors f (backbone + FPN, 3; the backbone alone in byol mode), the\n"
-                "rest of the step eager; no measured gain on CPU beyond the noise (ResNet-18; ~5 min to\n"
-                "compile on 2 cores with a cold cache; bench/RESULTS.md section 8). 'model': the whole\n"
-                "forward, both branches, RPN + Eq. 1, RoIAlign, heads, Eq. 7 (one graph, and its backward),\n"
-                "for GPUs whose step is bound by launching small kernels (bench/RESULTS.md section 9).\n"
-                "With --color-on device it also compiles color_device.color_batch (1.5-1.7x on CPU,\n"
-                "bench/RESULTS.md 4e)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -145,16 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     check_compile_flags(p, a)
     return a
-
-
-def check_compile_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """--compile-mode needs --compile; the CUDA-graph modes need --compile model: with f compiled apart a step
-    replays several graphs, and a replay may overwrite the outputs of the one before (separate mode: the frozen
-    extractor's three views). One graph per step is what CUDA graphs suit."""
-    if a.compile_mode and not a.compile:
-        p.error(f"--compile-mode {a.compile_mode} needs --compile [extractors|model]")
-    if a.compile_mode in CUDA_GRAPH_MODES and a.compile != "model":
-        p.error(f"--compile-mode {a.compile_mode} (CUDA graphs) needs --compile model")
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str]:
@@ -229,7 +210,7 @@ def build_model(args, device) -> model_lib.ADePT:
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     if args.compile:  # after SyncBN conversion and .to(device), before DDP wraps the model (train_loop)
-        compile_fn = model_lib.compile_model if args.compile == "model" else model_lib.compile_extractors
+        compile_fn = compile_step.compile_model if args.compile == "model" else compile_step.compile_extractors
         compile_fn(net, mode=args.compile_mode)
     return net
 

@@ -18,7 +18,7 @@ Stages (each one's failure is printed and the next stage still runs; exit status
     2. joint step, the issue's table: bench/pretrain_step.py, ResNet-50, 224/112, batch 64 and 128, bf16 +
        channels_last: images/s, ratio to the bare convnet, GFLOP/image, MFU against 790 TFLOP/s, peak memory.
     2b. with --compile, if 240 s of budget are left (it runs right after stage 2): the joint step eager vs the
-       whole forward torch.compile'd (model.compile_model, train.py --compile model: one graph, its backward one
+       whole forward torch.compile'd (compile_step.compile_model, train.py --compile model: one graph, its backward one
        more), batch 128, interleaved in one run (--compare-compile model): does compiling remove the ~105 ms per
        step that did not grow with the batch? (The old stage 6 compiled the extractors alone; never reached.)
     2c. the same with CUDA graphs (--compile-mode reduce-overhead; --compare-compile model:reduce-overhead), if

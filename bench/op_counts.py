@@ -6,7 +6,7 @@ per step that did not grow with the batch (bench/RESULTS.md). Both counts are th
 measures them on a CPU, with the RoI pooling a GPU uses (roi_head.multilevel_roi_align(sync_free=True)):
     joint      one pre-training step by phase: forward, backward, lars.LARS, byol.ema_update
     bare       the convnet work of the same views (bench/pretrain_step.py's bare_step)
-    compiled   --compiled: the joint forward + backward with model.compile_model (train.py --compile model): the
+    compiled   --compiled: the joint forward + backward with compile_step.compile_model (train.py --compile model): the
                operators still dispatched and the kernels Inductor generated (C++ here, Triton on a GPU)
     color      color_device.color_batch on one batch of one view (train.py --color-on device: 3 per step)
     finetune   one Mask R-CNN train step, ours against torchvision's (bench/finetune_step.py's matched settings)
@@ -34,6 +34,7 @@ import report  # noqa: E402
 sys.path.insert(0, str(report.repo_root()))
 sys.path.insert(0, str(report.repo_root() / "tests"))
 import byol  # noqa: E402
+import compile_step  # noqa: E402
 import lars  # noqa: E402
 import model as model_lib  # noqa: E402
 import roi_head  # noqa: E402
@@ -120,15 +121,15 @@ def pretrain_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
 
 
 def compiled_rows(depth: int, size: int, B: int = 2, K: int = 4) -> list[dict]:
-    """The joint step's forward + backward with model.compile_model (Inductor): the aten operators still dispatched
-    (extern kernels: convolutions, matmuls, roi_align, ...) and the kernels Inductor generated for the step (each
-    run once per step). On a CPU those are C++ loops, on a GPU Triton kernels; the fusion differs, the order of
+    """The joint step's forward + backward with compile_step.compile_model (Inductor): the aten operators still
+    dispatched (extern kernels: convolutions, matmuls, roi_align, ...) and the kernels Inductor generated for the step
+    (each run once per step). On a CPU those are C++ loops, on a GPU Triton kernels; the fusion differs, the order of
     magnitude is what this shows. Compiling takes minutes on a CPU."""
     from torch._inductor import metrics
 
     torch.manual_seed(0)
     net = model_lib.ADePT("joint", depth=depth)
-    model_lib.compile_model(net)
+    compile_step.compile_model(net)
     views, boxes = views_and_boxes(B, K, size)
 
     def step():

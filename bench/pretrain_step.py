@@ -20,8 +20,8 @@ synchronised only around timed regions. Peak memory: torch.cuda.max_memory_alloc
 the process so far (CPU, resource.getrusage).
 
 --compare-compile [extractors,model] (issue 7, --compile of train.py): models from the same seed, one eager and one
-per scope (model.compile_extractors: f alone; model.compile_model: the whole forward), timed interleaved in one
-run.
+per scope (compile_step.compile_extractors: f alone; compile_step.compile_model: the whole forward), timed
+interleaved in one run.
 Reported per model: the first step alone (compile_s = it minus the eager first step: Dynamo + Inductor for every
 graph, forward and backward; a second, untimed step follows, in which CUDA graphs are recorded), the graphs Dynamo
 compiled in them, |loss difference| to eager on that step (same
@@ -55,6 +55,7 @@ import report  # noqa: E402
 
 sys.path.insert(0, str(report.repo_root()))
 import byol  # noqa: E402
+import compile_step  # noqa: E402
 import data  # noqa: E402
 import lars  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -232,15 +233,15 @@ def count_syncs(fn) -> int:
 
 def build(args, device, scope: str | None = None):
     """ADePT from seed 0 and its LARS, compiled as train.py --compile SCOPE --compile-mode MODE does: scope "" =
-    eager, "extractors" (model.compile_extractors), "model" (model.compile_model), optionally ":MODE"; None =
-    --compile's and --compile-mode's."""
+    eager, "extractors" (compile_step.compile_extractors), "model" (compile_step.compile_model), optionally ":MODE";
+    None = --compile's and --compile-mode's."""
     torch.manual_seed(0)
     net = model_lib.ADePT(args.mode, args.depth).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     scope, _, mode = (args.compile or "", None, args.compile_mode) if scope is None else scope.partition(":")
     if scope:
-        compile_fn = model_lib.compile_model if scope == "model" else model_lib.compile_extractors
+        compile_fn = compile_step.compile_model if scope == "model" else compile_step.compile_extractors
         compile_fn(net, args.dynamic, mode or None)
     opt = lars.LARS(lars.param_groups(net), lr=0.1 / 100, weight_decay=1e-5)  # warm-up start lr (4.2)
     return net.train(), opt

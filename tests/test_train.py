@@ -5,6 +5,7 @@ tiny_args and load are shared from here (test_train_runs.py, test_color_device.p
 import pytest
 import torch
 
+import compile_step
 import data
 import lars
 import ss_proposals
@@ -60,9 +61,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 @pytest.mark.parametrize("mode", train.model_lib.MODES)
 def test_compile_model_is_one_graph_without_recompiles(mode):
-    """model.compile_model: Dynamo captures the whole forward of a step as one graph in every mode, and three steps
-    reuse it (no graph break from a host read, no recompile from the anchor cache). A host read added to the step
-    fails this."""
+    """compile_step.compile_model: Dynamo captures the whole forward of a step as one graph in every mode, and three
+    steps reuse it (no graph break from a host read, no recompile from the anchor cache). A host read added to the
+    step fails this."""
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
@@ -73,7 +74,7 @@ def test_compile_model_is_one_graph_without_recompiles(mode):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, backend=counter, **k))
-            train.model_lib.compile_model(net)
+            compile_step.compile_model(net)
         views, boxes = views_and_boxes(size=64)
         for _ in range(3):
             net(views, boxes)["loss"].backward()
