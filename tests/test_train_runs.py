@@ -260,8 +260,11 @@ def test_compile_matches_eager_and_keeps_checkpoint_keys(pool, tmp_path, monkeyp
             assert counters["stats"]["unique_graphs"] - graphs == {"extractors": 4, "model": 1}[scope]
             eager, compiled = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
                                for d in ("eager", "compiled"))
-            for k in ("loss", "loss_rpn", "loss_det"):  # bench smoke, 64/32 px: |diff| 3.9e-4 on 0.72
-                assert compiled[0][k] == pytest.approx(eager[0][k], rel=1e-2, abs=1e-3), k
+            # aot_eager runs eager's kernels: the same losses up to float rounding; Inductor may fuse and reorder sums
+            # (bench smoke, 64/32 px: |diff| 3.9e-4 on 0.72)
+            tol = dict(rel=1e-5, abs=1e-6) if backend == "aot_eager" else dict(rel=1e-2, abs=1e-3)
+            for k in ("loss", "loss_rpn", "loss_det"):
+                assert compiled[0][k] == pytest.approx(eager[0][k], **tol), (k, compiled[0][k], eager[0][k])
             a, b = load(tmp_path / "eager" / "checkpoint.pth"), load(tmp_path / "compiled" / "checkpoint.pth")
             assert a["model"].keys() == b["model"].keys()
             assert load(tmp_path / "eager" / "pretrained.pth")["state_dict"].keys() == \
