@@ -70,6 +70,7 @@ class DetectorConfig:
     rpn_nms: float = 0.7
     rpn_batch: int = 256                    # sampled anchors per image, half positive at most
     rpn_positive_fraction: float = 0.5
+    rpn_box_beta: float = 0.0               # L1 RPN box loss: detectron2's SMOOTH_L1_BETA 0 (SoCo); torchvision 1/9
     roi_batch: int = 512                    # sampled RoIs per image
     roi_positive_fraction: float = 0.25
     fg_iou: float = 0.5
@@ -173,7 +174,8 @@ class Detector(nn.Module):
             valid[i, : len(g)].fill_(True)  # fill_: no host scalar tensor (tests/sync_ops.py counts those)
         labels, target_deltas = rpn.rpn_targets(torch.cat(anchors), boxes_pad, valid, self.cfg.rpn_batch,
                                                 self.cfg.rpn_positive_fraction)
-        loss_rpn_cls, loss_rpn_box = rpn.rpn_loss(logits, deltas, labels, target_deltas)  # Eq. 1
+        loss_rpn_cls, loss_rpn_box = rpn.rpn_loss(logits, deltas, labels, target_deltas,  # Eq. 1
+                                                  beta=self.cfg.rpn_box_beta)
         losses = {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_box": loss_rpn_box}
         props = self.proposals(logits.detach(), deltas.detach(), anchors, sizes)
         fg_iou = self.cfg.cascade_ious[0] if self.cfg.kind == "cascade" else self.cfg.fg_iou
@@ -220,9 +222,10 @@ class Detector(nn.Module):
     def _mask_loss(self, feats, samples, targets, scales) -> torch.Tensor:
         fg = [s["labels"] > 0 for s in samples]
         rois = [s["boxes"][f] for s, f in zip(samples, fg)]
-        if sum(len(r) for r in rois) == 0:  # no foreground RoI: zero loss that still touches every parameter (DDP)
-            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        # the head runs also without a foreground RoI (an empty batch): under SyncBN every process joins its syncs
         logits = self.mask_head(self.pool(feats, rois, size=14))  # (P, C+1, 28, 28)
+        if len(logits) == 0:  # zero loss that still touches every parameter (DDP)
+            return logits.sum() * 0.0 + sum(p.sum() for p in self.mask_head.parameters()) * 0.0
         labels = torch.cat([s["labels"][f] for s, f in zip(samples, fg)])
         mt = [dh.mask_targets(t["masks"].to(r.device), s["matched"][f], dh.scale_boxes(r, sx, sy, divide=True))
               for t, s, f, r, (sx, sy) in zip(targets, samples, fg, rois, scales)]  # gt masks: original pixels

@@ -72,6 +72,39 @@ def test_train_step_and_inference(kind):
             assert o["masks"].shape == (n, 1, H, W) and 0 <= o["masks"].min() and o["masks"].max() <= 1
 
 
+def test_rpn_box_loss_is_detectron2s_l1_by_default(monkeypatch):
+    """Fine-tuning's RPN box loss: L1 (detectron2's SMOOTH_L1_BETA 0, SoCo's configs) unless rpn_box_beta says
+    otherwise (torchvision: 1/9; pre-training keeps [19]'s 1/9); the RoI head's is L1 too (box_beta)."""
+    import rpn
+    seen, real = [], rpn.rpn_loss
+    monkeypatch.setattr(rpn, "rpn_loss", lambda *a, **k: seen.append(k.get("beta")) or real(*a, **k))
+    imgs, targets = batch()
+    for beta in (None, 1 / 9):
+        torch.manual_seed(0)
+        cfg = small("faster") if beta is None else small("faster", rpn_box_beta=beta)
+        Detector(cfg).train().losses(imgs, targets)
+    assert seen == [0.0, 1 / 9] and small("faster").box_beta == 0.0
+
+
+def test_mask_head_runs_without_foreground_rois():
+    """A batch without any object (finetune.py --keep-empty): loss_mask is 0, yet the mask head's norm layers run (on
+    an empty batch), as every process must under SyncBN or the others wait for it; their statistics stay unchanged."""
+    torch.manual_seed(0)
+    det = Detector(small("mask")).train()
+    imgs, targets = batch()
+    calls = []
+    bns = [m for m in det.mask_head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    for m in bns:
+        m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    before = [m.running_var.clone() for m in bns]
+    losses = det.losses(imgs[1:], targets[1:])  # the image without objects
+    assert losses["loss_mask"] == 0 and calls == [0] * len(bns)
+    assert all(torch.equal(m.running_var, b) for m, b in zip(bns, before))
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in det.mask_head.parameters())
+
+
 @pytest.mark.parametrize("kind", ["faster", "mask", "cascade"])
 def test_steps_copy_no_python_data_to_the_device(kind, monkeypatch):
     """No tensor made from Python data (torch.tensor, new_tensor: on CUDA a copy that waits for the GPU's queue) in a
