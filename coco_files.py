@@ -10,7 +10,8 @@ segmentation (RLE with str counts).
 Public
 ------
 - ``atomic_write(path, text) -> Path``: text to path through a temp file in the same folder and os.replace.
-- ``save_results(results, path) -> Path`` (atomic), ``load_results(path) -> list`` (ValueError: not a JSON list).
+- ``save_results(results, path) -> Path`` (atomic), ``load_results(path) -> list`` (ValueError: not a JSON list);
+  ``read_json(path)`` (ValueError naming the file when it is not valid JSON).
 - ``load_coco(gt) -> COCO``: a path or a COCO, completed in place (iscrowd 0 and area w * h filled where missing,
   VOC's difficult objects made iscrowd 1, malformed polygons and boxes of width or height <= 0 dropped with a
   warning); FileNotFoundError / ValueError naming the file (and the entry: no bbox, an unknown category_id).
@@ -56,12 +57,17 @@ def save_results(results: list, path) -> Path:
     return atomic_write(path, json.dumps(results))
 
 
-def load_results(path) -> list:
-    """COCO results JSON (a list of dicts) -> list; ValueError naming the file if it is not a JSON list."""
+def read_json(path):
+    """A JSON file -> its object; ValueError naming the file when it is not valid JSON."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_results(path) -> list:
+    """COCO results JSON (a list of dicts) -> list; ValueError naming the file if it is not a JSON list."""
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
     return data
@@ -77,11 +83,7 @@ def load_coco(gt) -> COCO:
         return gt
     if not Path(gt).is_file():
         raise FileNotFoundError(f"ground-truth annotations not found: {gt}")
-    try:
-        with open(gt) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{gt}: not valid JSON ({e})") from e
+    d = read_json(gt)
     if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("images", "annotations")):
         raise ValueError(f"{gt}: not a COCO annotation file (an object with images, annotations, categories lists)")
     _complete_gt(d, gt)

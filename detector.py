@@ -224,8 +224,8 @@ class Detector(nn.Module):
         rois = [s["boxes"][f] for s, f in zip(samples, fg)]
         # the head runs also without a foreground RoI (an empty batch): under SyncBN every process joins its syncs
         logits = self.mask_head(self.pool(feats, rois, size=14))  # (P, C+1, 28, 28)
-        if len(logits) == 0:  # zero loss that still touches every parameter (DDP)
-            return logits.sum() * 0.0 + sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        if len(logits) == 0:  # zero loss whose graph still reaches every mask-head parameter (DDP)
+            return logits.sum() * 0.0
         labels = torch.cat([s["labels"][f] for s, f in zip(samples, fg)])
         mt = [dh.mask_targets(t["masks"].to(r.device), s["matched"][f], dh.scale_boxes(r, sx, sy, divide=True))
               for t, s, f, r, (sx, sy) in zip(targets, samples, fg, rois, scales)]  # gt masks: original pixels

@@ -66,7 +66,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import box_metrics
-from coco_files import atomic_write, check_results, gt_subset, load_coco, load_results, save_results
+from coco_files import atomic_write, check_results, gt_subset, load_coco, load_results, read_json, save_results
 from box_metrics import COCO_IOUS, proposal_recall, voc_ap, xywh_to_xyxy  # noqa: F401 (re-exported)
 from figures import comparison_figures, pick_disagreement, plot_side_by_side, plot_tide, results_by_image  # noqa: F401
 from predict import checkpoint_model, checkpoint_names, checkpoint_predictions, predict_split  # --checkpoint
@@ -224,10 +224,7 @@ def _proposal_lists(coco: COCO, path):
     """(gt boxes, proposals) per gt image from a .json {file_name or image id: [[x1, y1, x2, y2], ...]} or a
     selective_search.py proposals file (keys: paths relative to the image root)."""
     if str(path).endswith(".json"):
-        try:
-            table = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        table = read_json(path)
     else:
         import ss_proposals
         table = ss_proposals.load_proposals(path)
@@ -328,13 +325,14 @@ def main(argv=None) -> dict:
             parser.error(f"--novel {e}")
     keep = sorted(coco.getImgIds())[:a.val_limit]  # all without --val-limit
     full, coco = coco, gt_subset(coco, keep) if a.val_limit else coco
+    kept = set(keep) if a.val_limit else None  # the image ids evaluated, when cut
     predicted = {}  # results path -> Predictions (they know the images predicted and the unreadable ones)
     for ck, name in zip(a.checkpoint, checkpoint_names(a.checkpoint)):  # predict on the split, evaluate the file
         try:
             det, val = checkpoint_model(ck, gt_path, image_root)
         except (ValueError, FileNotFoundError) as e:  # an unreadable or foreign file, other categories, no images
             raise SystemExit(f"--checkpoint: {e}") from None
-        preds = predict_split(det, val, keep)
+        preds = predict_split(det, val, keep if kept else None)
         a.results.append(str(save_results(preds, Path(a.out) / f"{name}.json")))
         predicted[a.results[-1]] = preds
     names = a.names or [Path(r).stem for r in a.results]
@@ -344,8 +342,7 @@ def main(argv=None) -> dict:
         with bad_input_exits():  # a malformed results file: one line naming it
             res = predicted[path] if path in predicted else load_results(path)
             check_results(res, full, path)  # on the whole ground truth: a file of another split is refused
-        if a.val_limit and path not in predicted:
-            kept = set(keep)
+        if kept and path not in predicted:
             res = [r for r in res if r["image_id"] in kept]
         loaded[name] = res
         models[name] = _model_metrics(coco, res, novel, a.voc07)

@@ -333,8 +333,7 @@ class ADePT(nn.Module):
         anchors = self._anchors.get(key)
         if anchors is None:
             anchors = torch.cat(rpn.make_anchors(list(sizes), sizes=self.anchor_sizes, device=device))
-            if not torch.compiler.is_compiling():  # compile_step.compile_model: built in the graph; a cache write would
-                # recompile
+            if not torch.compiler.is_compiling():  # compiled step: built in the graph (a cache write would recompile)
                 self._anchors[key] = anchors
         return anchors
 

@@ -345,7 +345,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
-
 def shard_spec(text: str) -> tuple[int, int]:
     """argparse type of --shard: 'i/n' with 0 <= i < n -> (i, n)."""
     try:
