@@ -70,10 +70,12 @@ TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
 DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
-LEGACY_DEFAULTS = {"keep_empty": True}  # runs from before --keep-empty trained on empty images: resume them so
+# What a run from before a flag existed did, so that it still resumes: it trained on empty images (--keep-empty)
+# and kept 1000 RPN proposals per image in every detector (--train-proposals)
+LEGACY_DEFAULTS = {"keep_empty": True, "train_proposals": 1000}
 RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "keep_empty",
             "shots", "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size",
-            "max_size", "roi_batch", "anchor_sizes", "seed")
+            "max_size", "roi_batch", "anchor_sizes", "train_proposals", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=positive_int), p.add_argument("--test-size", type=positive_int)
     p.add_argument("--roi-batch", type=positive_int, help="sampled RoIs per image (paper 512)")
     p.add_argument("--anchor-sizes", help="P2..P6 anchor sides, comma list (COCO 32,64,128,256,512 at 800 px)")
+    p.add_argument("--train-proposals", type=positive_int, help="RPN proposals per image kept for the RoI heads in "
+                   "training (detectron2: 1000; its Cascade R-CNN configs: 2000, the default with --detector cascade)")
     p.add_argument("--test-proposals", type=positive_int, help="RPN proposals per image at test (paper 1000)")
     p.add_argument("--max-dets", type=positive_int, help="detections per image (COCO 100)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
@@ -141,6 +145,8 @@ def resolve(args) -> tuple[argparse.Namespace, str]:
     if args.lr is None:
         args.lr = 0.02 * args.batch_size / REF_BATCH
     args.warmup = min(args.warmup, args.iters // 5)
+    if args.train_proposals is None:  # detectron2's Misc/cascade_mask_rcnn_R_50_FPN_*.yaml: POST_NMS_TOPK_TRAIN 2000
+        args.train_proposals = 2000 if args.detector == "cascade" else 1000
     args.steps = (round(args.iters * 2 / 3), round(args.iters * 8 / 9))  # 60k / 80k of 90k
     if args.init is None:
         args.init = str(DEFAULT_INIT) if DEFAULT_INIT.exists() else "none"
@@ -208,7 +214,8 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
                          fpn_channels=args.fpn_channels, mask_dim=args.mask_dim,
                          anchor_sizes=anchor_sizes(args.anchor_sizes, 5),  # P2-P6
                          min_size=sizes, max_size=args.max_size, test_size=args.test_size, roi_batch=args.roi_batch,
-                         rpn_pre_nms_test=max(args.test_proposals, 1000), rpn_post_nms_test=args.test_proposals,
+                         rpn_post_nms_train=args.train_proposals, rpn_pre_nms_test=max(args.test_proposals, 1000),
+                         rpn_post_nms_test=args.test_proposals,
                          max_dets=args.max_dets)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     weights = args.init.split(":", 1)[1] if args.init.startswith("torchvision:") else None

@@ -448,3 +448,21 @@ def test_schedule_and_sampler():
     assert sorted(i for i, _ in r0 + r1) == list(range(10))  # one pass, split across 2 ranks
     resumed = take(iter(finetune.InfiniteSampler(10, 0, 2, seed=0, start=3)), 4)
     assert resumed == take(iter(finetune.InfiniteSampler(10, 0, 2, seed=0)), 7)[3:]
+
+
+def test_train_proposals_cascade_default_and_legacy_resume(tmp_path):
+    """RPN proposals kept per image in training: detectron2's 1000, 2000 for Cascade R-CNN (its Misc/cascade_*
+    configs); a checkpoint from before the flag kept 1000 in every detector and resumes only with that value."""
+    data = ["--train-json", "a.json", "--train-images", "i", "--val-json", "v.json", "--val-images", "i"]
+    for kind, n in (("faster", 1000), ("mask", 1000), ("cascade", 2000)):
+        args, _ = finetune.resolve(finetune.parse_args([*data, "--detector", kind]))
+        assert args.train_proposals == n, kind
+    args, _ = finetune.resolve(finetune.parse_args(["--detector", "cascade", "--train-proposals", "300"]))
+    det = finetune.build_detector(args, 2, log=lambda *a: None)
+    assert (det.cfg.rpn_post_nms_train, det.cfg.rpn_post_nms_test) == (300, args.test_proposals)
+    args, _ = finetune.resolve(finetune.parse_args([*data, "--detector", "cascade"]))
+    old = {k: v for k, v in vars(args).items() if k != "train_proposals"}  # a run from before the flag
+    with pytest.raises(SystemExit, match="train_proposals: 1000 -> 2000"):
+        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+    args.train_proposals = 1000
+    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
