@@ -201,7 +201,8 @@ class Detector(nn.Module):
 
     def _cascade_losses(self, feats, samples, gt, gl, sizes) -> dict:
         """Stage 1 on the sampled RoIs (IoU 0.5); stage k > 1 on stage k-1's refined boxes (detached), relabelled
-        at its own IoU, no resampling (Cascade R-CNN / detectron2). Gradient into the features / stages."""
+        at its own IoU, no resampling (Cascade R-CNN / detectron2); refined boxes clipped to nothing count in no
+        stage's loss. Gradient into the features / stages."""
         cfg, out = self.cfg, {}
         boxes = [s["boxes"] for s in samples]
         labels, matched = [s["labels"] for s in samples], [s["matched"] for s in samples]
@@ -213,7 +214,9 @@ class Detector(nn.Module):
             logits, deltas = stage.box_predictor(stage.box_head(pooled))  # (S, C+1), (S, 4)
             targets = torch.cat([dh.box_targets(b, _matched(g, m, b), lab, w)
                                  for b, g, m, lab in zip(boxes, gt, matched, labels)])
-            lc, lb = dh.fast_rcnn_loss(logits, deltas, torch.cat(labels), targets, cfg.box_beta)
+            # stages 2-3: boxes clipped to nothing do not count (detectron2 drops them from the stage's input)
+            keep = dh.nonempty(torch.cat(boxes)) if k > 0 else None
+            lc, lb = dh.fast_rcnn_loss(logits, deltas, torch.cat(labels), targets, cfg.box_beta, keep)
             out[f"loss_cls_s{k + 1}"], out[f"loss_box_s{k + 1}"] = lc, lb
             refined = rpn.decode_boxes(deltas.detach().float(), torch.cat(boxes), w)  # (S, 4)
             boxes = [dh.clip_boxes(r, s) for r, s in zip(refined.split([len(b) for b in boxes]), sizes)]

@@ -17,7 +17,8 @@ Public
     label_rois(rois (K,4), gt_boxes (M,4), gt_labels (M,), iou_thresh=0.5) -> labels (K,), matched (K,)
     sample_rois(proposals, gt_boxes, gt_labels, num=512, positive_fraction=0.25, iou_thresh=0.5, add_gt=True) -> dict
     class_deltas(deltas (N, 4(C+1) or 4), labels (N,)) -> (N, 4)
-    fast_rcnn_loss(logits, deltas, labels, target_deltas, beta=0.0) -> (loss_cls, loss_box)
+    fast_rcnn_loss(logits, deltas, labels, target_deltas, beta=0.0, keep=None) -> (loss_cls, loss_box)
+    nonempty(boxes (N, 4)) -> (N,) bool
     box_targets(rois, gt_boxes, labels, weights) -> (N, 4)
     scale_boxes(boxes (N,4), sx, sy, divide=False) -> (N, 4); clip_boxes(boxes (...,4), (H, W)) -> (..., 4)
     postprocess(boxes (N,C,4), scores (N,C), image_size, score_thresh, nms_thresh, max_dets) -> boxes, scores, labels
@@ -116,16 +117,22 @@ def class_deltas(deltas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, target_deltas: torch.Tensor,
-                   beta: float = 0.0):
+                   beta: float = 0.0, keep: torch.Tensor | None = None):
     """Fast R-CNN [24] loss over the sampled RoIs of the batch: logits (N, C+1), deltas (N, 4(C+1) or 4),
-    labels (N,) in 0..C, target_deltas (N, 4).
+    labels (N,) in 0..C, target_deltas (N, 4); keep (N,) bool: the RoIs that count (None: all).
 
-    loss_cls = softmax cross-entropy, mean over N. loss_box = smooth L1 (beta; 0 = L1) of the gt class's deltas,
-    summed over foreground RoIs and coordinates, divided by N (detectron2 / torchvision normalisation).
+    loss_cls = softmax cross-entropy, mean over the kept RoIs. loss_box = smooth L1 (beta; 0 = L1) of the gt class's
+    deltas, summed over kept foreground RoIs and coordinates, divided by the kept count (detectron2 / torchvision
+    normalisation). A RoI outside keep is as if it had been dropped, without a data-dependent shape (no host sync).
     """
-    N = max(labels.numel(), 1)
-    loss_cls = F.cross_entropy(logits.float(), labels, reduction="sum") / N
     fg = labels > 0  # (N,)
+    if keep is None:
+        N = max(labels.numel(), 1)
+        loss_cls = F.cross_entropy(logits.float(), labels, reduction="sum") / N
+    else:
+        N = keep.sum().clamp(min=1)  # a tensor: no host sync
+        loss_cls = torch.where(keep, F.cross_entropy(logits.float(), labels, reduction="none"), 0.0).sum() / N
+        fg = fg & keep
     pred = class_deltas(deltas.float(), labels)  # (N, 4)
     target = torch.where(fg[:, None], target_deltas.float(), 0.0)
     if beta > 0:
@@ -134,6 +141,12 @@ def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Ten
         reg = (pred - target).abs()
     loss_box = torch.where(fg[:, None], reg, 0.0).sum() / N
     return loss_cls, loss_box
+
+
+def nonempty(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) xyxy -> (N,) bool: width and height > 0 (detectron2's Boxes.nonempty; a collapsed cascade box)."""
+    wh = boxes[:, 2:] - boxes[:, :2]  # (N, 2)
+    return (wh > 0).all(dim=1)
 
 
 def scale_boxes(boxes: torch.Tensor, sx: float, sy: float, divide: bool = False) -> torch.Tensor:

@@ -379,9 +379,10 @@ def test_cascade_losses_relabel_refine_and_stage_coders(monkeypatch):
     calls = []
     real_loss = dh.fast_rcnn_loss
 
-    def fast_rcnn_loss(logits, deltas, labels, targets, beta=0.0):
+    def fast_rcnn_loss(logits, deltas, labels, targets, beta=0.0, keep=None):
         calls.append((labels.clone(), targets.clone()))
-        return real_loss(logits, deltas, labels, targets, beta)
+        assert keep is None or keep.all()  # no box collapses here
+        return real_loss(logits, deltas, labels, targets, beta, keep)
 
     monkeypatch.setattr(dh, "fast_rcnn_loss", fast_rcnn_loss)
     pooled = _fix_cascade(monkeypatch, det, [torch.zeros(4, 3)] * 3, [d, d, torch.zeros(4, 4)])
@@ -402,6 +403,40 @@ def test_cascade_losses_relabel_refine_and_stage_coders(monkeypatch):
     for (lab, t), boxes, w in zip(calls, [rois, b2, b3], dh.CASCADE_WEIGHTS):
         want = torch.where((lab > 0)[:, None], rpn.encode_boxes(G.expand(4, 4), boxes, w), 0.0)
         assert torch.allclose(t, want, atol=1e-5)
+
+
+def test_fast_rcnn_loss_keep_is_dropping():
+    """keep=mask gives the loss of the kept RoIs alone (mean over them), e.g. without collapsed cascade boxes."""
+    g = torch.Generator().manual_seed(0)
+    logits, deltas = torch.randn(6, 3, generator=g), torch.randn(6, 12, generator=g)  # C = 2
+    targets = torch.randn(6, 4, generator=g)
+    labels, keep = torch.tensor([2, 0, 1, 1, 0, 2]), torch.tensor([True, True, False, True, False, False])
+    for beta in (0.0, 1.0 / 9):
+        got = dh.fast_rcnn_loss(logits, deltas, labels, targets, beta, keep)
+        want = dh.fast_rcnn_loss(logits[keep], deltas[keep], labels[keep], targets[keep], beta)
+        assert torch.allclose(torch.stack(got), torch.stack(want), atol=1e-6)
+    none = dh.fast_rcnn_loss(logits, deltas, labels, targets, 0.0, torch.zeros(6, dtype=torch.bool))
+    assert [v.item() for v in none] == [0.0, 0.0]
+    assert dh.nonempty(torch.tensor([[0.0, 0, 1, 1], [5, 5, 5, 9], [5, 5, 9, 5], [3, 3, 2, 4]])).tolist() == \
+        [True, False, False, False]
+
+
+def test_cascade_boxes_clipped_to_nothing_count_in_no_later_stage(monkeypatch):
+    """detectron2 drops a refined box that clipping leaves empty before the next stage: it is neither a
+    background RoI of stage 2 nor of stage 3 (our losses mask it out instead, no host sync)."""
+    det = Detector(small("cascade", num_classes=2, **TINY)).train()
+    G, gl = torch.tensor([[20.0, 20, 60, 60]]), torch.tensor([1])
+    rois = torch.tensor([[20.0, 20, 60, 60], [70, 70, 90, 90]])
+    labels, matched = dh.label_rois(rois, G, gl, 0.5)
+    d = torch.zeros(2, 4)
+    d[1, 0] = 100.0  # RoI 1 moves right by 10 widths at stage 1: clipped to x1 = x2 = 100, empty
+    lg = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 2.0]])  # (2, C+1)
+    _fix_cascade(monkeypatch, det, [lg] * 3, [d, torch.zeros(2, 4), torch.zeros(2, 4)])
+    out = det._cascade_losses(None, [{"boxes": rois, "labels": labels, "matched": matched}], [G], [gl], [(100, 100)])
+    ce = torch.nn.functional.cross_entropy(lg, torch.tensor([1, 0]), reduction="none")
+    assert torch.isclose(out["loss_cls_s1"], ce.mean())  # stage 1: both RoIs
+    for k in (2, 3):  # RoI 0 alone (still IoU 1 with G)
+        assert torch.isclose(out[f"loss_cls_s{k}"], ce[0]), k
 
 
 def test_cascade_predict_mean_scores_last_stage_boxes(monkeypatch):
