@@ -16,6 +16,8 @@ iterations at a global batch of 16 with lr 0.02; another --batch-size scales the
 9000-iteration schedule (reference.md: 1% / 10% COCO; the paper gives no few-shot schedule: our choice).
 Multi-scale training short side 640-800 (step 32; 480-800 on VOC, --novel voc1/2/3, as TFA's configs), max 1333,
 test 800, horizontal flip p = 0.5; resize and padding to a multiple of 32 happen inside the detector (detector.py).
+After the last iteration, precise BN (SoCo's config; precise_bn.py): the BN statistics of model_final.pth are the
+mean over 200 training batches of the final model (--precise-bn; checkpoint.pth keeps the training statistics).
 
 Init (--init): an ADePT pretrained.pth (default: runs/pretrain/pretrained.pth when it exists, else none), "none"
 (random init) or "torchvision:PATH" (a local torchvision ResNet checkpoint for the backbone only). Which weights were
@@ -29,13 +31,14 @@ with --shots). An empty val set or train subset is refused before training. expo
 
 Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, TrainStep(detector) (forward
 = detector.losses, for DDP), param_groups(net, weight_decay) (no weight decay on norm layers), train_loop, train_step,
-check_same_run, saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main
+to_device, precise_bn_pass (precise_bn.py's update after the last iteration, --precise-bn), check_same_run, saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main
 (read_checkpoint, trim_log, log_line: runtime.py; metrics.json and subset.json: eval.write_metrics, strict JSON);
 re-exported: InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -51,6 +54,7 @@ import eval as ev
 import model as model_lib
 from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
+from precise_bn import bn_layers, update_bn_stats
 from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, log_line, plot_curves,
                      positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log)
 from voc_data import novel_ids, voc2coco_cli
@@ -58,14 +62,16 @@ from voc_data import novel_ids, voc2coco_cli
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
 PAPER = dict(anchor_sizes="32,64,128,256,512", depth=50, batch_size=16, lr=None, warmup=1000,
              min_size="640,672,704,736,768,800", max_size=1333,
-             test_size=800, workers=4, ckpt_every=5000, log_every=20, roi_batch=512, test_proposals=1000, max_dets=100)
+             test_size=800, workers=4, ckpt_every=5000, log_every=20, roi_batch=512, test_proposals=1000, max_dets=100,
+             precise_bn=200)
 # CPU preset (embedded 128-160 px images, <= 6 objects each): ResNet-18 at native resolution, a few hundred
 # iterations. DEVIATION (CPU cost only): 32 RoIs per image, 100 test proposals and 20 detections per image, because
 # the 4conv1fc box head and the mask head cost ~1 s per image at 512 RoIs / 100 masks on 2 cores.
 # DEVIATION (scale): anchors COCO's / 4 (8..128 px): objects here are 8-96 px, most below COCO's smallest anchor (32).
+# DEVIATION (CPU cost only): precise BN over 20 batches, not detectron2's 200 (a tenth of the 200 iterations).
 CPU = dict(anchor_sizes="8,16,32,64,128", depth=18, batch_size=4, lr=0.02, warmup=50, min_size="128,144,160",
-           max_size=256, test_size=144,
-           workers=1, ckpt_every=50, log_every=10, roi_batch=32, test_proposals=100, max_dets=20, iters=200)
+           max_size=256, test_size=144, workers=1, ckpt_every=50, log_every=10, roi_batch=32, test_proposals=100,
+           max_dets=20, iters=200, precise_bn=20)
 TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot configs (4.4): short side 480-800
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
@@ -114,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "training (detectron2: 1000; its Cascade R-CNN configs: 2000, the default with --detector cascade)")
     p.add_argument("--test-proposals", type=positive_int, help="RPN proposals per image at test (paper 1000)")
     p.add_argument("--max-dets", type=positive_int, help="detections per image (COCO 100)")
+    p.add_argument("--precise-bn", type=int, help="batches over which BN statistics are recomputed after the last "
+                   "iteration, before model_final.pth (SoCo's config enables detectron2's precise BN: 200; CPU "
+                   "preset 20; 0: off)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--workers", type=int), p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--log-every", type=positive_int)
@@ -362,6 +371,8 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
             save_atomic({"model": det.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "config": asdict(det.cfg), "args": vars(args)}, out / "checkpoint.pth")
     bar.close()
+    if args.precise_bn:
+        precise_bn_pass(det, loader, args, rank, device, log)
     if rank == 0:
         save_atomic({"state_dict": det.state_dict(), "config": asdict(det.cfg), "cat_ids": train.cat_ids,
                      "names": train.names, "args": vars(args)}, out / "model_final.pth")
@@ -396,12 +407,34 @@ def resume(path: Path, ck: dict | None, det, opt, log) -> int:
     return ck["step"]
 
 
+def precise_bn_pass(det, loader, args, rank, device, log) -> None:
+    """Precise BN (precise_bn.py): the BN layers' running statistics recomputed with the final weights over
+    args.precise_bn training batches (the loader's sampler from where the run started), as detectron2's hook does
+    after the last iteration; under SyncBN every process runs the same batches' count."""
+    det.train()
+    torch.manual_seed(args.seed * 1_000_003 + 7 + rank)  # RoI sampling inside the losses: reproducible
+
+    def forward(batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            det.losses(*to_device(*batch, device))
+
+    n = update_bn_stats(det, itertools.islice(loader, args.precise_bn), forward)
+    log(f"precise BN: running statistics of {len(bn_layers(det))} BN layers recomputed over {n} batches")
+
+
+def to_device(images, targets, device) -> tuple[list, list]:
+    """A loader batch on the device: uint8 (3, H, W) images -> float in [0, 1]; the targets' tensors. non_blocking:
+    pinned by the loader on CUDA, where a blocking copy would wait for the GPU."""
+    images = [im.to(device, non_blocking=True).float() / 255 for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
 def train_step(ddp, opt, images, targets, device, amp: bool, world: int):
     """One SGD step on uint8 images; skipped (no update) when the loss is not finite on some rank.
     Returns (losses, finite)."""
-    images = [im.to(device, non_blocking=True).float() / 255 for im in images]  # (3, H, W) in [0, 1]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]  # non_blocking: pinned by the loader on CUDA; a blocking copy waits for the GPU
+    images, targets = to_device(images, targets, device)
     with torch.autocast(device.type, torch.bfloat16, enabled=amp and device.type == "cuda"):
         losses = ddp(images, targets)
     opt.zero_grad(set_to_none=True)

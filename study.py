@@ -74,9 +74,10 @@ GPU_COST = dict(source="measured on one H100 (joint, Mask R-CNN training), the r
 # DEVIATION (scale): the embedded images are 128-160 px at native size, objects 8-96 px (median short side 23 px), so
 # the anchors are COCO's / 4 (8..128 on P2..P6, where COCO's 32 px smallest anchor missed most objects); pre-training
 # anchors are the paper's / 4 too (6..48 on P2..P5), as in finetune.py's and train.py's CPU presets.
+# DEVIATION (CPU / GPU budget): precise BN over 10 (cpu) / 50 (gpu) batches, not detectron2's 200.
 FT_CPU = dict(depth=18, head="2fc", fpn_channels=128, mask_dim=64, anchor_sizes="8,16,32,64,128", batch_size=4,
               lr=0.02, warmup=10, min_size="128,144,160", max_size=256, test_size=144, workers=1, ckpt_every=20,
-              log_every=5, roi_batch=32, test_proposals=100, max_dets=20)
+              log_every=5, roi_batch=32, test_proposals=100, max_dets=20, precise_bn=10)
 # DEVIATION (CPU budget; flags --seeds, --val-images): "cpu" evaluates on the first 40 of the 200 val images and
 # shares one pre-training run per variant across the fine-tuning seeds ("gpu": all val images, one run per seed);
 # schedules are a few dozen steps (the paper: 100 ImageNet epochs, 9k-90k fine-tuning iterations).
@@ -96,12 +97,13 @@ PRESETS = {
                 # images at 2x (256-320 px): objects 16-190 px, anchors COCO's / 2
                 ft=dict(depth=50, head="4conv1fc", fpn_channels=256, mask_dim=256, anchor_sizes="16,32,64,128,256",
                         batch_size=16, lr=0.02, warmup=100, min_size="256,288,320", max_size=544, test_size=288,
-                        workers=8, ckpt_every=500, log_every=20, roi_batch=128, test_proposals=300, max_dets=100)),
+                        workers=8, ckpt_every=500, log_every=20, roi_batch=128, test_proposals=300, max_dets=100,
+                        precise_bn=50)),
     "smoke": dict(depth=18, pre_anchors="6,12,24,48", pre_batch=4, pre_steps=1, size=64, small_size=32,
                   warmup_epochs=0.1, pre_workers=0,
                   shared_pretrain=True, fractions=(0.01, 0.1, 1.0), iters={0.01: 1, 0.1: 1, 1.0: 1}, shots=(1, 5, 10),
                   shot_iters=1, fewshot=("soco", "separate", "joint"), ablation=(0.1,), val_images=4, seeds=1, jobs=1,
-                  ft=dict(FT_CPU, batch_size=2, warmup=1), cost=CPU_COST, amp=False),
+                  ft=dict(FT_CPU, batch_size=2, warmup=1, precise_bn=1), cost=CPU_COST, amp=False),
 }
 
 

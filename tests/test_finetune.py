@@ -272,7 +272,8 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
             "--val-json", str(vj), "--val-images", str(root / "val"), "--depth", "18", "--batch-size", "2",
             "--iters", "4", "--min-size", "96", "--max-size", "128", "--test-size", "96", "--roi-batch", "16",
             "--test-proposals", "20", "--max-dets", "10", "--workers", "0", "--label-fraction", "0.5",
-            "--init", str(pretrained_file(root)), "--out", str(out), "--log-every", "1", "--ckpt-every", "2"]
+            "--init", str(pretrained_file(root)), "--out", str(out), "--log-every", "1", "--ckpt-every", "2",
+            "--precise-bn", "2"]
     real_step, calls = finetune.train_step, []
 
     def crash_at_4(*a, **k):  # steps 1-3 logged, checkpoint at 2, then a crash
@@ -289,7 +290,16 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     subset_mtime = (out / "subset.json").stat().st_mtime_ns
     monkeypatch.setattr(finetune, "train_step", real_step)
     metrics = finetune.main(argv)
-    assert "resumed from" in capsys.readouterr().out and (out / "subset.json").stat().st_mtime_ns == subset_mtime
+    text = capsys.readouterr().out
+    assert "resumed from" in text and (out / "subset.json").stat().st_mtime_ns == subset_mtime
+    # precise BN: model_final.pth = the last checkpoint's weights with BN statistics recomputed over 2 batches
+    assert "BN layers recomputed over 2 batches" in text
+    trained = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    final = torch.load(out / "model_final.pth", weights_only=True)["state_dict"]
+    stats = [k for k in final if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(final[k], trained[k]) for k in final if k not in stats and
+                         not k.endswith("num_batches_tracked"))
+    assert sum(not torch.equal(final[k], trained[k]) for k in stats) > len(stats) // 2
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # no 3 twice
     assert (out / "curves.png").stat().st_size > 0  # the whole run's curves, written after the last step
     # 3 of the 6 images drawn (fraction 0.5); the one without a box among them is not trained on
