@@ -32,7 +32,8 @@ with --shots). An empty val set or train subset is refused before training. expo
 Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, TrainStep(detector) (forward
 = detector.losses, for DDP), param_groups(net, weight_decay) (no weight decay on norm layers), train_loop, train_step,
 to_device, precise_bn_pass (precise_bn.py's update after the last iteration, --precise-bn), check_same_run,
-saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main (read_checkpoint, trim_log, log_line: runtime.py; metrics.json and subset.json: eval.write_metrics, strict JSON);
+saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main (read_checkpoint,
+trim_log, log_line: runtime.py; metrics.json and subset.json: eval.write_metrics, strict JSON);
 re-exported: InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations
