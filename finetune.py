@@ -57,7 +57,8 @@ from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
 from precise_bn import bn_layers, update_bn_stats
 from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, log_line, plot_curves,
-                     positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed, trim_log)
+                     in_range, positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed,
+                     trim_log)
 from voc_data import novel_ids, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -121,9 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "training (detectron2: 1000; its Cascade R-CNN configs: 2000, the default with --detector cascade)")
     p.add_argument("--test-proposals", type=positive_int, help="RPN proposals per image at test (paper 1000)")
     p.add_argument("--max-dets", type=positive_int, help="detections per image (COCO 100)")
-    p.add_argument("--precise-bn", type=int, help="batches over which BN statistics are recomputed after the last "
-                   "iteration, before model_final.pth (SoCo's config enables detectron2's precise BN: 200; CPU "
-                   "preset 20; 0: off)")
+    p.add_argument("--precise-bn", type=in_range(0), help="batches over which BN statistics are recomputed after "
+                   "the last iteration, before model_final.pth (SoCo's config enables detectron2's precise BN: 200; "
+                   "CPU preset 20; 0: off)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--workers", type=int), p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--log-every", type=positive_int)

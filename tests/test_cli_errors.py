@@ -117,7 +117,8 @@ def test_numeric_flags_are_checked_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert f"argument {argv[0]}: expected" in capsys.readouterr().err, argv  # its flag, not another error
-    for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"], ["--val-limit", "0"]):
+    for argv in (["--iters", "0"], ["--batch-size", "x"], ["--max-dets", "0"], ["--val-limit", "0"],
+                 ["--precise-bn", "-1"], ["--train-proposals", "0"]):
         with pytest.raises(SystemExit):
             finetune.parse_args(argv)
         assert f"argument {argv[0]}: expected" in capsys.readouterr().err, argv
