@@ -34,8 +34,10 @@ Public
     ann_mask(annotation, h, w) -> uint8 (h, w)   its polygons or RLE decoded; the clipped box filled when it has none
     DetectionDataset(cocoset, train=True, with_masks=False, keep=None, seed=0): item -> (image uint8 (3,H,W), target);
         in eval mode an unreadable image gives (None, {"image_id", "file_name", "error"}) (predict.predict skips it)
+    DetectionDataset.orientations() -> [0 | 1 per item]   1 where the image is portrait (height > width)
     collate(batch) -> (images list, targets list)
     InfiniteSampler(n, rank, world, seed, start=0)   (index, pass) keys for DetectionDataset, endless, per rank
+    AspectRatioBatches(sampler, groups, batch, start=0)   batches of keys of one orientation (aspect-ratio grouping)
 
 Project-local dependencies: none (numpy, torch, OpenCV, pycocotools only): the file can be copied alone.
 """
@@ -295,6 +297,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def orientations(self) -> list[int]:
+        """Per item: 1 for a portrait image (height > width, from the JSON), else 0 (AspectRatioBatches' groups)."""
+        return [int(self.cs.images[i]["height"] > self.cs.images[i]["width"]) for i in self.ids]
+
     def __getitem__(self, key):
         """key: an index, or (index, pass) from InfiniteSampler (the pass seeds the flip)."""
         i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
@@ -373,3 +379,24 @@ class InfiniteSampler(torch.utils.data.Sampler):
             for i in share[skip:]:
                 yield (i, e)
             skip, e = max(0, skip - len(share)), e + 1
+
+
+class AspectRatioBatches(torch.utils.data.Sampler):
+    """Batches of `batch` keys from `sampler` whose items share a group (DetectionDataset.orientations: landscape or
+    portrait), as detectron2's ASPECT_RATIO_GROUPING and torchvision's GroupedBatchSampler: a batch padded to its
+    largest image wastes less. A key waits in its group's buffer until the group holds `batch` keys. The batches are
+    a function of the sampler's stream alone, so a resumed run builds the sampler from its start and skips its first
+    `start` batches (keys only: no image is read)."""
+
+    def __init__(self, sampler, groups: list[int], batch: int, start: int = 0):
+        self.sampler, self.groups, self.batch, self.start = sampler, groups, batch, start
+
+    def __iter__(self):
+        buffers, made = {}, 0
+        for key in self.sampler:  # an index, or InfiniteSampler's (index, pass)
+            g = self.groups[key[0] if isinstance(key, tuple) else key]
+            buffers.setdefault(g, []).append(key)
+            if len(buffers[g]) == self.batch:
+                if made >= self.start:
+                    yield buffers[g]
+                buffers[g], made = [], made + 1

@@ -16,6 +16,7 @@ iterations at a global batch of 16 with lr 0.02; another --batch-size scales the
 9000-iteration schedule (reference.md: 1% / 10% COCO; the paper gives no few-shot schedule: our choice).
 Multi-scale training short side 640-800 (step 32; 480-800 on VOC, --novel voc1/2/3, as TFA's configs), max 1333,
 test 800, horizontal flip p = 0.5; resize and padding to a multiple of 32 happen inside the detector (detector.py).
+Batches of one orientation (landscape / portrait: detectron2's ASPECT_RATIO_GROUPING; --no-aspect-grouping).
 After the last iteration, precise BN (SoCo's config; precise_bn.py): the BN statistics of model_final.pth are the
 mean over 200 training batches of the final model (--precise-bn; checkpoint.pth keeps the training statistics).
 
@@ -78,12 +79,12 @@ TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
 DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
-# What a run from before a flag existed did, so that it still resumes: it trained on empty images (--keep-empty)
-# and kept 1000 RPN proposals per image in every detector (--train-proposals)
-LEGACY_DEFAULTS = {"keep_empty": True, "train_proposals": 1000}
+# What a run from before a flag existed did, so that it still resumes: it trained on empty images (--keep-empty),
+# kept 1000 RPN proposals per image in every detector (--train-proposals), mixed orientations in a batch
+LEGACY_DEFAULTS = {"keep_empty": True, "train_proposals": 1000, "aspect_grouping": False}
 RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "keep_empty",
             "shots", "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size",
-            "max_size", "roi_batch", "anchor_sizes", "train_proposals", "seed")
+            "max_size", "roi_batch", "anchor_sizes", "train_proposals", "aspect_grouping", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precise-bn", type=in_range(0), help="batches over which BN statistics are recomputed after "
                    "the last iteration, before model_final.pth (SoCo's config enables detectron2's precise BN: 200; "
                    "CPU preset 20; 0: off)")
+    p.add_argument("--aspect-grouping", action=argparse.BooleanOptionalAction, default=True,
+                   help="batches of landscape or of portrait images only (detectron2's ASPECT_RATIO_GROUPING)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--workers", type=int), p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--log-every", type=positive_int)
@@ -346,8 +349,13 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
     if rank == 0:
         trim_log(out / "log.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(TrainStep(det)) if world > 1 else TrainStep(det)
-    sampler = InfiniteSampler(len(dataset), rank, world, args.seed, start=step * per)
-    loader = torch.utils.data.DataLoader(dataset, per, sampler=sampler, num_workers=args.workers,
+    if args.aspect_grouping:  # the batches from the sampler's start, the first `step` skipped (resume-exact)
+        batches = coco_data.AspectRatioBatches(InfiniteSampler(len(dataset), rank, world, args.seed),
+                                               dataset.orientations(), per, start=step)
+    else:
+        batches = torch.utils.data.BatchSampler(InfiniteSampler(len(dataset), rank, world, args.seed,
+                                                                start=step * per), per, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          collate_fn=coco_data.collate, pin_memory=device.type == "cuda")
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, seen, skipped = time.perf_counter(), 0, 0

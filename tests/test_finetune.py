@@ -476,3 +476,23 @@ def test_train_proposals_cascade_default_and_legacy_resume(tmp_path):
         finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
     args.train_proposals = 1000
     finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+
+
+def test_aspect_ratio_batches_one_orientation_and_resume_exact(tiny):
+    """detectron2's aspect-ratio grouping: every batch holds landscape or portrait images only; every key of the
+    sampler is batched once, in the order its group fills; a resumed run (start=s) gets exactly the batches after s."""
+    take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
+    groups = [0, 1, 1, 0, 0, 1, 0, 1, 1, 1]
+    keys = [(i, 0) for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)]
+    batches = list(coco_data.AspectRatioBatches(keys, groups, 2))
+    assert batches == [[(1, 0), (2, 0)], [(0, 0), (3, 0)], [(4, 0), (6, 0)], [(5, 0), (7, 0)], [(8, 0), (9, 0)]]
+    sampler = finetune.InfiniteSampler(10, 0, 1, seed=3)
+    full = take(iter(coco_data.AspectRatioBatches(sampler, groups, 3)), 12)
+    assert all(len({groups[i] for i, _ in b}) == 1 and len(b) == 3 for b in full)
+    assert take(iter(coco_data.AspectRatioBatches(sampler, groups, 3, start=5)), 7) == full[5:]
+    root = tiny[0]
+    sizes = {5: (60, 80), 2: (80, 60), 9: (70, 70)}  # id: (width, height) in the JSON: what counts
+    (root / "p.json").write_text(json.dumps({"categories": CATS, "annotations": [], "images": [
+        {"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in sizes.items()]}))
+    ds = coco_data.DetectionDataset(coco_data.load_coco(root / "p.json", root, check_files=False))
+    assert ds.ids == [2, 5, 9] and ds.orientations() == [0, 1, 0]  # square: with the landscape ones
