@@ -298,7 +298,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def orientations(self) -> list[int]:
-        """Per item: 1 for a portrait image (height > width, from the JSON), else 0 (AspectRatioBatches' groups)."""
+        """Per item: 1 for a portrait image (height > width, from the JSON), else 0 (AspectRatioBatches' groups;
+        square images go with the landscape ones)."""
         return [int(self.cs.images[i]["height"] > self.cs.images[i]["width"]) for i in self.ids]
 
     def __getitem__(self, key):

@@ -201,8 +201,9 @@ class Detector(nn.Module):
 
     def _cascade_losses(self, feats, samples, gt, gl, sizes) -> dict:
         """Stage 1 on the sampled RoIs (IoU 0.5); stage k > 1 on stage k-1's refined boxes (detached), relabelled
-        at its own IoU, no resampling (Cascade R-CNN / detectron2); refined boxes clipped to nothing count in no
-        stage's loss. Gradient into the features / stages."""
+        at its own IoU, no resampling (Cascade R-CNN / detectron2). A refined box clipped to nothing counts in no
+        later stage's loss; unlike detectron2, which drops it, it still goes through the later heads (a fixed shape,
+        no host sync), so their BN statistics see it. Gradient into the features / stages."""
         cfg, out = self.cfg, {}
         boxes = [s["boxes"] for s in samples]
         labels, matched = [s["labels"] for s in samples], [s["matched"] for s in samples]

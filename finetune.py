@@ -79,8 +79,8 @@ TFA_VOC_MIN_SIZE = ",".join(map(str, range(480, 801, 32)))  # TFA's VOC few-shot
 DEFAULT_INIT = Path("runs/pretrain/pretrained.pth")
 # The flags that define a run (model, data, subset, schedule): checkpoint.pth resumes only when they are unchanged
 DATA_KEYS = ("coco", "train_json", "train_images", "val_json", "val_images")
-# What a run from before a flag existed did, so that it still resumes: it trained on empty images (--keep-empty),
-# kept 1000 RPN proposals per image in every detector (--train-proposals), mixed orientations in a batch
+# What a run from before a flag existed did; resuming it keeps doing so (check_same_run): it trained on empty images
+# (--keep-empty), kept 1000 RPN proposals per image in every detector (--train-proposals), mixed orientations
 LEGACY_DEFAULTS = {"keep_empty": True, "train_proposals": 1000, "aspect_grouping": False}
 RUN_KEYS = (*DATA_KEYS, "detector", "init", "depth", "head", "fpn_channels", "mask_dim", "label_fraction", "keep_empty",
             "shots", "novel", "base_full", "iters", "batch_size", "lr", "warmup", "weight_decay", "min_size",
@@ -305,7 +305,7 @@ def main(argv=None) -> dict | None:
         vars(args).update({k: v for k, v in saved.items() if k in RUN_KEYS and k not in DATA_KEYS})
     elif (out / "checkpoint.pth").exists():
         ck = read_checkpoint(out / "checkpoint.pth", ("model", "optimizer", "step"), "finetune.py checkpoint")
-        check_same_run(out / "checkpoint.pth", ck, args)
+        check_same_run(out / "checkpoint.pth", ck, args, log)
     log(f"preset: {preset} ({'data path given' if args.train_json else 'embedded synthetic dataset'}); flags "
         f"override it\n{json.dumps({**vars(args), 'world_size': world, 'device': str(device)})}")
     train, val, keep, novel, record = build_datasets(args, log)
@@ -349,14 +349,7 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
     if rank == 0:
         trim_log(out / "log.jsonl", step)
     ddp = torch.nn.parallel.DistributedDataParallel(TrainStep(det)) if world > 1 else TrainStep(det)
-    if args.aspect_grouping:  # the batches from the sampler's start, the first `step` skipped (resume-exact)
-        batches = coco_data.AspectRatioBatches(InfiniteSampler(len(dataset), rank, world, args.seed),
-                                               dataset.orientations(), per, start=step)
-    else:
-        batches = torch.utils.data.BatchSampler(InfiniteSampler(len(dataset), rank, world, args.seed,
-                                                                start=step * per), per, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                         collate_fn=coco_data.collate, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, args, rank, world, per, args.seed, step, device)
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, seen, skipped = time.perf_counter(), 0, 0
     det.train()
@@ -381,18 +374,38 @@ def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: 
             save_atomic({"model": det.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "config": asdict(det.cfg), "args": vars(args)}, out / "checkpoint.pth")
     bar.close()
-    if args.precise_bn:
-        precise_bn_pass(det, loader, args, rank, device, log)
+    if args.precise_bn:  # its own batches (seed + 1, from the start): the same whether or where the run resumed
+        precise_bn_pass(det, make_loader(dataset, args, rank, world, per, args.seed + 1, 0, device), args, rank,
+                        device, log)
     if rank == 0:
         save_atomic({"state_dict": det.state_dict(), "config": asdict(det.cfg), "cat_ids": train.cat_ids,
                      "names": train.names, "args": vars(args)}, out / "model_final.pth")
         log(f"done: {step} iterations, {seen / (time.perf_counter() - t0):.2f} images/s; {out / 'model_final.pth'}")
 
 
-def check_same_run(path: Path, ck: dict, args) -> None:
+def make_loader(dataset, args, rank: int, world: int, per: int, seed: int, start: int, device):
+    """The training loader: endless batches of `per` items for this rank, seeded, after the first `start` batches
+    (resume-exact); of one orientation each with args.aspect_grouping (the stream is built from its beginning and
+    the skipped batches cost keys only)."""
+    if args.aspect_grouping:
+        batches = coco_data.AspectRatioBatches(InfiniteSampler(len(dataset), rank, world, seed),
+                                               dataset.orientations(), per, start=start)
+    else:
+        batches = torch.utils.data.BatchSampler(InfiniteSampler(len(dataset), rank, world, seed, start=start * per),
+                                                per, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                       collate_fn=coco_data.collate, pin_memory=device.type == "cuda")
+
+
+def check_same_run(path: Path, ck: dict, args, log=print) -> None:
     """Refuse to resume a checkpoint written with other RUN_KEYS flags: it would continue another model, subset or
     schedule, and subset.json / metrics.json would describe a run the model never had. Data paths compare as
-    resolved paths (from the current folder): 'coco' and '/data/coco' name the same data there."""
+    resolved paths (from the current folder): 'coco' and '/data/coco' name the same data there. A checkpoint from
+    before a flag existed resumes as it was trained: args takes that flag's LEGACY_DEFAULTS value (logged)."""
+    for k, v in LEGACY_DEFAULTS.items():
+        if ck.get("args") and k not in ck["args"] and getattr(args, k, v) != v:
+            log(f"{path}: written before --{k.replace('_', '-')} existed; resumed with {k} = {v!r}, as it was trained")
+            setattr(args, k, v)
     def resolved(a: dict) -> dict:
         return {**a, **{k: str(Path(a[k]).resolve()) for k in DATA_KEYS if a.get(k)}}
     refuse_other_run(path, resolved(saved_args(ck)), resolved(vars(args)), RUN_KEYS)
@@ -419,8 +432,8 @@ def resume(path: Path, ck: dict | None, det, opt, log) -> int:
 
 def precise_bn_pass(det, loader, args, rank, device, log) -> None:
     """Precise BN (precise_bn.py): the BN layers' running statistics recomputed with the final weights over
-    args.precise_bn training batches (the loader's sampler from where the run started), as detectron2's hook does
-    after the last iteration; under SyncBN every process runs the same batches' count."""
+    args.precise_bn batches of `loader` (training augmentation; detectron2's hook draws them from a fresh train
+    loader after the last iteration); under SyncBN every process runs the same number of batches."""
     det.train()
     torch.manual_seed(args.seed * 1_000_003 + 7 + rank)  # RoI sampling inside the losses: reproducible
 

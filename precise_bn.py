@@ -10,7 +10,9 @@ average. Precise BN replaces it by the plain mean over N batches of the frozen f
 
 over the n forward calls in which the layer saw data. Unlike fvcore's update_bn_stats, a layer called several
 times per batch contributes every call, and a call on an empty input (a mask head without a foreground RoI) is
-not counted; a layer never called keeps its statistics.
+not counted; a layer never called keeps its statistics. Under SyncBN (several processes) a call counts on the
+processes whose own input was not empty; each counted call holds the statistics of all processes, so every process
+gets a mean of valid batch statistics (only rank 0's is saved), possibly over fewer calls than the others.
 
 Public
     bn_layers(model) -> list of the BatchNorm / SyncBatchNorm layers in training mode that track running stats

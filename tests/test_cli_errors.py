@@ -142,12 +142,14 @@ def test_finetune_resume_compares_data_paths_resolved(tmp_path, monkeypatch):
     finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": saved}, args)  # the same files: resumes
     with pytest.raises(SystemExit, match="train_json"):
         finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": {**saved, "train_json": "b.json"}}, args)
-    # a run from before --keep-empty trained on the empty images: resuming it without the flag would change its data
-    old = {k: v for k, v in saved.items() if k != "keep_empty"}
-    with pytest.raises(SystemExit, match="keep_empty: True -> False"):
-        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
-    args.keep_empty = True
-    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+    # a run from before --keep-empty trained on the empty images: it resumes doing so, and says it
+    old, said = {k: v for k, v in saved.items() if k != "keep_empty"}, []
+    assert args.keep_empty is False
+    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args, log=said.append)
+    assert args.keep_empty is True and said == [f"{tmp_path / 'checkpoint.pth'}: written before --keep-empty existed; "
+                                                "resumed with keep_empty = True, as it was trained"]
+    with pytest.raises(SystemExit, match="keep_empty: False -> True"):  # a checkpoint that has the flag: compared
+        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": {**old, "keep_empty": False}}, args)
 
 
 def test_bad_input_files_end_in_one_line(pool, tmp_path, capsys):

@@ -300,6 +300,10 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
     assert stats and all(torch.equal(final[k], trained[k]) for k in final if k not in stats and
                          not k.endswith("num_batches_tracked"))
     assert sum(not torch.equal(final[k], trained[k]) for k in stats) > len(stats) // 2
+    # rerunning the finished run (it resumes at the last step) redoes precise BN on the same batches: same file
+    finetune.main(argv)
+    again = torch.load(out / "model_final.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(again[k], final[k]) for k in final)
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # no 3 twice
     assert (out / "curves.png").stat().st_size > 0  # the whole run's curves, written after the last step
     # 3 of the 6 images drawn (fraction 0.5); the one without a box among them is not trained on
@@ -462,7 +466,7 @@ def test_schedule_and_sampler():
 
 def test_train_proposals_cascade_default_and_legacy_resume(tmp_path):
     """RPN proposals kept per image in training: detectron2's 1000, 2000 for Cascade R-CNN (its Misc/cascade_*
-    configs); a checkpoint from before the flag kept 1000 in every detector and resumes only with that value."""
+    configs); a checkpoint from before the flag kept 1000 in every detector and resumes with that value."""
     data = ["--train-json", "a.json", "--train-images", "i", "--val-json", "v.json", "--val-images", "i"]
     for kind, n in (("faster", 1000), ("mask", 1000), ("cascade", 2000)):
         args, _ = finetune.resolve(finetune.parse_args([*data, "--detector", kind]))
@@ -471,11 +475,12 @@ def test_train_proposals_cascade_default_and_legacy_resume(tmp_path):
     det = finetune.build_detector(args, 2, log=lambda *a: None)
     assert (det.cfg.rpn_post_nms_train, det.cfg.rpn_post_nms_test) == (300, args.test_proposals)
     args, _ = finetune.resolve(finetune.parse_args([*data, "--detector", "cascade"]))
-    old = {k: v for k, v in vars(args).items() if k != "train_proposals"}  # a run from before the flag
+    old = {k: v for k, v in vars(args).items() if k not in ("train_proposals", "aspect_grouping")}  # before both
+    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args, log=lambda *a: None)
+    assert (args.train_proposals, args.aspect_grouping) == (1000, False)  # resumed as it was trained
     with pytest.raises(SystemExit, match="train_proposals: 1000 -> 2000"):
-        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
-    args.train_proposals = 1000
-    finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, args)
+        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": {**old, "train_proposals": 1000}},
+                                finetune.resolve(finetune.parse_args([*data, "--detector", "cascade"]))[0])
 
 
 def test_aspect_ratio_batches_one_orientation_and_resume_exact(tiny):
