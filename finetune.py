@@ -30,36 +30,30 @@ step dropped: they are redone; plotted into curves.png), model_final.pth ({"stat
 "names", "args"}; --eval-only evaluates it as saved), metrics.json (COCO AP box [and mask]; VOC mAP50 novel / all
 with --shots). An empty val set or train subset is refused before training. export.py: model_final.pth -> torchvision.
 
-Public: PAPER, CPU, RUN_KEYS, parse_args, resolve, build_datasets, build_detector, lr_at, TrainStep(detector) (forward
-= detector.losses, for DDP), param_groups(net, weight_decay) (no weight decay on norm layers), train_loop, train_step,
-to_device, precise_bn_pass (precise_bn.py's update after the last iteration, --precise-bn), check_same_run,
-saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in), resume, evaluate, main (read_checkpoint,
-trim_log, log_line: runtime.py; metrics.json and subset.json: eval.write_metrics, strict JSON);
+Public: PAPER, CPU, RUN_KEYS, LEGACY_DEFAULTS, parse_args, resolve, build_datasets, build_detector, evaluate, main,
+check_same_run(path, ck, args, log) (refuses another run's checkpoint; an older one resumes as it was trained),
+saved_args(ck) (a checkpoint's flags, LEGACY_DEFAULTS filled in). The loop itself (schedule, loader, steps,
+checkpoints, precise BN): finetune_loop.py. metrics.json and subset.json: eval.write_metrics (strict JSON).
 re-exported: InfiniteSampler (coco_data.py), voc2coco_cli (voc_data.py).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import coco_data
 import eval as ev
+from coco_data import InfiniteSampler  # noqa: F401 (re-exported)
 import model as model_lib
-from coco_data import InfiniteSampler
 from detector import Detector, DetectorConfig, load_pretrained
-from precise_bn import bn_layers, update_bn_stats
-from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, log_line, plot_curves,
-                     in_range, positive_int, read_checkpoint, refuse_other_run, save_atomic, setup_distributed,
-                     trim_log)
+from finetune_loop import train_loop
+from runtime import (anchor_sizes, apply_preset, bad_input_exits, exit_distributed, in_range, plot_curves,
+                     positive_int, read_checkpoint, refuse_other_run, setup_distributed)
 from voc_data import novel_ids, voc2coco_cli
 
 REF_BATCH = 16  # COCO 1x: 16 images per iteration (4.3)
@@ -167,14 +161,6 @@ def resolve(args) -> tuple[argparse.Namespace, str]:
     return args, name
 
 
-def lr_at(step: int, peak: float, warmup: int, steps) -> float:
-    """Linear warm-up from peak / 1000 (detectron2's factor 0.001), then x 0.1 at each of `steps`."""
-    factor = 0.1 ** sum(step >= s for s in steps)
-    if step < warmup:
-        factor *= 0.001 + (1 - 0.001) * step / warmup
-    return peak * factor
-
-
 def build_datasets(args, log=print):
     """Train / val CocoSets, the train subset (label fraction or K-shot) and its record for subset.json."""
     paths = (args.train_json, args.train_images, args.val_json, args.val_images)
@@ -249,26 +235,6 @@ def build_detector(args, num_classes: int, log=print) -> Detector:
     return det
 
 
-class TrainStep(torch.nn.Module):
-    """forward = detector.losses, so that DistributedDataParallel wraps the loss computation."""
-
-    def __init__(self, detector: Detector):
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images, targets):
-        return self.detector.losses(images, targets)
-
-
-def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter except normalisation layers' (detectron2's WEIGHT_DECAY_NORM = 0)."""
-    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
-    norm = {id(p) for m in net.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
-    params = [p for p in net.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in norm], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
-
-
 def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: bool = False, out: Path | None = None,
              limit: int | None = None) -> dict:
     """COCO AP (box; mask for Mask R-CNN) on the val split with eval.py; with kshot also VOC mAP50 (11-point, VOC07)
@@ -335,68 +301,6 @@ def main(argv=None) -> dict | None:
     return metrics
 
 
-def train_loop(args, det, train, keep, rank, world, device, out: Path, log, ck: dict | None = None) -> None:
-    """SGD iterations args.iters (resumed from ck, out/checkpoint.pth's content); writes log.jsonl, checkpoints,
-    model_final.pth."""
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {world} processes")
-    per = args.batch_size // world
-    dataset = coco_data.DetectionDataset(train, train=True, with_masks=args.detector == "mask", keep=keep,
-                                         seed=args.seed)
-    det = model_lib.maybe_sync_bn(det, device).to(device)
-    opt = torch.optim.SGD(param_groups(det, args.weight_decay), lr=args.lr, momentum=0.9)
-    step = resume(out / "checkpoint.pth", ck, det, opt, log)
-    if rank == 0:
-        trim_log(out / "log.jsonl", step)
-    ddp = torch.nn.parallel.DistributedDataParallel(TrainStep(det)) if world > 1 else TrainStep(det)
-    loader = make_loader(dataset, args, rank, world, per, args.seed, step, device)
-    bar = tqdm(total=args.iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    t0, seen, skipped = time.perf_counter(), 0, 0
-    det.train()
-    for images, targets in loader:
-        if step >= args.iters:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)  # RoI sampling / scales: resume-exact
-        losses, finite = train_step(ddp, opt, images, targets, device, args.amp, world)
-        skipped = 0 if finite else skipped + 1
-        if skipped >= 20:  # 20 in a row: diverged, not one odd batch
-            raise FloatingPointError(f"non-finite loss for 20 iterations up to {step}; lower --lr. Last good "
-                                     f"checkpoint: {out / 'checkpoint.pth'}")
-        step, seen = step + 1, seen + args.batch_size
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.iters:
-            log_line(out / "log.jsonl" if rank == 0 else None, bar,
-                     {"step": step, **{k: round(v.item(), 4) for k, v in losses.items()},
-                      "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen / (time.perf_counter() - t0), 2)})
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.iters):
-            save_atomic({"model": det.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "config": asdict(det.cfg), "args": vars(args)}, out / "checkpoint.pth")
-    bar.close()
-    if args.precise_bn:  # its own batches (seed + 1, from the start): the same whether or where the run resumed
-        precise_bn_pass(det, make_loader(dataset, args, rank, world, per, args.seed + 1, 0, device), args, rank,
-                        device, log)
-    if rank == 0:
-        save_atomic({"state_dict": det.state_dict(), "config": asdict(det.cfg), "cat_ids": train.cat_ids,
-                     "names": train.names, "args": vars(args)}, out / "model_final.pth")
-        log(f"done: {step} iterations, {seen / (time.perf_counter() - t0):.2f} images/s; {out / 'model_final.pth'}")
-
-
-def make_loader(dataset, args, rank: int, world: int, per: int, seed: int, start: int, device):
-    """The training loader: endless batches of `per` items for this rank, seeded, after the first `start` batches
-    (resume-exact); of one orientation each with args.aspect_grouping (the stream is built from its beginning and
-    the skipped batches cost keys only)."""
-    if args.aspect_grouping:
-        batches = coco_data.AspectRatioBatches(InfiniteSampler(len(dataset), rank, world, seed),
-                                               dataset.orientations(), per, start=start)
-    else:
-        batches = torch.utils.data.BatchSampler(InfiniteSampler(len(dataset), rank, world, seed, start=start * per),
-                                                per, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                       collate_fn=coco_data.collate, pin_memory=device.type == "cuda")
-
-
 def check_same_run(path: Path, ck: dict, args, log=print) -> None:
     """Refuse to resume a checkpoint written with other RUN_KEYS flags: it would continue another model, subset or
     schedule, and subset.json / metrics.json would describe a run the model never had. Data paths compare as
@@ -414,60 +318,6 @@ def check_same_run(path: Path, ck: dict, args, log=print) -> None:
 def saved_args(ck: dict) -> dict:
     """A checkpoint's or model_final.pth's flags; a run from before a flag existed did what LEGACY_DEFAULTS says."""
     return {**LEGACY_DEFAULTS, **ck["args"]} if ck.get("args") else {}
-
-
-def resume(path: Path, ck: dict | None, det, opt, log) -> int:
-    """Weights and optimizer from ck (path's content, read_checkpoint + check_same_run); its step, 0 without ck."""
-    if ck is None:
-        return 0
-    try:
-        det.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # a checkpoint without saved args, of another model
-        raise SystemExit(f"{path}: does not fit the model built from the flags ({str(e)[:300]}); pass another --out "
-                         "for a new run") from e
-    log(f"resumed from {path} at step {ck['step']}")
-    return ck["step"]
-
-
-def precise_bn_pass(det, loader, args, rank, device, log) -> None:
-    """Precise BN (precise_bn.py): the BN layers' running statistics recomputed with the final weights over
-    args.precise_bn batches of `loader` (training augmentation; detectron2's hook draws them from a fresh train
-    loader after the last iteration); under SyncBN every process runs the same number of batches."""
-    det.train()
-    torch.manual_seed(args.seed * 1_000_003 + 7 + rank)  # RoI sampling inside the losses: reproducible
-
-    def forward(batch):
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            det.losses(*to_device(*batch, device))
-
-    n = update_bn_stats(det, itertools.islice(loader, args.precise_bn), forward)
-    log(f"precise BN: running statistics of {len(bn_layers(det))} BN layers recomputed over {n} batches")
-
-
-def to_device(images, targets, device) -> tuple[list, list]:
-    """A loader batch on the device: uint8 (3, H, W) images -> float in [0, 1]; the targets' tensors. non_blocking:
-    pinned by the loader on CUDA, where a blocking copy would wait for the GPU."""
-    images = [im.to(device, non_blocking=True).float() / 255 for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return images, targets
-
-
-def train_step(ddp, opt, images, targets, device, amp: bool, world: int):
-    """One SGD step on uint8 images; skipped (no update) when the loss is not finite on some rank.
-    Returns (losses, finite)."""
-    images, targets = to_device(images, targets, device)
-    with torch.autocast(device.type, torch.bfloat16, enabled=amp and device.type == "cuda"):
-        losses = ddp(images, targets)
-    opt.zero_grad(set_to_none=True)
-    finite = torch.isfinite(losses["loss"].detach()).float()
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together
-    if finite.item():
-        losses["loss"].backward()
-        opt.step()
-    return losses, bool(finite.item())
 
 
 if __name__ == "__main__":

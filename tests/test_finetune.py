@@ -1,6 +1,7 @@
-"""finetune.py, coco_data.py, voc_data.py: labelled data and its checks, subsets, VOC conversion, a tiny overfit,
-the CLI end to end with resume, empty splits, the K-shot CLI, the schedule and sampler (paper 4.3-4.4). CPU, ResNet-18,
-<= 112 px. torchvision / detectron2 export and loading a narrow pre-training: test_finetune_export.py."""
+"""finetune.py, finetune_loop.py, coco_data.py, voc_data.py: labelled data and its checks, subsets, VOC conversion,
+a tiny overfit, the CLI end to end with resume and precise BN, empty splits, the K-shot CLI, the schedule, sampler and
+aspect-ratio batches (paper 4.3-4.4). CPU, ResNet-18, <= 112 px. torchvision / detectron2 export and loading a narrow
+pre-training: test_finetune_export.py."""
 import contextlib
 import io
 import json
@@ -22,6 +23,7 @@ import coco_data  # noqa: E402
 import coco_files  # noqa: E402
 import eval as ev  # noqa: E402
 import finetune  # noqa: E402
+import finetune_loop  # noqa: E402
 import model  # noqa: E402
 import predict  # noqa: E402
 import voc_data  # noqa: E402
@@ -274,21 +276,21 @@ def test_cli_end_to_end_subset_metrics_and_resume(tiny, capsys, monkeypatch):
             "--test-proposals", "20", "--max-dets", "10", "--workers", "0", "--label-fraction", "0.5",
             "--init", str(pretrained_file(root)), "--out", str(out), "--log-every", "1", "--ckpt-every", "2",
             "--precise-bn", "2"]
-    real_step, calls = finetune.train_step, []
+    real_step, calls = finetune_loop.train_step, []
 
     def crash_at_4(*a, **k):  # steps 1-3 logged, checkpoint at 2, then a crash
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("simulated crash")
         return real_step(*a, **k)
-    monkeypatch.setattr(finetune, "train_step", crash_at_4)
+    monkeypatch.setattr(finetune_loop, "train_step", crash_at_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         finetune.main(argv)
     text = capsys.readouterr().out
     assert "preset: paper" in text and "loaded:" in text and "mask_head" in text
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     subset_mtime = (out / "subset.json").stat().st_mtime_ns
-    monkeypatch.setattr(finetune, "train_step", real_step)
+    monkeypatch.setattr(finetune_loop, "train_step", real_step)
     metrics = finetune.main(argv)
     text = capsys.readouterr().out
     assert "resumed from" in text and (out / "subset.json").stat().st_mtime_ns == subset_mtime
@@ -444,11 +446,11 @@ def test_kshot_evaluation_values(tiny, monkeypatch):
 
 def test_schedule_and_sampler():
     steps = (60000, 80000)
-    assert finetune.lr_at(0, 0.02, 1000, steps) == pytest.approx(0.02 * 0.001)
-    assert finetune.lr_at(500, 0.02, 1000, steps) == pytest.approx(0.02 * (0.001 + 0.999 * 0.5))
-    assert finetune.lr_at(1000, 0.02, 1000, steps) == 0.02
-    assert finetune.lr_at(60000, 0.02, 1000, steps) == pytest.approx(0.002)
-    assert finetune.lr_at(85000, 0.02, 1000, steps) == pytest.approx(0.0002)
+    assert finetune_loop.lr_at(0, 0.02, 1000, steps) == pytest.approx(0.02 * 0.001)
+    assert finetune_loop.lr_at(500, 0.02, 1000, steps) == pytest.approx(0.02 * (0.001 + 0.999 * 0.5))
+    assert finetune_loop.lr_at(1000, 0.02, 1000, steps) == 0.02
+    assert finetune_loop.lr_at(60000, 0.02, 1000, steps) == pytest.approx(0.002)
+    assert finetune_loop.lr_at(85000, 0.02, 1000, steps) == pytest.approx(0.0002)
     args, preset = finetune.resolve(finetune.parse_args(["--train-json", "x", "--batch-size", "8"]))
     assert preset == "paper" and args.iters == 180000 and args.lr == 0.01 and args.steps == (120000, 160000)
     args, _ = finetune.resolve(finetune.parse_args(["--train-json", "x", "--label-fraction", "0.1"]))
