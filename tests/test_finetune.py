@@ -503,3 +503,26 @@ def test_aspect_ratio_batches_one_orientation_and_resume_exact(tiny):
         {"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in sizes.items()]}))
     ds = coco_data.DetectionDataset(coco_data.load_coco(root / "p.json", root, check_files=False))
     assert ds.ids == [2, 5, 9] and ds.orientations() == [0, 1, 0]  # square: with the landscape ones
+
+
+def test_torchrun_two_processes_finetune(tiny):
+    """finetune.py under torchrun with 2 gloo processes (DDP, aspect-ratio batches per rank, precise BN on every
+    rank, rank 0 alone writing files and evaluating) runs to its metrics."""
+    import subprocess
+    root, tj, vj = tiny
+    out = root / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           "finetune.py", "--detector", "mask", "--train-json", str(tj), "--train-images", str(root / "train"),
+           "--val-json", str(vj), "--val-images", str(root / "val"), "--depth", "18", "--batch-size", "4",
+           "--iters", "2", "--min-size", "96", "--max-size", "128", "--test-size", "96", "--roi-batch", "16",
+           "--test-proposals", "20", "--max-dets", "10", "--workers", "0", "--init", "none", "--out", str(out),
+           "--log-every", "1", "--precise-bn", "2", "--val-limit", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("BN layers recomputed over 2 batches") == 1  # logged by rank 0 only
+    assert '"world_size": 2' in r.stdout
+    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+    assert json.loads((out / "metrics.json").read_text())["val_images"] == 1
