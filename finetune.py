@@ -130,7 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-limit", type=positive_int, help="evaluate on the first N val images only (quick checks; "
                    "the paper's numbers: all)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parsed again without defaults: only the flags typed are set
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))  # check_same_run: an older checkpoint never overrides them
+    return args
 
 
 def resolve(args) -> tuple[argparse.Namespace, str]:
@@ -305,11 +309,13 @@ def check_same_run(path: Path, ck: dict, args, log=print) -> None:
     """Refuse to resume a checkpoint written with other RUN_KEYS flags: it would continue another model, subset or
     schedule, and subset.json / metrics.json would describe a run the model never had. Data paths compare as
     resolved paths (from the current folder): 'coco' and '/data/coco' name the same data there. A checkpoint from
-    before a flag existed resumes as it was trained: args takes that flag's LEGACY_DEFAULTS value (logged)."""
+    before a flag existed resumes as it was trained unless that flag was typed (args.given): args takes the flag's
+    LEGACY_DEFAULTS value (logged); a typed value that differs is refused like any other."""
     for k, v in LEGACY_DEFAULTS.items():
-        if ck.get("args") and k not in ck["args"] and getattr(args, k, v) != v:
+        if ck.get("args") and k not in ck["args"] and k not in getattr(args, "given", ()) and getattr(args, k, v) != v:
             log(f"{path}: written before --{k.replace('_', '-')} existed; resumed with {k} = {v!r}, as it was trained")
             setattr(args, k, v)
+
     def resolved(a: dict) -> dict:
         return {**a, **{k: str(Path(a[k]).resolve()) for k in DATA_KEYS if a.get(k)}}
     refuse_other_run(path, resolved(saved_args(ck)), resolved(vars(args)), RUN_KEYS)

@@ -6,7 +6,8 @@ losses (DistributedDataParallel under torchrun), skipped on every process when s
 (20 in a row stop the run, naming the last checkpoint). The loader yields endless seeded batches of one orientation
 (coco_data.AspectRatioBatches, --aspect-grouping), resume-exact: a resumed run sees the batches an uninterrupted one
 would. checkpoint.pth is written atomically every args.ckpt_every iterations and at the end; model_final.pth after
-precise BN (precise_bn.py) on batches of its own, so that it does not depend on where the run was resumed.
+precise BN (precise_bn.py) on batches drawn from the start with seed + 1 (the training images and their flips, in
+another order), so that it does not depend on whether or where the run was resumed.
 
 Public
     lr_at(step, peak, warmup, steps) -> lr;  param_groups(net, weight_decay) -> SGD groups (no decay on norm layers)

@@ -3,8 +3,8 @@ detectron2's ASPECT_RATIO_GROUPING; paper section 4.3 fine-tunes on COCO, whose 
 
 Pixels only, no model: each image of the split is resized as detector.Detector.preprocess does in training (short
 side drawn from --min-size, long side at most --max-size) and a batch is padded to its largest height and width,
-rounded up to a multiple of 32. The batches are those of finetune.py's loader (InfiniteSampler, then
-coco_data.AspectRatioBatches or plain batches of --batch-size per process). The backbone's work grows with the
+rounded up to a multiple of 32. The batches are built as finetune_loop.make_loader builds them (InfiniteSampler,
+then coco_data.AspectRatioBatches or plain batches of --batch-size per process). The backbone's work grows with the
 padded canvas, so canvas pixels per image is the cost that grouping changes.
 
     python bench/batch_padding.py          # the embedded train split at the CPU preset's sizes, 4 images per batch

@@ -48,11 +48,15 @@ def scene(seed, size=112):
     return img, [(3, rect & (1 - disc)), (7, disc)]
 
 
-def write_split(root, name, seeds, extra_anns=()):
+def write_split(root, name, seeds, extra_anns=(), portrait=()):
+    """Images of scene(seed); those of the seeds in `portrait` padded to 140 x 112 (H x W), the others square."""
     (root / name).mkdir(parents=True)
     images, anns = [], []
     for i, seed in enumerate(seeds, start=1):
         img, objs = scene(seed)
+        if seed in portrait:  # 28 noise rows below: the objects stay where they were
+            img = np.concatenate([img, np.full((28, img.shape[1], 3), 90, np.uint8)])
+            objs = [(c, np.pad(m, ((0, 28), (0, 0)))) for c, m in objs]
         cv2.imwrite(str(root / name / f"{seed}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         images.append({"id": i, "file_name": f"{seed}.png", "width": img.shape[1], "height": img.shape[0]})
         if i == len(seeds):  # the last image has no annotation (kept as a negative)
@@ -483,6 +487,9 @@ def test_train_proposals_cascade_default_and_legacy_resume(tmp_path):
     with pytest.raises(SystemExit, match="train_proposals: 1000 -> 2000"):
         finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": {**old, "train_proposals": 1000}},
                                 finetune.resolve(finetune.parse_args([*data, "--detector", "cascade"]))[0])
+    typed, _ = finetune.resolve(finetune.parse_args([*data, "--detector", "cascade", "--train-prop", "3000"]))
+    with pytest.raises(SystemExit, match="train_proposals: 1000 -> 3000"):  # a typed flag is never overridden
+        finetune.check_same_run(tmp_path / "checkpoint.pth", {"args": old}, typed, log=lambda *a: None)
 
 
 def test_aspect_ratio_batches_one_orientation_and_resume_exact(tiny):
@@ -505,24 +512,38 @@ def test_aspect_ratio_batches_one_orientation_and_resume_exact(tiny):
     assert ds.ids == [2, 5, 9] and ds.orientations() == [0, 1, 0]  # square: with the landscape ones
 
 
-def test_torchrun_two_processes_finetune(tiny):
-    """finetune.py under torchrun with 2 gloo processes (DDP, aspect-ratio batches per rank, precise BN on every
-    rank, rank 0 alone writing files and evaluating) runs to its metrics."""
+def test_torchrun_two_processes_finetune(tmp_path):
+    """finetune.py under torchrun with 2 gloo processes (tests/ddp_finetune_probe.py records each rank's batches,
+    precise-BN batches and weights): the ranks split each pass of the data, every batch holds one orientation, both
+    ranks run precise BN on 2 batches, DDP keeps their weights equal, and rank 0 alone logs and evaluates."""
     import subprocess
-    root, tj, vj = tiny
-    out = root / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           "finetune.py", "--detector", "mask", "--train-json", str(tj), "--train-images", str(root / "train"),
-           "--val-json", str(vj), "--val-images", str(root / "val"), "--depth", "18", "--batch-size", "4",
-           "--iters", "2", "--min-size", "96", "--max-size", "128", "--test-size", "96", "--roi-batch", "16",
-           "--test-proposals", "20", "--max-dets", "10", "--workers", "0", "--init", "none", "--out", str(out),
-           "--log-every", "1", "--precise-bn", "2", "--val-limit", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    seeds, portrait = range(8), {1, 2, 5}
+    tj = write_split(tmp_path, "train", seeds, portrait=portrait)  # seed 7: no box, left out of training
+    vj = write_split(tmp_path, "val", range(100, 102))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/ddp_finetune_probe.py", "--detector", "mask", "--train-json", str(tj),
+           "--train-images", str(tmp_path / "train"), "--val-json", str(vj), "--val-images", str(tmp_path / "val"),
+           "--depth", "18", "--batch-size", "4", "--iters", "3", "--min-size", "96", "--max-size", "128",
+           "--test-size", "96", "--roi-batch", "16", "--test-proposals", "20", "--max-dets", "10", "--workers", "0",
+           "--init", "none", "--out", str(out), "--log-every", "1", "--precise-bn", "2", "--val-limit", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PROBE_OUT": str(tmp_path)}
     root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(cmd, cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count("BN layers recomputed over 2 batches") == 1  # logged by rank 0 only
-    assert '"world_size": 2' in r.stdout
-    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+    assert r.stdout.count("BN layers recomputed over 2 batches") == 1 and '"world_size": 2' in r.stdout  # rank 0
+    assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((out / "metrics.json").read_text())["val_images"] == 1
+    is_portrait = [seed in portrait for seed in seeds[:-1]]  # dataset index i = image id i + 1 = seed i
+    passes = {}
+    for rank in (0, 1):
+        rec = [json.loads(ln) for ln in (tmp_path / f"probe{rank}.jsonl").read_text().splitlines()]
+        train = [b["keys"] for b in rec if b.get("seed") == 0]
+        assert len(train) >= 3 and all(len(b) == 2 for b in train)  # 4 images over 2 ranks
+        assert all(len({is_portrait[i] for i, _ in b}) == 1 for b in train), train  # one orientation per batch
+        for i, e in (k for b in train for k in b):
+            passes.setdefault((e, i), set()).add(rank)
+        assert [b["precise_bn_batches"] for b in rec if "precise_bn_batches" in b] == [2]
+    assert all(len(ranks) == 1 for ranks in passes.values())  # an image of a pass goes to one rank
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
