@@ -215,11 +215,12 @@ class Detector(nn.Module):
             logits, deltas = stage.box_predictor(stage.box_head(pooled))  # (S, C+1), (S, 4)
             targets = torch.cat([dh.box_targets(b, _matched(g, m, b), lab, w)
                                  for b, g, m, lab in zip(boxes, gt, matched, labels)])
+            rois = torch.cat(boxes)  # (S, 4)
             # stages 2-3: boxes clipped to nothing do not count (detectron2 drops them from the stage's input)
-            keep = dh.nonempty(torch.cat(boxes)) if k > 0 else None
+            keep = dh.nonempty(rois) if k > 0 else None
             lc, lb = dh.fast_rcnn_loss(logits, deltas, torch.cat(labels), targets, cfg.box_beta, keep)
             out[f"loss_cls_s{k + 1}"], out[f"loss_box_s{k + 1}"] = lc, lb
-            refined = rpn.decode_boxes(deltas.detach().float(), torch.cat(boxes), w)  # (S, 4)
+            refined = rpn.decode_boxes(deltas.detach().float(), rois, w)  # (S, 4)
             boxes = [dh.clip_boxes(r, s) for r, s in zip(refined.split([len(b) for b in boxes]), sizes)]
         return out
 

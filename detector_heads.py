@@ -125,14 +125,10 @@ def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Ten
     deltas, summed over kept foreground RoIs and coordinates, divided by the kept count (detectron2 / torchvision
     normalisation). A RoI outside keep is as if it had been dropped, without a data-dependent shape (no host sync).
     """
-    fg = labels > 0  # (N,)
-    if keep is None:
-        N = max(labels.numel(), 1)
-        loss_cls = F.cross_entropy(logits.float(), labels, reduction="sum") / N
-    else:
-        N = keep.sum().clamp(min=1)  # a tensor: no host sync
-        loss_cls = torch.where(keep, F.cross_entropy(logits.float(), labels, reduction="none"), 0.0).sum() / N
-        fg = fg & keep
+    keep = torch.ones_like(labels, dtype=torch.bool) if keep is None else keep  # (N,)
+    N = keep.sum().clamp(min=1)  # a tensor: no host sync
+    loss_cls = torch.where(keep, F.cross_entropy(logits.float(), labels, reduction="none"), 0.0).sum() / N
+    fg = (labels > 0) & keep  # (N,)
     pred = class_deltas(deltas.float(), labels)  # (N, 4)
     target = torch.where(fg[:, None], target_deltas.float(), 0.0)
     if beta > 0:

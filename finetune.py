@@ -245,9 +245,8 @@ def evaluate(det: Detector, val: coco_data.CocoSet, device, novel=None, kshot: b
     for all / novel / base classes. The predictions go to out/predictions.json (COCO results format) for TIDE.
     limit: only the first `limit` val images (by id) are predicted and evaluated (quick checks)."""
     from coco_files import save_results
-    from predict import predict
-    dataset = coco_data.DetectionDataset(val, train=False, with_masks=False, keep=sorted(val.images)[:limit])
-    results = predict(det, dataset, device=device, cat_ids=val.cat_ids)
+    from predict import predict_split
+    results = predict_split(det, val, sorted(val.images)[:limit], device)
     if out is not None:
         save_results(results, out / "predictions.json")
     metrics = {"bbox": ev.coco_eval(val.path, results, "bbox")}

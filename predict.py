@@ -22,7 +22,8 @@ Public
 - ``checkpoint_predictions(path, gt_path, image_root, image_ids=None)`` -> Predictions of a finetune.py
   model_final.pth on a split, on the images image_ids only when given (ValueError naming both files when the
   checkpoint's categories are not the ground truth's); ``checkpoint_model(path, gt_path, image_root)`` -> (Detector,
-  CocoSet), the checked model and split it predicts with; ``predict_split(det, val, image_ids=None)`` -> Predictions;
+  CocoSet), the checked model and split it predicts with; ``predict_split(det, val, image_ids=None, device=None)``
+  -> Predictions (finetune.py's evaluate too);
   ``checkpoint_names(paths)``: a distinct name per checkpoint (its results file's stem).
 Results files are written and read by coco_files.py (``save_results``, ``load_results``) and eval.py
 (``predict_checkpoint``).
@@ -122,14 +123,14 @@ def checkpoint_predictions(path, gt_path, image_root, image_ids=None) -> Predict
     return predict_split(*checkpoint_model(path, gt_path, image_root), image_ids)
 
 
-def predict_split(det, val, image_ids=None) -> Predictions:
+def predict_split(det, val, image_ids=None, device=None) -> Predictions:
     """A Detector's Predictions on a coco_data.CocoSet (on image_ids only when given; ValueError naming ids not in
-    the split), on the GPU when there is one."""
+    the split), on `device` (default: the GPU when there is one)."""
     import coco_data
     unknown = sorted(set(image_ids or ()) - set(val.images))
     if unknown:
         raise ValueError(f"{val.path}: image ids {unknown[:5]} are not in the split")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = coco_data.DetectionDataset(val, train=False, keep=image_ids)
     return predict(det.to(device), dataset, device=device, cat_ids=val.cat_ids)
 

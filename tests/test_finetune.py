@@ -441,7 +441,8 @@ def test_kshot_evaluation_values(tiny, monkeypatch):
         {"image_id": 3, "category_id": 7, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.9},
         {"image_id": 2, "category_id": 7, "bbox": gt[2, 7], "score": 0.8}]
     monkeypatch.setattr(pr, "predict", lambda *a, **k: dets)
-    faster = types.SimpleNamespace(cfg=types.SimpleNamespace(kind="faster"))  # evaluate reads only its kind
+    faster = types.SimpleNamespace(cfg=types.SimpleNamespace(kind="faster"))  # evaluate reads its kind, moves it
+    faster.to = lambda device: faster
     voc = finetune.evaluate(faster, val, "cpu", novel=[7], kshot=True)["voc_map50"]
     n_ap = 100 * (6 + 5 * 2 / 3) / 11
     assert voc["bAP"] == pytest.approx(100) and voc["nAP"] == pytest.approx(n_ap)
